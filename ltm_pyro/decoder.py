@@ -1,0 +1,187 @@
+"""The Transformer decoder of a latent-thought LM, faithful to the released architecture.
+
+Each block is pre-norm (RMSNorm, no biases):
+    h = x + SelfAttn(norm(x));  h = h + CrossAttn(norm(h), z_l);  out = h + SwiGLU(norm(h))
+Self-attention is causal, optionally within a sliding window, so long-range information has
+to travel through the latent vectors z_l of the block's own layer. Queries and keys get RoPE;
+in cross-attention the latent keys sit at evenly spaced "latent positions". Input and output
+embeddings are tied. With no latents the blocks skip cross-attention: the AR baseline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 as released; bf16 mean-squares lose too much precision.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_angles(head_dim: int, positions: Tensor, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles, shape [len(positions), head_dim // 2]."""
+    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = torch.outer(positions.float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs of the last axis of x [B, H, T, hd] by the given angles."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when ``kv_dim`` is None, else cross-attention."""
+
+    def __init__(self, config: ModelConfig, kv_dim: int | None = None) -> None:
+        super().__init__()
+        d = config.d_model
+        self.n_heads = config.n_heads
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wk = nn.Linear(kv_dim or d, d, bias=False)
+        self.wv = nn.Linear(kv_dim or d, d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,
+        source: Tensor,
+        q_rope: tuple[Tensor, Tensor],
+        k_rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        causal: bool,
+    ) -> Tensor:
+        q = apply_rope(self._heads(self.wq(x)), *q_rope)
+        k = apply_rope(self._heads(self.wk(source)), *k_rope)
+        v = self._heads(self.wv(source))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.wo(out.transpose(1, 2).flatten(-2))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attention = Attention(config)
+        self.has_latents = config.latents_per_layer > 0
+        if self.has_latents:
+            self.cross_attention_norm = RMSNorm(config.d_model, config.norm_eps)
+            self.cross_attention = Attention(config, kv_dim=config.z_dim)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.feed_forward = SwiGLU(config.d_model, config.hidden_dim)
+
+    def forward(self, x: Tensor, z: Tensor | None, rope: dict, mask: Tensor | None) -> Tensor:
+        token_rope = rope["tokens"]
+        normed = self.attention_norm(x)
+        h = x + self.self_attention(normed, normed, token_rope, token_rope, mask, mask is None)
+        if self.has_latents:
+            h = h + self.cross_attention(
+                self.cross_attention_norm(h), z, token_rope, rope["latents"], None, causal=False
+            )
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Decoder(nn.Module):
+    """Token decoder conditioned on latent thought vectors z of shape [B, N_z, latent_dim]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer)")
+        if config.d_model % config.n_heads or (config.d_model // config.n_heads) % 2:
+            raise ValueError("d_model must split into an even head dimension per head")
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied
+        self._init_weights()
+
+    @property
+    def has_latents(self) -> bool:
+        return self.config.latents_per_layer > 0
+
+    def _init_weights(self) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual_out = name.endswith(".wo") or name.endswith(".w2")
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual_out else 0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _rope(self, length: int, device: torch.device) -> dict:
+        cfg = self.config
+        head_dim = cfg.d_model // cfg.n_heads
+        tokens = rope_angles(head_dim, torch.arange(length, device=device), cfg.rope_base)
+        rope = {"tokens": tokens}
+        if self.has_latents:
+            # Latent keys at evenly spaced positions over the context, as released.
+            spacing = cfg.context / cfg.latents_per_layer
+            positions = torch.arange(cfg.latents_per_layer, device=device) * spacing
+            rope["latents"] = rope_angles(head_dim, positions, cfg.rope_base)
+        return rope
+
+    def _window_mask(self, length: int, device: torch.device) -> Tensor | None:
+        window = self.config.window
+        if window is None or window >= length:
+            return None
+        i = torch.arange(length, device=device)
+        offset = i[:, None] - i[None, :]
+        return (offset >= 0) & (offset < window)
+
+    def hidden_states(self, tokens: Tensor, z: Tensor | None = None) -> Tensor:
+        """Final normalised hidden states [B, T, d] for input tokens [B, T]."""
+        cfg = self.config
+        length = tokens.shape[1]
+        if length > cfg.context:
+            raise ValueError(f"sequence of {length} tokens exceeds the context of {cfg.context}")
+        if self.has_latents:
+            if z is None:
+                raise ValueError("this decoder cross-attends to latents: pass z")
+            z_layers = z.unflatten(1, (cfg.n_layers, cfg.latents_per_layer)).unbind(1)
+        else:
+            z_layers = [None] * cfg.n_layers
+        rope = self._rope(length, tokens.device)
+        mask = self._window_mask(length, tokens.device)
+        h = self.tok_embeddings(tokens)
+        for block, z_l in zip(self.layers, z_layers):
+            h = block(h, z_l.to(h.dtype) if z_l is not None else None, rope, mask)
+        return self.norm(h)
+
+    def forward(self, tokens: Tensor, z: Tensor | None = None) -> Tensor:
+        """Next-token logits [B, T, V]."""
+        return self.output(self.hidden_states(tokens, z))

@@ -1,0 +1,210 @@
+"""The latent-thought LM as a Pyro program: model (prior + likelihood) and guide, side by side.
+
+model:  z ~ N(0, I) of shape [N_z, latent_dim] per sequence;  x_t ~ p(x_t | x_<t, z)
+guide:  z ~ N(loc, exp(log_var / 2)), with loc and log_var *local* parameters: plain tensors
+        fitted afresh for every batch by the fast loop, never in Pyro's parameter store.
+
+The decoder is a plain ``nn.Module`` (not a ``PyroModule``), so Pyro never registers or
+un-freezes its weights; only the slow optimizer owns them. The observed tokens are a Pyro
+site whose ``log_prob`` is a fused, masked cross-entropy: no normalised [B, T, V] logits are
+materialised, which matters in the inner loop (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.distributions import constraints
+from torch import Tensor
+
+from .decoder import Decoder
+
+
+class TokenSequence(dist.TorchDistribution):
+    """Observed next tokens [B, T] given logits [B, T, V]; positions with mask 0 are ignored.
+
+    Only ``log_prob`` is needed for inference; sampling lives in generation code.
+    """
+
+    arg_constraints = {}
+    support = constraints.nonnegative_integer
+    has_rsample = False
+
+    def __init__(self, logits: Tensor, mask: Tensor, validate_args: bool | None = None) -> None:
+        self.logits = logits
+        self.mask = mask
+        batch_shape, event_shape = logits.shape[:-2], logits.shape[-2:-1]
+        super().__init__(batch_shape, event_shape, validate_args=False)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        nll = F.cross_entropy(
+            self.logits.flatten(0, -2).float(), value.flatten(), reduction="none"
+        ).view(value.shape)
+        return -(nll * self.mask).sum(-1)
+
+    def expand(self, batch_shape, _instance=None):  # noqa: ANN001 - Pyro's signature
+        if tuple(batch_shape) != tuple(self.batch_shape):
+            raise NotImplementedError("TokenSequence cannot be broadcast to a new batch shape")
+        return self
+
+
+class NoisyNormal(dist.Normal):
+    """A Normal whose reparameterised draw is ``loc + scale * noise`` for a given noise.
+
+    Lets the fast loop reuse one noise draw at every inner step (as the released code does)
+    or supply a fresh one, while Pyro still sees an ordinary reparameterised Gaussian site
+    (analytic KL included).
+    """
+
+    def __init__(self, loc: Tensor, scale: Tensor, noise: Tensor) -> None:
+        super().__init__(loc, scale, validate_args=False)
+        self.noise = noise
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        if sample_shape:
+            raise ValueError("NoisyNormal draws exactly one sample: its given noise")
+        return self.loc + self.scale * self.noise
+
+    def expand(self, batch_shape, _instance=None):  # noqa: ANN001 - torch's signature
+        shape = torch.Size(batch_shape)
+        return NoisyNormal(self.loc.expand(shape), self.scale.expand(shape), self.noise.expand(shape))
+
+
+@dataclass
+class LocalPosterior:
+    """Per-sequence Gaussian guide parameters, each [B, N_z, latent_dim].
+
+    Stored as log-variance, as released: Adam moves a parameter by about its learning rate
+    per step, so the parametrisation sets how far the fast loop can move the variances.
+    """
+
+    loc: Tensor
+    log_var: Tensor
+
+    @property
+    def scale(self) -> Tensor:
+        return torch.exp(0.5 * self.log_var)
+
+    def detach(self) -> LocalPosterior:
+        return LocalPosterior(self.loc.detach(), self.log_var.detach())
+
+
+class LatentThoughtModel:
+    """A decoder wrapped as a Pyro model with a local mean-field Gaussian guide.
+
+    ``kl_weight`` (default 1, the true ELBO) scales the latent site on both sides through
+    ``poutine.scale``, as ``TraceMeanField_ELBO`` requires.
+    """
+
+    def __init__(self, decoder: Decoder, kl_weight: float = 1.0) -> None:
+        self.decoder = decoder
+        self.kl_weight = kl_weight
+
+    @property
+    def config(self):  # noqa: ANN201 - a ModelConfig
+        return self.decoder.config
+
+    @property
+    def has_latents(self) -> bool:
+        return self.decoder.has_latents
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return (self.config.n_latents, self.config.z_dim)
+
+    def _autocast(self, device: torch.device):  # noqa: ANN202 - a context manager
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def logits(self, inputs: Tensor, z: Tensor | None) -> Tensor:
+        with self._autocast(inputs.device):
+            return self.decoder(inputs, z)
+
+    def prior(self, batch: int, device: torch.device) -> dist.TorchDistribution:
+        zeros = torch.zeros(batch, *self.latent_shape, device=device)
+        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(2)
+
+    def model(
+        self,
+        tokens: Tensor,
+        mask: Tensor,
+        local: LocalPosterior | None = None,
+        noise: Tensor | None = None,
+    ) -> None:
+        """p(x, z): tokens [B, T+1] (inputs and next-token targets), mask [B, T] over targets.
+
+        ``local`` and ``noise`` belong to the guide; Pyro hands both functions the same
+        arguments, so the model accepts and ignores them.
+        """
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        with pyro.plate("sequences", tokens.shape[0]):
+            z = None
+            if self.has_latents:
+                with poutine.scale(scale=self.kl_weight):
+                    z = pyro.sample("z", self.prior(tokens.shape[0], tokens.device))
+            logits = self.logits(inputs, z)
+            pyro.sample("x", TokenSequence(logits, mask), obs=targets)
+
+    def guide(
+        self,
+        tokens: Tensor,
+        mask: Tensor,
+        local: LocalPosterior | None = None,
+        noise: Tensor | None = None,
+    ) -> None:
+        """q(z | x) = N(local.loc, local.scale); ``noise`` (standard normal) fixes the draw."""
+        if not self.has_latents:
+            return
+        if local is None:
+            raise ValueError("the guide needs the local posterior parameters of this batch")
+        with pyro.plate("sequences", tokens.shape[0]):
+            if noise is None:
+                q = dist.Normal(local.loc, local.scale)
+            else:
+                q = NoisyNormal(local.loc, local.scale, noise)
+            with poutine.scale(scale=self.kl_weight):
+                pyro.sample("z", q.to_event(2))
+
+    def _traces(
+        self, tokens: Tensor, mask: Tensor, local: LocalPosterior | None, noise: Tensor | None
+    ) -> tuple[poutine.Trace, poutine.Trace]:
+        guide_trace = poutine.trace(self.guide).get_trace(tokens, mask, local, noise)
+        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(
+            tokens, mask
+        )
+        return guide_trace, model_trace
+
+    def elbo_terms(
+        self, tokens: Tensor, mask: Tensor, local: LocalPosterior | None, noise: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sequence NLL (one guide draw) and analytic KL(q || p), each [B], unweighted.
+
+        The same program and traces as ``TraceMeanField_ELBO``, kept per sequence so that
+        training and evaluation can report NLL and KL separately.
+        """
+        guide_trace, model_trace = self._traces(tokens, mask, local, noise)
+        observed = model_trace.nodes["x"]
+        nll = -observed["fn"].log_prob(observed["value"])
+        if not self.has_latents:
+            return nll, torch.zeros_like(nll)
+        kl = torch.distributions.kl_divergence(
+            guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"]
+        )
+        return nll, kl
+
+    def log_weights(
+        self, tokens: Tensor, mask: Tensor, local: LocalPosterior | None, noise: Tensor | None
+    ) -> Tensor:
+        """Per-sequence log importance weight log p(x, z) - log q(z) at the guide's draw."""
+        guide_trace, model_trace = self._traces(tokens, mask, local, noise)
+        observed = model_trace.nodes["x"]
+        log_w = observed["fn"].log_prob(observed["value"])
+        if self.has_latents:
+            z = guide_trace.nodes["z"]
+            log_w = log_w + model_trace.nodes["z"]["fn"].log_prob(z["value"])
+            log_w = log_w - z["fn"].log_prob(z["value"])
+        return log_w

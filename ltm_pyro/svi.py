@@ -1,0 +1,117 @@
+"""Dual-rate SVI: a fast optimizer fits local posteriors, a slow one moves the decoder.
+
+One ``step(tokens, mask)`` fits q(z|x) for the batch from scratch (``inference.py``), then
+takes one slow AdamW step on the per-token negative ELBO with z drawn from the fitted guide
+and held fixed (z carries no gradient into the decoder's update).
+
+``decoder_grads="final"`` (default, the paper's separation): the decoder is frozen during the
+inner steps and its gradient comes from the final posterior only. ``"trajectory"`` reproduces
+the released code: every inner backward also accumulates decoder gradients, never zeroed
+before the slow step, so the decoder trains on the whole inference trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import InferenceConfig, TrainConfig
+from .inference import fit_local_posterior
+from .model import LatentThoughtModel
+
+
+def warmup_cosine(step: int, config: TrainConfig) -> float:
+    """Slow learning rate: linear warm-up to ``lr``, then cosine to ``min_lr`` at max_steps."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def slow_optimizer(decoder: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains are not decayed)."""
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = next(decoder.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused)
+
+
+@dataclass
+class StepStats:
+    """Per-token figures of one iteration, as tensors (no host sync until logged)."""
+
+    elbo: Tensor
+    nll: Tensor
+    kl: Tensor
+    grad_norm: Tensor
+    fast_lr: float
+    slow_lr: float
+
+    def as_floats(self) -> dict[str, float]:
+        return {
+            "elbo": float(self.elbo), "nll": float(self.nll), "kl": float(self.kl),
+            "grad_norm": float(self.grad_norm), "fast_lr": self.fast_lr, "slow_lr": self.slow_lr,
+        }
+
+
+class DualRateSVI:
+    """Fast local + slow global optimisation of a latent-thought model.
+
+    For a model without latents (the AR baseline) a step is a plain language-model step.
+    """
+
+    def __init__(
+        self,
+        ltm: LatentThoughtModel,
+        inference: InferenceConfig,
+        train: TrainConfig,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.ltm = ltm
+        self.inference = inference
+        self.train = train
+        self.generator = generator
+        self.optimizer = slow_optimizer(ltm.decoder, train)
+        self.step_count = 0
+
+    def step(self, tokens: Tensor, mask: Tensor) -> StepStats:
+        decoder = self.ltm.decoder
+        decoder.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens_in_batch = mask.sum()
+        posterior, noise = None, None
+        if self.ltm.has_latents:
+            fit = fit_local_posterior(
+                self.ltm, tokens, mask, self.inference, generator=self.generator,
+                accumulate_decoder_grads=self.train.decoder_grads == "trajectory",
+            )
+            posterior, noise = fit.posterior, fit.noise
+            if self.inference.noise == "fresh":
+                noise = torch.randn(noise.shape, generator=self.generator, device=noise.device)
+        nll, kl = self.ltm.elbo_terms(tokens, mask, posterior, noise)
+        nll, kl = nll.sum() / tokens_in_batch, kl.sum() / tokens_in_batch
+        loss = nll + self.ltm.kl_weight * kl
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), self.train.grad_clip)
+        slow_lr = warmup_cosine(self.step_count, self.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = slow_lr
+        self.optimizer.step()
+        self.step_count += 1
+        fast_lr = self.inference.lr_max if self.ltm.has_latents else 0.0
+        return StepStats(-(nll + kl).detach(), nll.detach(), kl.detach(), grad_norm,
+                         fast_lr, slow_lr)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = state["step_count"]

@@ -1,0 +1,157 @@
+"""Word, character and byte-level BPE tokenizers, serialisable into a checkpoint.
+
+Each tokenizer is fitted on the training split only and saved with the model, so evaluation
+on any other corpus (zero-shot) uses exactly the training vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Protocol
+
+UNK = "<unk>"
+EOS = "<eos>"
+
+
+class Tokenizer(Protocol):
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def to_dict(self) -> dict: ...
+
+
+class WordTokenizer:
+    """Whitespace words with one ``<eos>`` per line; unseen words map to ``<unk>``."""
+
+    kind = "word"
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = list(vocab)
+        self.index = {word: i for i, word in enumerate(self.vocab)}
+        self.unk_id = self.index[UNK]
+
+    @classmethod
+    def fit(cls, text: str) -> WordTokenizer:
+        counts = Counter(word for line in text.splitlines() for word in line.split())
+        ordered = sorted(counts, key=lambda w: (-counts[w], w))
+        return cls([UNK, EOS] + [w for w in ordered if w not in (UNK, EOS)])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for line in text.splitlines():
+            words = line.split()
+            if not words:
+                continue
+            ids.extend(self.index.get(word, self.unk_id) for word in words)
+            ids.append(self.index[EOS])
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        words = [self.vocab[i] for i in ids]
+        return " ".join(words).replace(f" {EOS} ", "\n").replace(f" {EOS}", "\n")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "vocab": self.vocab}
+
+
+class CharTokenizer:
+    """One id per character seen in training; unseen characters map to ``<unk>`` (id 0)."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str]) -> None:
+        self.chars = list(chars)
+        self.index = {c: i + 1 for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def fit(cls, text: str) -> CharTokenizer:
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(c, 0) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i - 1] if i > 0 else "\ufffd" for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "chars": self.chars}
+
+
+class BPETokenizer:
+    """Byte-level BPE from HuggingFace ``tokenizers``, trained locally (nothing downloaded)."""
+
+    kind = "bpe"
+
+    def __init__(self, serialized: str) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.serialized = serialized
+        self.hf = HFTokenizer.from_str(serialized)
+
+    @classmethod
+    def fit(cls, text: str, vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        return cls(hf.to_str())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "serialized": json.loads(self.serialized)}
+
+
+TOKENIZERS = ("word", "char", "bpe")
+
+
+def fit_tokenizer(kind: str, text: str, bpe_vocab_size: int) -> Tokenizer:
+    if kind == "word":
+        return WordTokenizer.fit(text)
+    if kind == "char":
+        return CharTokenizer.fit(text)
+    if kind == "bpe":
+        return BPETokenizer.fit(text, bpe_vocab_size)
+    raise ValueError(f"unknown tokenizer {kind!r}; choose one of {', '.join(TOKENIZERS)}")
+
+
+def tokenizer_from_dict(raw: dict) -> Tokenizer:
+    kind = raw.get("kind")
+    if kind == "word":
+        return WordTokenizer(raw["vocab"])
+    if kind == "char":
+        return CharTokenizer(raw["chars"])
+    if kind == "bpe":
+        return BPETokenizer(json.dumps(raw["serialized"]))
+    raise ValueError(f"unknown tokenizer kind {kind!r} in the checkpoint")

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+from ltm_pyro.config import InferenceConfig, ModelConfig
+from ltm_pyro.decoder import Decoder
+from ltm_pyro.model import LatentThoughtModel
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("LTM_PYRO_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _validated_and_seeded():
+    """Pyro validation on in every test (the inner loop runs without it for speed)."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    with pyro.validation_enabled(True):
+        yield
+
+
+def micro_config(**overrides) -> ModelConfig:
+    values = dict(vocab_size=23, context=12, d_model=32, n_layers=2, n_heads=2,
+                  latents_per_layer=2, window=4)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+@pytest.fixture
+def ltm() -> LatentThoughtModel:
+    return LatentThoughtModel(Decoder(micro_config()))
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, 23, (5, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(5, 12)
+    mask[1, 8:] = 0  # a padded sequence
+    mask[3, 10:] = 0
+    return tokens, mask
+
+
+@pytest.fixture
+def inference() -> InferenceConfig:
+    return InferenceConfig(steps=6)
+
+
+def shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"shared corpus {path} not present (set LTM_PYRO_DATA)")
+    return path

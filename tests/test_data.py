@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+
+from ltm_pyro.config import DataConfig
+from ltm_pyro.data import BatchSampler, builtin_corpus, read_splits, text_corpus, to_windows
+from ltm_pyro.errors import UsageError
+from ltm_pyro.synthetic import TopicStyleProcess
+from ltm_pyro.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer, tokenizer_from_dict
+
+
+def test_builtin_corpus_is_deterministic_and_has_known_factors():
+    a, b = builtin_corpus(16, 64, 32), builtin_corpus(16, 64, 32)
+    assert torch.equal(a.windows["train"], b.windows["train"])
+    assert a.windows["train"].shape == (64, 17) and a.factors["valid"].shape == (32, 2)
+    floor, unigram = a.references["entropy_floor_valid"], a.references["unigram_entropy_valid"]
+    assert 0 < floor < unigram
+
+
+def test_exact_likelihood_is_normalised():
+    """Summing p(x_1 | x_0) over every next token gives 1 for each document's prefix."""
+    process = TopicStyleProcess.default()
+    prefix, _ = process.sample(3, 1, seed=0)
+    v = process.vocab_size
+    docs = np.concatenate([np.repeat(prefix, v, 0), np.tile(np.arange(v), 3)[:, None]], 1)
+    total = np.exp(process.log_likelihood(docs)).reshape(3, v).sum(1)
+    assert np.allclose(total, 1.0)
+
+
+def test_windows_share_boundary_tokens():
+    windows = to_windows(list(range(10)), 3)
+    assert windows.tolist() == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    sampler = BatchSampler(50, 8, seed=1)
+    assert torch.equal(sampler.indices(7), BatchSampler(50, 8, seed=1).indices(7))
+    epoch = torch.cat([sampler.indices(i) for i in range(sampler.batches_per_epoch)])
+    assert len(set(epoch.tolist())) == len(epoch)  # no repeats within an epoch
+
+
+def test_tokenizers_round_trip_and_serialise():
+    text = "the cat sat\non the mat\n"
+    word = WordTokenizer.fit(text)
+    assert word.decode(word.encode(text)).split() == text.split()
+    assert word.encode("the dog") == [word.index["the"], word.unk_id, word.index["<eos>"]]
+    char = CharTokenizer.fit(text)
+    assert char.decode(char.encode(text)) == text
+    bpe = BPETokenizer.fit(text * 20, vocab_size=300)
+    assert bpe.decode(bpe.encode(text)) == text
+    for tok in (word, char, bpe):
+        again = tokenizer_from_dict(tok.to_dict())
+        assert again.encode(text) == tok.encode(text)
+
+
+def test_single_file_is_split_deterministically(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(100)))
+    splits = read_splits(path)
+    assert splits["train"].count("\n") == 90 and splits["valid"].count("\n") == 5
+    assert splits["test"].startswith("line 95")
+
+
+def test_folder_without_splits_is_a_usage_error(tmp_path):
+    (tmp_path / "train.txt").write_text("a b c\n")
+    with pytest.raises(UsageError, match="valid, test"):
+        text_corpus(tmp_path, DataConfig(), 4)
+
+
+def test_too_short_corpus_is_a_usage_error(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("".join(f"w{i}\n" for i in range(40)))
+    with pytest.raises(UsageError, match="shorter than one window"):
+        text_corpus(path, DataConfig(), 64)

@@ -1,0 +1,123 @@
+import copy
+
+import pytest
+import torch
+from pyro.infer import TraceMeanField_ELBO
+
+from ltm_pyro.config import InferenceConfig, TrainConfig
+from ltm_pyro.inference import fast_lr, fit_local_posterior, initial_posterior
+from ltm_pyro.model import LocalPosterior
+from ltm_pyro.svi import DualRateSVI, warmup_cosine
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def _unchanged(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(p, before[name]) for name, p in module.named_parameters())
+
+
+def test_fast_lr_schedule_runs_from_max_to_min():
+    config = InferenceConfig(steps=16)
+    lrs = [fast_lr(t, 16, config) for t in range(16)]
+    assert lrs[0] == pytest.approx(0.34) and lrs[-1] == pytest.approx(0.034)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_initial_posterior_as_released(ltm):
+    start = initial_posterior(ltm, 3, torch.device("cpu"), InferenceConfig())
+    assert torch.all(start.loc == 0) and torch.all(start.log_var == -5.0)
+
+
+@pytest.mark.parametrize("noise", ["fixed", "fresh"])
+def test_fast_loop_lowers_every_sequences_negative_elbo(ltm, batch, noise):
+    tokens, mask = batch
+    config = InferenceConfig(steps=12, noise=noise)
+    fit = fit_local_posterior(ltm, tokens, mask, config, torch.Generator().manual_seed(3))
+    start = initial_posterior(ltm, 5, torch.device("cpu"), config)
+    draws = torch.randn(64, 5, *ltm.latent_shape, generator=torch.Generator().manual_seed(4))
+
+    def expected_neg_elbo(posterior: LocalPosterior) -> torch.Tensor:
+        with torch.no_grad():
+            terms = [sum(ltm.elbo_terms(tokens, mask, posterior, e)) for e in draws]
+        return torch.stack(terms).mean(0)
+
+    before, after = expected_neg_elbo(start), expected_neg_elbo(fit.posterior)
+    assert torch.all(after < before), (before, after)
+
+
+def test_final_mode_computes_no_decoder_gradient_in_the_inner_loop(ltm, batch, inference):
+    tokens, mask = batch
+    before = _snapshot(ltm.decoder)
+    fit_local_posterior(ltm, tokens, mask, inference)
+    assert all(p.grad is None for p in ltm.decoder.parameters())
+    assert _unchanged(ltm.decoder, before)
+
+
+def test_only_the_slow_optimizer_changes_the_decoder(ltm, batch, inference):
+    tokens, mask = batch
+    svi = DualRateSVI(ltm, inference, TrainConfig(max_steps=10, warmup_steps=1))
+    slow_params = {id(p) for g in svi.optimizer.param_groups for p in g["params"]}
+    assert slow_params == {id(p) for p in ltm.decoder.parameters()}
+    before = _snapshot(ltm.decoder)
+    svi.step(tokens, mask)
+    assert not _unchanged(ltm.decoder, before)
+
+
+def test_fast_optimizer_never_touches_decoder_weights(ltm, batch, inference):
+    tokens, mask = batch
+    before = _snapshot(ltm.decoder)
+    fit_local_posterior(ltm, tokens, mask, inference, accumulate_decoder_grads=True)
+    assert _unchanged(ltm.decoder, before)
+    assert any(p.grad is not None for p in ltm.decoder.parameters())
+
+
+def test_trajectory_mode_decoder_gradient_is_the_sum_over_inner_steps(ltm, batch, inference):
+    tokens, mask = batch
+    fit_local_posterior(ltm, tokens, mask, inference, torch.Generator().manual_seed(5),
+                        accumulate_decoder_grads=True)
+    accumulated = [p.grad.clone() for p in ltm.decoder.parameters()]
+
+    # The same trajectory, written out: at each step the decoder gradient of that step's loss.
+    params = list(ltm.decoder.parameters())
+    start = initial_posterior(ltm, 5, torch.device("cpu"), inference)
+    loc, log_var = start.loc.requires_grad_(), start.log_var.requires_grad_()
+    noise = torch.randn(loc.shape, generator=torch.Generator().manual_seed(5))
+    optimizer = torch.optim.AdamW([loc, log_var], lr=inference.lr_max, weight_decay=0.0,
+                                  betas=inference.betas)
+    direct = [torch.zeros_like(p) for p in params]
+    elbo = TraceMeanField_ELBO(max_plate_nesting=1)
+    for step in range(inference.steps):
+        loss = elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask,
+                                        LocalPosterior(loc, log_var), noise) / mask.sum()
+        grads = torch.autograd.grad(loss, params + [loc, log_var])
+        direct = [d + g for d, g in zip(direct, grads[:len(params)])]
+        loc.grad, log_var.grad = grads[len(params):]
+        optimizer.param_groups[0]["lr"] = fast_lr(step, inference.steps, inference)
+        optimizer.step()
+    for a, d in zip(accumulated, direct):
+        assert torch.allclose(a, d, rtol=1e-4, atol=1e-7)
+
+
+def test_trajectory_step_adds_the_final_gradient(ltm, batch, inference):
+    """The slow step's gradient = inner-trajectory gradients + the final posterior's."""
+    tokens, mask = batch
+    twin = type(ltm)(copy.deepcopy(ltm.decoder), ltm.kl_weight)
+    fit = fit_local_posterior(twin, tokens, mask, inference, torch.Generator().manual_seed(6),
+                              accumulate_decoder_grads=True)
+    nll, kl = twin.elbo_terms(tokens, mask, fit.posterior, fit.noise)
+    ((nll.sum() + kl.sum()) / mask.sum()).backward()
+    expected = [p.grad for p in twin.decoder.parameters()]
+
+    train = TrainConfig(max_steps=10, warmup_steps=1, decoder_grads="trajectory", grad_clip=1e9)
+    DualRateSVI(ltm, inference, train, torch.Generator().manual_seed(6)).step(tokens, mask)
+    for p, e in zip(ltm.decoder.parameters(), expected):
+        assert torch.allclose(p.grad, e, rtol=1e-4, atol=1e-7)
+
+
+def test_slow_schedule_warms_up_then_decays():
+    config = TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    assert warmup_cosine(0, config) == pytest.approx(1e-4)
+    assert warmup_cosine(9, config) == pytest.approx(1e-3)
+    assert warmup_cosine(99, config) == pytest.approx(1e-4, rel=1e-2)
