@@ -23,7 +23,8 @@ def fast_lr(step: int, steps: int, config: InferenceConfig) -> float:
     if steps <= 1:
         return config.lr_max
     progress = step / (steps - 1)
-    return config.lr_min + 0.5 * (config.lr_max - config.lr_min) * (1 + math.cos(math.pi * progress))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr_min + (config.lr_max - config.lr_min) * cosine
 
 
 def initial_posterior(

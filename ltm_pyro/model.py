@@ -65,14 +65,16 @@ class NoisyNormal(dist.Normal):
         super().__init__(loc, scale, validate_args=False)
         self.noise = noise
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+    def rsample(self, sample_shape: tuple = ()) -> Tensor:
         if sample_shape:
             raise ValueError("NoisyNormal draws exactly one sample: its given noise")
         return self.loc + self.scale * self.noise
 
     def expand(self, batch_shape, _instance=None):  # noqa: ANN001 - torch's signature
         shape = torch.Size(batch_shape)
-        return NoisyNormal(self.loc.expand(shape), self.scale.expand(shape), self.noise.expand(shape))
+        return NoisyNormal(
+            self.loc.expand(shape), self.scale.expand(shape), self.noise.expand(shape)
+        )
 
 
 @dataclass
