@@ -11,6 +11,7 @@ embeddings are tied. With no latents the blocks skip cross-attention: the AR bas
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -185,3 +186,24 @@ class Decoder(nn.Module):
     def forward(self, tokens: Tensor, z: Tensor | None = None) -> Tensor:
         """Next-token logits [B, T, V]."""
         return self.output(self.hidden_states(tokens, z))
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameters of a decoder of this shape, without allocating its weights."""
+    with torch.device("meta"):
+        return Decoder(config).num_parameters()
+
+
+def matched_ar_config(config: ModelConfig) -> ModelConfig:
+    """The AR baseline of an LTM shape: no latents, MLP widened to the same parameter count.
+
+    The cross-attention an LTM has is given to the AR model as extra MLP width, so that a
+    comparison is between models of equal size (within 0.1% for realistic shapes).
+    """
+    sized = replace(config, vocab_size=max(config.vocab_size, 1))  # embeddings cancel out
+    target = count_parameters(sized)
+    ar = replace(sized, latents_per_layer=0, mlp_hidden=config.hidden_dim)
+    per_hidden_unit = 3 * config.d_model * config.n_layers
+    extra = target - count_parameters(ar)
+    return replace(ar, vocab_size=config.vocab_size,
+                   mlp_hidden=config.hidden_dim + round(extra / per_hidden_unit))

@@ -1,0 +1,175 @@
+"""LTM against matched AR baselines on the same data, token budget and seed, scored honestly.
+
+    python experiments/bench_quality.py --data ../shared/data/ptb --preset small \
+        --max-steps 600 --label ptb-released
+
+Trains (into --runs/LABEL/VARIANT) the LTM given by the run flags and, unless --no-ar, two AR
+baselines with the LTM's parameter count (wider MLP): one with the LTM's sliding window and
+one with full causal context (the released comparison gave its GPT the full context, which
+confounds what the latents add). --train-inference-steps 4,16,64 trains one LTM per T instead.
+Each model is scored on the test split (elbo_ppl, iwae_ppl, recon_ppl; an LTM at each
+--eval-inference-steps). Writes LABEL.json, LABEL.md and LABEL.png (validation -ELBO against
+tokens and against training FLOPs, every inner step counted) into --results.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+import torch  # noqa: E402
+
+from ltm_pyro.bounds import evaluate_windows  # noqa: E402
+from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from ltm_pyro.cli import (  # noqa: E402
+    OneLineParser,
+    add_run_arguments,
+    config_from_args,
+    positive_int,
+    run_main,
+)
+from ltm_pyro.config import RunConfig  # noqa: E402
+from ltm_pyro.data import load_corpus  # noqa: E402
+from ltm_pyro.decoder import count_parameters, matched_ar_config  # noqa: E402
+from ltm_pyro.errors import UsageError  # noqa: E402
+from ltm_pyro.files import read_jsonl, write_json  # noqa: E402
+from ltm_pyro.flops import training_flops_per_token  # noqa: E402
+from ltm_pyro.report import markdown_table  # noqa: E402
+from ltm_pyro.runner import METRICS_NAME, train  # noqa: E402
+from ltm_pyro.viz import save_figure  # noqa: E402
+
+COLUMNS = ["variant", "params", "tokens_seen", "train_pflops", "train_wall_s", "T_eval",
+           "test_tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"]
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise UsageError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 0 for v in values):
+        raise UsageError(f"{text!r} must list integers of 0 or more")
+    return values
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser(description=__doc__.splitlines()[0])
+    add_run_arguments(p)
+    p.add_argument("--label", required=True, help="name of this comparison (file names)")
+    p.add_argument("--results", type=Path, help="default: experiments/results/<corpus>")
+    p.add_argument("--runs", type=Path, default=Path("runs/bench"), help="run folders")
+    p.add_argument("--no-ar", action="store_true", help="train only the LTM variant(s)")
+    p.add_argument("--train-inference-steps", type=int_list, help="e.g. 4,16,64")
+    p.add_argument("--eval-inference-steps", type=int_list, help="default: the training T")
+    p.add_argument("--iw-samples", type=positive_int, default=16)
+    p.add_argument("--elbo-samples", type=positive_int, default=4)
+    p.add_argument("--test-windows", type=positive_int, help="score only the first N")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def variants(args, base: RunConfig) -> dict[str, RunConfig]:  # noqa: ANN001
+    if base.model_kind != "ltm":
+        raise UsageError("bench_quality trains the LTM and its baselines: drop --model ar")
+    found: dict[str, RunConfig] = {}
+    for steps in args.train_inference_steps or [base.inference.steps]:
+        found[f"ltm-T{steps}"] = replace(base, inference=replace(base.inference, steps=steps))
+    if not args.no_ar:
+        for name, window in (("ar-window", base.model.window), ("ar-full", None)):
+            ar_model = matched_ar_config(replace(base.model, window=window))
+            found[name] = replace(base, model_kind="ar", model=ar_model)
+    return found
+
+
+def validation_curve(run_dir: Path, config: RunConfig) -> list[dict]:
+    tokens_per_step = config.train.batch_size * config.model.context
+    per_token = training_flops_per_token(config.model, config.inference.steps,
+                                         config.train.decoder_grads)
+    return [{"tokens": r["step"] * tokens_per_step,
+             "flops": r["step"] * tokens_per_step * per_token, "neg_elbo": r["neg_elbo"]}
+            for r in read_jsonl(run_dir / METRICS_NAME) if r["split"] == "valid"]
+
+
+def curves_figure(curves: dict[str, list[dict]], references: dict[str, float]):  # noqa: ANN201
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for ax, x_key, label in ((axes[0], "tokens", "training tokens"),
+                             (axes[1], "flops", "training FLOPs (every inner step counted)")):
+        for name, points in curves.items():
+            ax.plot([p[x_key] for p in points], [p["neg_elbo"] for p in points], "o-", label=name)
+        if "unigram_entropy_valid" in references:
+            ax.axhline(references["unigram_entropy_valid"], ls="--", color="grey", lw=1,
+                       label="unigram entropy")
+        if "entropy_floor_valid" in references:
+            ax.axhline(references["entropy_floor_valid"], ls=":", color="black", lw=1,
+                       label="entropy floor")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation -ELBO (nats/token; AR: NLL)")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def main() -> int:
+    args = parser().parse_args()
+    base = config_from_args(args)
+    runs = variants(args, base)
+    command = "python experiments/bench_quality.py " + shlex.join(sys.argv[1:])
+    rows, curves, configs = [], {}, {}
+    corpus, test_windows = None, None
+    for name, config in runs.items():
+        run_dir = args.runs / args.label / name
+        started = time.perf_counter()
+        train(config, run_dir, force=True, progress=not args.no_progress)
+        wall = time.perf_counter() - started
+        ltm, trained_config, tokenizer = model_from_checkpoint(load_checkpoint(run_dir),
+                                                               config.train.device)
+        if corpus is None:
+            corpus = load_corpus(trained_config.data, trained_config.model.context, tokenizer)
+            test_windows = corpus.windows["test"][: args.test_windows]
+        configs[name] = trained_config.to_dict()
+        curves[name] = validation_curve(run_dir, trained_config)
+        tokens_seen = config.train.max_steps * config.train.batch_size * config.model.context
+        per_token = training_flops_per_token(trained_config.model, config.inference.steps,
+                                             config.train.decoder_grads)
+        eval_steps = (args.eval_inference_steps or [config.inference.steps]) if (
+            ltm.has_latents) else [0]
+        for steps in eval_steps:
+            summary = evaluate_windows(
+                ltm, test_windows, trained_config.inference, steps=steps,
+                batch_size=config.train.batch_size, elbo_samples=args.elbo_samples,
+                iw_samples=args.iw_samples, seed=config.train.seed, device=config.train.device)
+            rows.append({"variant": name, "params": count_parameters(trained_config.model),
+                         "tokens_seen": tokens_seen, "train_pflops": tokens_seen * per_token / 1e15,
+                         "train_wall_s": round(wall, 1), "T_eval": steps,
+                         "test_tokens": summary["tokens"], **summary})
+            print(markdown_table(rows[-1:], COLUMNS), flush=True)
+    results_dir = args.results or Path("experiments/results") / corpus.name
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    device = torch.cuda.get_device_name() if base.train.device.startswith("cuda") else "cpu"
+    write_json(results_dir / f"{args.label}.json", {
+        "command": command, "date": stamp, "device": device, "corpus": corpus.name,
+        "references": corpus.references, "rows": rows, "curves": curves, "configs": configs,
+    })
+    table = markdown_table(rows, COLUMNS)
+    (results_dir / f"{args.label}.md").write_text(
+        f"# {args.label}\n\nCommand (run {stamp}, {device}):\n\n```\n{command}\n```\n\n"
+        f"Test split of `{corpus.name}`; perplexities per predicted token. `elbo_ppl` and "
+        "`iwae_ppl` are valid bounds; `recon_ppl` leaves the KL out (paper-style, not a bound)."
+        f"\n\n{table}\n\nReferences (nats/token): {corpus.references}\n")
+    save_figure(curves_figure(curves, corpus.references), results_dir / f"{args.label}.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,45 @@
+"""Training FLOPs counted honestly: every inner step of the fast loop included.
+
+Matrix-multiply FLOPs only (elementwise work is a rounding error at these shapes):
+- forward, per token: 2 x (every linear weight the token passes, LM head included)
+  + attention scores and values, 4 x d x (keys attended) per layer, for self-attention
+  (the sliding window bounds the keys) and cross-attention (the layer's latent vectors);
+  per sequence, the latent keys/values projections, 4 x d x latent_dim x latents_per_layer.
+- a backward pass that computes input *and* weight gradients costs 2 forwards; one that
+  computes input gradients only (the fast loop, decoder frozen) costs 1 forward.
+So an AR training step is 3 forwards; an LTM iteration is T x 2 + 3 forwards with
+``decoder_grads="final"`` and (T + 1) x 3 with ``"trajectory"`` (the released loop).
+"""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+
+
+def mean_keys_attended(context: int, window: int | None) -> float:
+    """Average number of keys a causal query sees over positions 0..context-1."""
+    span = context if window is None else min(window, context)
+    return sum(min(i + 1, span) for i in range(context)) / context
+
+
+def forward_flops_per_token(config: ModelConfig) -> float:
+    d, hidden, layers = config.d_model, config.hidden_dim, config.n_layers
+    per_layer = 2 * (4 * d * d) + 2 * (3 * d * hidden)  # self-attention projections + MLP
+    per_layer += 4 * d * mean_keys_attended(config.context, config.window)
+    if config.latents_per_layer:
+        per_layer += 2 * (2 * d * d)  # cross-attention query and output projections
+        per_layer += 4 * d * config.latents_per_layer
+        kv = 2 * (2 * d * config.z_dim * config.latents_per_layer)  # once per sequence
+        per_layer += kv / config.context
+    return layers * per_layer + 2 * d * config.vocab_size
+
+
+def training_flops_per_token(config: ModelConfig, inference_steps: int,
+                             decoder_grads: str = "final") -> float:
+    """FLOPs per training token for one iteration (AR: one step; LTM: T inner + slow)."""
+    forward = forward_flops_per_token(config)
+    if not config.latents_per_layer:
+        return 3 * forward
+    if decoder_grads == "trajectory":
+        return (inference_steps + 1) * 3 * forward
+    return inference_steps * 2 * forward + 3 * forward
