@@ -33,6 +33,7 @@ from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
     add_run_arguments,
     config_from_args,
+    int_list,
     positive_int,
     run_main,
 )
@@ -48,16 +49,6 @@ from ltm_pyro.viz import save_figure  # noqa: E402
 
 COLUMNS = ["variant", "params", "tokens_seen", "train_pflops", "train_wall_s", "T_eval",
            "test_tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"]
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise UsageError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v < 0 for v in values):
-        raise UsageError(f"{text!r} must list integers of 0 or more")
-    return values
 
 
 def parser() -> OneLineParser:

@@ -54,6 +54,18 @@ def finite_float(text: str) -> float:
     return value
 
 
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of integers of 0 or more, e.g. "0,1,2,4"."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers"
+                                         ) from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} must list integers of 0 or more")
+    return values
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (status 2), without the usage dump."""
 

@@ -1,0 +1,100 @@
+"""Test-time inference scaling: one checkpoint scored at several numbers of inference steps.
+
+    python experiments/sweep_inference_steps.py --checkpoint runs/default \
+        --steps 0,1,2,4,8,16,32,64 --out experiments/results/topic-style/inference_steps
+
+Writes OUT.json (one row per T_eval: elbo_ppl, iwae_ppl, recon_ppl and per-token terms) and
+OUT.png (the three perplexities against T_eval, log-scaled, with the corpus' references).
+"""
+
+from __future__ import annotations
+
+import datetime
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from ltm_pyro.bounds import evaluate_windows  # noqa: E402
+from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from ltm_pyro.cli import OneLineParser, int_list, non_negative_int, positive_int, run_main  # noqa: E402
+from ltm_pyro.data import load_corpus  # noqa: E402
+from ltm_pyro.errors import UsageError  # noqa: E402
+from ltm_pyro.files import write_json  # noqa: E402
+from ltm_pyro.report import markdown_table  # noqa: E402
+from ltm_pyro.runner import resolve_device  # noqa: E402
+from ltm_pyro.viz import save_figure  # noqa: E402
+
+COLUMNS = ["inference_steps", "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl",
+           "recon_ppl"]
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--steps", type=int_list, default=[0, 1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--split", choices=("valid", "test"), default="valid")
+    p.add_argument("--max-windows", type=positive_int, default=128)
+    p.add_argument("--iw-samples", type=positive_int, default=16)
+    p.add_argument("--elbo-samples", type=positive_int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="path stem for .json and .png")
+    return p
+
+
+def figure(rows: list[dict], references: dict[str, float]):  # noqa: ANN201 - a Figure
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    steps = [r["inference_steps"] for r in rows]
+    for key in ("elbo_ppl", "iwae_ppl", "recon_ppl"):
+        ax.plot(steps, [r[key] for r in rows], "o-", label=key)
+    for name, style in (("entropy_floor_valid", ":"), ("unigram_entropy_valid", "--")):
+        if name in references:
+            ax.axhline(2.718281828459045 ** references[name], ls=style, color="grey",
+                       label=f"exp({name})")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, max(steps) * 1.3 + 0.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("inference steps at evaluation (T_eval)")
+    ax.set_ylabel("perplexity per token")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def main() -> int:
+    args = parser().parse_args()
+    device = resolve_device(args.device)
+    payload = load_checkpoint(args.checkpoint, map_location=device)
+    ltm, config, tokenizer = model_from_checkpoint(payload, device)
+    if not ltm.has_latents:
+        raise UsageError("the checkpoint is an AR model: it has no inference steps to sweep")
+    corpus = load_corpus(config.data, config.model.context, tokenizer)
+    windows = corpus.windows[args.split][: args.max_windows]
+    rows = []
+    for steps in args.steps:
+        rows.append(evaluate_windows(
+            ltm, windows, config.inference, steps=steps, batch_size=args.batch_size,
+            elbo_samples=args.elbo_samples, iw_samples=args.iw_samples, seed=args.seed,
+            device=device))
+        print(markdown_table(rows[-1:], COLUMNS), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out.with_suffix(".json"), {
+        "command": "python experiments/sweep_inference_steps.py " + shlex.join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "checkpoint_step": payload["step"], "split": args.split, "windows": len(windows),
+        "trained_inference_steps": config.inference.steps, "references": corpus.references,
+        "rows": rows, "config": config.to_dict(),
+    })
+    save_figure(figure(rows, corpus.references), args.out.with_suffix(".png"))
+    print(markdown_table(rows, COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
