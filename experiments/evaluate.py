@@ -26,6 +26,7 @@ from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.files import write_json  # noqa: E402
 from ltm_pyro.report import markdown_table  # noqa: E402
 from ltm_pyro.runner import resolve_device  # noqa: E402
+from ltm_pyro.tokenizers import known_token_count  # noqa: E402
 
 METRICS = ["tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"]
 
@@ -55,8 +56,7 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
                                                             tokenizer=tokenizer.kind)
     corpus = load_corpus(data, config.model.context, tokenizer)
     windows = corpus.windows[args.split][: args.max_windows]
-    unk = getattr(tokenizer, "unk_id", None)
-    if unk is not None and bool((windows == unk).all()):
+    if known_token_count(tokenizer, windows) == 0:
         raise UsageError(f"no token of {data.path} is in the checkpoint's vocabulary; "
                          "evaluate on a corpus in the training language and tokenization")
     bar = tqdm(total=len(windows), disable=args.no_progress, desc=f"eval {args.split}")

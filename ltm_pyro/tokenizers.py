@@ -10,12 +10,16 @@ import json
 from collections import Counter
 from typing import Protocol
 
+import torch
+
 UNK = "<unk>"
 EOS = "<eos>"
 
 
 class Tokenizer(Protocol):
     kind: str
+    unk_id: int | None  # None: every input is representable (byte-level BPE)
+    special_ids: tuple[int, ...]  # structural tokens such as <eos>, not content
 
     @property
     def vocab_size(self) -> int: ...
@@ -36,6 +40,7 @@ class WordTokenizer:
         self.vocab = list(vocab)
         self.index = {word: i for i, word in enumerate(self.vocab)}
         self.unk_id = self.index[UNK]
+        self.special_ids = (self.index[EOS],) if EOS in self.index else ()
 
     @classmethod
     def fit(cls, text: str) -> WordTokenizer:
@@ -69,6 +74,8 @@ class CharTokenizer:
     """One id per character seen in training; unseen characters map to ``<unk>`` (id 0)."""
 
     kind = "char"
+    unk_id = 0
+    special_ids = ()
 
     def __init__(self, chars: list[str]) -> None:
         self.chars = list(chars)
@@ -96,6 +103,8 @@ class BPETokenizer:
     """Byte-level BPE from HuggingFace ``tokenizers``, trained locally (nothing downloaded)."""
 
     kind = "bpe"
+    unk_id = None
+    special_ids = ()
 
     def __init__(self, serialized: str) -> None:
         from tokenizers import Tokenizer as HFTokenizer
@@ -155,3 +164,13 @@ def tokenizer_from_dict(raw: dict) -> Tokenizer:
     if kind == "bpe":
         return BPETokenizer(json.dumps(raw["serialized"]))
     raise ValueError(f"unknown tokenizer kind {kind!r} in the checkpoint")
+
+
+def known_token_count(tokenizer: Tokenizer, ids: torch.Tensor) -> int:
+    """How many ids are real content: neither ``<unk>`` nor a structural token."""
+    excluded = list(tokenizer.special_ids)
+    if tokenizer.unk_id is not None:
+        excluded.append(tokenizer.unk_id)
+    if not excluded:
+        return ids.numel()
+    return int((~torch.isin(ids, torch.tensor(excluded))).sum())

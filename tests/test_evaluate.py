@@ -1,0 +1,108 @@
+"""experiments/evaluate.py and the other scripts over a trained checkpoint."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from ltm_pyro.config import preset
+from ltm_pyro.decoder import count_parameters, matched_ar_config
+from ltm_pyro.flops import forward_flops_per_token, training_flops_per_token
+
+from .conftest import REPO
+
+CONTRACT_KEYS = {"tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl",
+                 "inference_steps", "iw_samples", "params"}
+
+
+def script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "experiments" / name), *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def _write_corpus(folder, words, seed):
+    rng = random.Random(seed)
+    folder.mkdir()
+    for split, lines in (("train", 400), ("valid", 60), ("test", 60)):
+        text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(lines))
+        (folder / f"{split}.txt").write_text(text + "\n")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    _write_corpus(root / "corpus", ["alpha", "beta", "gamma", "delta", "eps", "zeta"], 0)
+    out = root / "run"
+    result = script("run_svi.py", "--out", str(out), "--data", str(root / "corpus"),
+                    "--seq-len", "16", "--max-steps", "3", "--batch-size", "4",
+                    "--inference-steps", "2", "--eval-windows", "4", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.mark.slow
+def test_evaluate_json_has_every_contract_key(trained, tmp_path):
+    out = tmp_path / "eval.json"
+    result = script("evaluate.py", "--checkpoint", str(trained / "run"), "--split", "test",
+                    "--iw-samples", "4", "--inference-steps", "3", "--json", str(out),
+                    "--no-progress")
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert CONTRACT_KEYS <= results.keys()
+    assert results["inference_steps"] == 3 and results["iw_samples"] == 4
+    assert results["elbo_ppl"] >= results["iwae_ppl"] * 0.98
+    assert "iwae_ppl" in result.stdout  # the printed table
+
+
+@pytest.mark.slow
+def test_zero_shot_on_an_unseen_corpus(trained, tmp_path):
+    _write_corpus(tmp_path / "other", ["alpha", "beta", "unseen", "words", "here"], 1)
+    out = tmp_path / "zero.json"
+    result = script("evaluate.py", "--checkpoint", str(trained / "run"), "--data",
+                    str(tmp_path / "other"), "--iw-samples", "2", "--json", str(out),
+                    "--no-progress")
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert results["zero_shot"] and results["tokens"] > 0
+
+
+@pytest.mark.slow
+def test_corpus_without_known_tokens_is_refused(trained, tmp_path):
+    _write_corpus(tmp_path / "foreign", ["xx", "yy", "zz"], 2)
+    result = script("evaluate.py", "--checkpoint", str(trained / "run"), "--data",
+                    str(tmp_path / "foreign"), "--no-progress")
+    assert result.returncode == 2 and "vocabulary" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_inference_step_sweep_writes_json_and_png(trained, tmp_path):
+    result = script("sweep_inference_steps.py", "--checkpoint", str(trained / "run"),
+                    "--steps", "0,2", "--max-windows", "8", "--iw-samples", "2",
+                    "--out", str(tmp_path / "sweep"))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [r["inference_steps"] for r in rows] == [0, 2]
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "ltm-s"])
+def test_matched_ar_is_within_two_percent(name):
+    config = preset(name).model
+    config.vocab_size = 10000
+    ltm_params = count_parameters(config)
+    ar = matched_ar_config(config)
+    assert ar.latents_per_layer == 0
+    assert abs(count_parameters(ar) - ltm_params) <= 0.02 * ltm_params
+
+
+def test_flops_count_every_inner_step():
+    config = preset("small").model
+    config.vocab_size = 1000
+    forward = forward_flops_per_token(config)
+    assert training_flops_per_token(config, 16) == pytest.approx((16 * 2 + 3) * forward)
+    assert training_flops_per_token(config, 16, "trajectory") == pytest.approx(17 * 3 * forward)
+    ar = matched_ar_config(config)
+    assert training_flops_per_token(ar, 16) == pytest.approx(3 * forward_flops_per_token(ar))
