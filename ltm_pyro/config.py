@@ -134,18 +134,29 @@ def _preset(model: dict, train: dict, inference: dict | None = None) -> RunConfi
     )
 
 
+# The CPU presets fit the guide with fresh noise from log-variance -2 in a narrow latent:
+# with the released fast-loop settings (fixed noise, log-variance -5, latent width = model
+# width) the KL floor alone costs ~5 nats/token on the built-in corpus, so the valid ELBO is
+# far above even the unigram entropy (experiments/results/topic-style/tiny_settings.md).
+# The paper presets keep the released settings.
+HONEST_CPU_GUIDE = dict(noise="fresh", init_log_var=-2.0)
+
 PRESETS: dict[str, RunConfig] = {
     # Seconds per hundred steps on a laptop CPU; the default run and most tests.
     "tiny": _preset(
-        dict(context=64, d_model=64, n_layers=2, n_heads=4, latents_per_layer=4, window=16),
+        dict(context=64, d_model=64, n_layers=2, n_heads=4, latents_per_layer=4, window=16,
+             latent_dim=8),
         dict(max_steps=400, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=40,
              eval_every=100, checkpoint_every=200),
+        HONEST_CPU_GUIDE,
     ),
     # Minutes on a CPU: big enough that the decoder, not Pyro's bookkeeping, dominates.
     "small": _preset(
-        dict(context=128, d_model=256, n_layers=4, n_heads=4, latents_per_layer=8, window=32),
+        dict(context=128, d_model=256, n_layers=4, n_heads=4, latents_per_layer=8, window=32,
+             latent_dim=16),
         dict(max_steps=2000, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=100,
              eval_every=250, checkpoint_every=500),
+        HONEST_CPU_GUIDE,
     ),
     # The paper's sizes (d 512, context 1024, sliding window 256, 8 latent vectors a layer).
     "ltm-s": _preset(
