@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args, run_main  # noqa: E402
-from ltm_pyro.runner import train  # noqa: E402
+from ltm_pyro.runner import Interrupted, train  # noqa: E402
 
 
 def parser() -> OneLineParser:
@@ -31,7 +31,11 @@ def parser() -> OneLineParser:
 def main() -> int:
     args = parser().parse_args()
     config = config_from_args(args)
-    final = train(config, args.out, force=args.force, progress=not args.no_progress)
+    try:
+        final = train(config, args.out, force=args.force, progress=not args.no_progress)
+    except Interrupted as stopped:
+        print(f"{stopped}", file=sys.stderr)
+        return stopped.exit_status
     print(json.dumps({"out": str(args.out), **final}))
     return 0
 

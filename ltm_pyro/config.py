@@ -80,6 +80,8 @@ class TrainConfig:
     eval_samples: int = 1
     log_every: int = 10
     checkpoint_every: int = 100
+    max_bad_steps: int = 10  # non-finite steps in a row before the run stops
+    validate: bool = False  # Pyro's argument checks in training: slow, and fatal on a NaN
     seed: int = 0
     device: str = "cpu"
 

@@ -114,7 +114,7 @@ def read_splits(path: Path) -> dict[str, str]:
 
 def to_windows(ids: list[int], seq_len: int) -> Tensor:
     """Consecutive windows of seq_len + 1 tokens, each sharing its first token with the last."""
-    n = (len(ids) - 1) // seq_len
+    n = max(0, (len(ids) - 1) // seq_len)
     if n == 0:
         return torch.empty(0, seq_len + 1, dtype=torch.long)
     stream = torch.tensor(ids[: n * seq_len + 1], dtype=torch.long)

@@ -8,11 +8,17 @@ checkpoint, and the batches, noise and updates continue exactly as if never inte
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyro
 import torch
 from tqdm.auto import tqdm
 
@@ -30,7 +36,7 @@ from .decoder import Decoder
 from .errors import UsageError
 from .files import append_jsonl, read_jsonl, rewrite_jsonl, write_json
 from .model import LatentThoughtModel
-from .svi import DualRateSVI
+from .svi import DualRateSVI, StepStats
 from .tokenizers import tokenizer_from_dict
 from .viz import save_figure, training_curves
 
@@ -99,8 +105,74 @@ def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,
             "recon_ppl": summary["recon_ppl"]}
 
 
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint; carries the exit status."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by signal {signal.Signals(signum).name} after step {step}; "
+                         "a checkpoint was written, rerun the same command to resume")
+        self.exit_status = 128 + signum
+
+
+class Diverged(UsageError):
+    """Too many non-finite steps in a row."""
+
+
+class StopRequests:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops now."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:  # noqa: ANN001 - signal API
+        if self.signum is not None and signum == signal.SIGINT:
+            os._exit(130)
+        self.signum = signum
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+@dataclass
+class LogWindow:
+    """Running sums between two logged steps; checkpointed so a resume logs identically."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    def add(self, stats: StepStats) -> None:
+        for key, value in (("neg_elbo", -stats.elbo), ("nll", stats.nll), ("kl", stats.kl),
+                           ("grad_norm", stats.grad_norm)):
+            if not stats.skipped:
+                self.sums[key] = self.sums.get(key, 0.0) + value.detach()
+        self.steps += 1
+        self.skipped += int(stats.skipped)
+
+    def means(self) -> dict[str, float]:
+        used = max(1, self.steps - self.skipped)
+        return {k: float(v) / used for k, v in self.sums.items()}
+
+    def state(self) -> dict:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
+                "skipped": self.skipped}
+
+
 def train(config: RunConfig, out: Path, force: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) into ``out``; return the last validation record."""
+    """Train (or resume) into ``out``; return the last validation record.
+
+    Raises ``Interrupted`` after checkpointing when SIGINT/SIGTERM arrive, and ``Diverged``
+    after ``max_bad_steps`` non-finite steps in a row.
+    """
     out = Path(out)
     device = resolve_device(config.train.device)
     resume = _prepare_folder(out, config, force)
@@ -113,13 +185,15 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
     svi = DualRateSVI(ltm, config.inference, config.train, generator)
     sampler = BatchSampler(len(corpus.windows["train"]), config.train.batch_size,
                            config.train.seed)
-    start_step = 0
+    start_step, window, bad_in_a_row, skipped_total = 0, LogWindow(), 0, 0
     records = []
     if resume:
         decoder.load_state_dict(resume["decoder"])
         svi.load_state_dict(resume["svi"])
         restore_rng_states(resume["rng"], generator)
         start_step = resume["step"]
+        window = LogWindow(**resume["log_window"])
+        bad_in_a_row, skipped_total = resume["bad_in_a_row"], resume["skipped_total"]
         records = [r for r in read_jsonl(out / METRICS_NAME) if r["step"] <= start_step]
         rewrite_jsonl(out / METRICS_NAME, records)
     else:
@@ -135,7 +209,8 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
             "config": config.to_dict(), "tokenizer": corpus.tokenizer.to_dict(),
             "decoder": decoder.state_dict(), "svi": svi.state_dict(), "step": step,
             "rng": rng_states(generator), "corpus": corpus.name,
-            "references": corpus.references,
+            "references": corpus.references, "log_window": window.state(),
+            "bad_in_a_row": bad_in_a_row, "skipped_total": skipped_total,
         })
 
     def log(record: dict) -> None:
@@ -144,40 +219,50 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
 
     train_cfg = config.train
     mask = torch.ones(train_cfg.batch_size, config.model.context, device=device)
-    sums: dict[str, torch.Tensor] = {}
-    window_start = time.perf_counter()
     bar = tqdm(range(start_step, train_cfg.max_steps), initial=start_step,
                total=train_cfg.max_steps, disable=not progress, desc="train", dynamic_ncols=True)
     last_valid = next((r for r in reversed(records) if r["split"] == "valid"), {})
-    for step in bar:
-        tokens = corpus.windows["train"][sampler.indices(step)].to(device)
-        stats = svi.step(tokens, mask)
-        for key, value in (("neg_elbo", -stats.elbo), ("nll", stats.nll), ("kl", stats.kl),
-                           ("grad_norm", stats.grad_norm)):
-            sums[key] = sums.get(key, 0.0) + value.detach()
-        done = step + 1
-        if done % train_cfg.log_every == 0 or done == train_cfg.max_steps:
-            count = train_cfg.log_every if done % train_cfg.log_every == 0 else (
-                done % train_cfg.log_every)
-            means = {k: float(v) / count for k, v in sums.items()}
-            elapsed = time.perf_counter() - window_start
-            log({"split": "train", "step": done, **means, "fast_lr": stats.fast_lr,
-                 "slow_lr": stats.slow_lr, "tokens_per_s": count * mask.numel() / elapsed,
-                 "tokens_seen": done * mask.numel()})
-            bar.set_postfix(elbo=f"{-means['neg_elbo']:.3f}", nll=f"{means['nll']:.3f}",
-                            kl=f"{means['kl']:.3f}", fast_lr=f"{stats.fast_lr:.3g}",
-                            slow_lr=f"{stats.slow_lr:.2e}")
-            sums = {}
-            window_start = time.perf_counter()
-        if done % train_cfg.eval_every == 0 or done == train_cfg.max_steps:
-            last_valid = {"split": "valid", "step": done,
-                          **_evaluate(ltm, corpus.windows["valid"], config, device)}
-            log(last_valid)
-            bar.write(f"step {done}: valid -ELBO {last_valid['neg_elbo']:.4f} "
-                      f"(NLL {last_valid['nll']:.4f} + KL {last_valid['kl']:.4f}) nats/token")
-            window_start = time.perf_counter()
-        if done % train_cfg.checkpoint_every == 0 or done == train_cfg.max_steps:
-            checkpoint(done)
+    with StopRequests() as stop, pyro.validation_enabled(train_cfg.validate), \
+            warnings.catch_warnings():
+        # Non-finite steps are counted and skipped below; Pyro would warn at every inner step.
+        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+        for step in bar:
+            started = time.perf_counter()
+            tokens = corpus.windows["train"][sampler.indices(step)].to(device)
+            stats = svi.step(tokens, mask)
+            window.add(stats)
+            bad_in_a_row = bad_in_a_row + 1 if stats.skipped else 0
+            skipped_total += int(stats.skipped)
+            window.seconds += time.perf_counter() - started
+            done = step + 1
+            if done % train_cfg.log_every == 0 or done == train_cfg.max_steps:
+                means = window.means()
+                log({"split": "train", "step": done, **means, "fast_lr": stats.fast_lr,
+                     "slow_lr": stats.slow_lr, "skipped_steps": skipped_total,
+                     "tokens_per_s": window.steps * mask.numel() / max(window.seconds, 1e-9),
+                     "tokens_seen": done * mask.numel()})
+                if means:
+                    bar.set_postfix(elbo=f"{-means['neg_elbo']:.3f}", nll=f"{means['nll']:.3f}",
+                                    kl=f"{means['kl']:.3f}", fast_lr=f"{stats.fast_lr:.3g}",
+                                    slow_lr=f"{stats.slow_lr:.2e}")
+                window = LogWindow()
+            if bad_in_a_row >= train_cfg.max_bad_steps:
+                raise Diverged(
+                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; lower "
+                    "--slow-lr or --fast-lr, or train in float32 (no bf16 autocast)")
+            if done % train_cfg.eval_every == 0 or done == train_cfg.max_steps:
+                last_valid = {"split": "valid", "step": done,
+                              **_evaluate(ltm, corpus.windows["valid"], config, device)}
+                log(last_valid)
+                bar.write(f"step {done}: valid -ELBO {last_valid['neg_elbo']:.4f} (NLL "
+                          f"{last_valid['nll']:.4f} + KL {last_valid['kl']:.4f}) nats/token")
+            if (done % train_cfg.checkpoint_every == 0 or done == train_cfg.max_steps
+                    or stop.signum is not None):
+                checkpoint(done)
+            if stop.signum is not None:
+                bar.close()
+                save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
+                raise Interrupted(stop.signum, done)
     bar.close()
     save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
     return last_valid

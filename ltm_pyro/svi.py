@@ -53,12 +53,7 @@ class StepStats:
     grad_norm: Tensor
     fast_lr: float
     slow_lr: float
-
-    def as_floats(self) -> dict[str, float]:
-        return {
-            "elbo": float(self.elbo), "nll": float(self.nll), "kl": float(self.kl),
-            "grad_norm": float(self.grad_norm), "fast_lr": self.fast_lr, "slow_lr": self.slow_lr,
-        }
+    skipped: bool  # the loss or a gradient was not finite, so no update was applied
 
 
 class DualRateSVI:
@@ -101,13 +96,16 @@ class DualRateSVI:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), self.train.grad_clip)
         slow_lr = warmup_cosine(self.step_count, self.train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = slow_lr
-        self.optimizer.step()
+        # One host sync per iteration (never inside the fast loop) guards against NaN/inf.
+        skipped = not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if not skipped:
+            for group in self.optimizer.param_groups:
+                group["lr"] = slow_lr
+            self.optimizer.step()
         self.step_count += 1
         fast_lr = self.inference.lr_max if self.ltm.has_latents else 0.0
         return StepStats(-(nll + kl).detach(), nll.detach(), kl.detach(), grad_norm,
-                         fast_lr, slow_lr)
+                         fast_lr, slow_lr, skipped)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "step_count": self.step_count}
