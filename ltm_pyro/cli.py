@@ -14,44 +14,31 @@ from .errors import UsageError
 from .tokenizers import TOKENIZERS
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind: type, accept: Callable[[float], bool], requirement: str):
+    """Parse ``text`` as ``kind`` and check it, or raise argparse's one-line error."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {requirement}") from None
+    if not math.isfinite(value) or not accept(value):
+        raise argparse.ArgumentTypeError(f"{text} must be {requirement}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v > 0, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be zero or more")
-    return value
+    return _number(text, int, lambda v: v >= 0, "an integer of zero or more")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number above zero")
-    return value
+    return _number(text, float, lambda v: v > 0, "a finite number above zero")
 
 
 def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number")
-    return value
+    return _number(text, float, lambda v: True, "a finite number")
 
 
 def int_list(text: str) -> list[int]:

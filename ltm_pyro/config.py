@@ -136,6 +136,15 @@ def _preset(model: dict, train: dict, inference: dict | None = None) -> RunConfi
     )
 
 
+def _paper_preset(n_layers: int) -> RunConfig:
+    return _preset(
+        dict(context=1024, d_model=512, n_layers=n_layers, n_heads=8, latents_per_layer=8,
+             window=256),
+        dict(max_steps=100_000, batch_size=16, warmup_steps=1000, eval_every=1000,
+             checkpoint_every=1000),
+    )
+
+
 # The CPU presets fit the guide with fresh noise from log-variance -2 in a narrow latent:
 # with the released fast-loop settings (fixed noise, log-variance -5, latent width = model
 # width) the KL floor alone costs ~5 nats/token on the built-in corpus, so the valid ELBO is
@@ -161,21 +170,7 @@ PRESETS: dict[str, RunConfig] = {
         HONEST_CPU_GUIDE,
     ),
     # The paper's sizes (d 512, context 1024, sliding window 256, 8 latent vectors a layer).
-    "ltm-s": _preset(
-        dict(context=1024, d_model=512, n_layers=3, n_heads=8, latents_per_layer=8, window=256),
-        dict(max_steps=100_000, batch_size=16, warmup_steps=1000, eval_every=1000,
-             checkpoint_every=1000),
-    ),
-    "ltm-m": _preset(
-        dict(context=1024, d_model=512, n_layers=6, n_heads=8, latents_per_layer=8, window=256),
-        dict(max_steps=100_000, batch_size=16, warmup_steps=1000, eval_every=1000,
-             checkpoint_every=1000),
-    ),
-    "ltm-l": _preset(
-        dict(context=1024, d_model=512, n_layers=12, n_heads=8, latents_per_layer=8, window=256),
-        dict(max_steps=100_000, batch_size=16, warmup_steps=1000, eval_every=1000,
-             checkpoint_every=1000),
-    ),
+    **{name: _paper_preset(layers) for name, layers in (("ltm-s", 3), ("ltm-m", 6), ("ltm-l", 12))},
 }
 
 
