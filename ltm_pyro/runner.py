@@ -197,6 +197,7 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
         records = [r for r in read_jsonl(out / METRICS_NAME) if r["step"] <= start_step]
         rewrite_jsonl(out / METRICS_NAME, records)
     else:
+        rewrite_jsonl(out / METRICS_NAME, [])  # a run killed before its first checkpoint
         write_json(out / CONFIG_NAME, {
             **config.to_dict(),
             "corpus": {"name": corpus.name, "references": corpus.references,
