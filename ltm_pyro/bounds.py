@@ -7,6 +7,7 @@ perplexities (DESIGN.md §2):
 - ``elbo_ppl``:  exp(-ELBO / tokens), ELBO with S fresh draws from q and analytic KL; a valid
   upper bound on the model's perplexity in expectation.
 - ``iwae_ppl``:  exp(-log mean_k w_k / tokens), w = p(x|z)p(z)/q(z), K draws; tighter, valid.
+  Log-weights are float64 and combined by log-sum-exp.
 - ``recon_ppl``: exp(NLL / tokens) at the draw the posterior was fitted with, KL left out: the
   paper-style number, which can fall below the data's entropy. Not a bound.
 For a model without latents all three equal its exact perplexity.
@@ -60,25 +61,33 @@ def expected_nll_and_kl(
 
 
 @torch.no_grad()
-def iwae_log_likelihood(
+def log_importance_weights(
     ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor, posterior: LocalPosterior | None,
     samples: int, generator: torch.Generator | None = None, chunk: int = 8,
 ) -> Tensor:
-    """log (1/K) sum_k p(x, z_k) / q(z_k), z_k ~ q, per sequence [B], in float64.
+    """log p(x, z_k) - log q(z_k) for K draws z_k ~ q, shape [B, K], float64.
 
-    Draws are processed ``chunk`` at a time and combined with a running log-sum-exp, so
-    memory stays bounded for any K.
+    The decoder runs on ``chunk`` draws at a time, so memory stays bounded for any K.
     """
     batch = tokens.shape[0]
     if posterior is None:
-        return ltm.log_weights(tokens, mask, None, None).double()
-    running = torch.full((batch,), -math.inf, dtype=torch.float64, device=tokens.device)
+        return ltm.log_weights(tokens, mask, None, None).double()[:, None]
+    pieces = []
     for start in range(0, samples, chunk):
         k = min(chunk, samples - start)
         log_w = ltm.log_weights(tokens.repeat(k, 1), mask.repeat(k, 1),
                                 _repeat(posterior, k), _draws(posterior, k, generator))
-        running = torch.logaddexp(running, torch.logsumexp(log_w.double().view(k, batch), 0))
-    return running - math.log(samples)
+        pieces.append(log_w.double().view(k, batch).T)
+    return torch.cat(pieces, dim=1)
+
+
+def iwae_log_likelihood(
+    ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor, posterior: LocalPosterior | None,
+    samples: int, generator: torch.Generator | None = None, chunk: int = 8,
+) -> Tensor:
+    """log (1/K) sum_k p(x, z_k) / q(z_k), z_k ~ q, per sequence [B], in float64."""
+    log_w = log_importance_weights(ltm, tokens, mask, posterior, samples, generator, chunk)
+    return torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1])
 
 
 @dataclass
