@@ -19,8 +19,12 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) experiments/run_svi.py --out runs/default
 
+# Notebooks execute at CI size (minutes); unset these to run them at full size.
+NOTEBOOK_CI_SIZE := LTM_NB_TRAIN_STEPS=150 LTM_NB_WINDOWS=32 LTM_NB_IW_SAMPLES=32 \
+	LTM_NB_NUTS_SAMPLES=60 LTM_NB_DOCS=128 LTM_NB_INFERENCE_STEPS=32 LTM_NB_RUN_DIR=../runs/notebook-ci
+
 test: setup
-	$(PY) -m pytest -q
+	$(NOTEBOOK_CI_SIZE) $(PY) -m pytest -q tests --nbmake notebooks
 
 lint: setup
 	$(VENV)/bin/ruff check ltm_pyro experiments tests

@@ -16,9 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import matplotlib.pyplot as plt  # noqa: E402
-import seaborn as sns  # noqa: E402
-
 from ltm_pyro.bounds import evaluate_windows  # noqa: E402
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from ltm_pyro.cli import OneLineParser, int_list, non_negative_int, positive_int, run_main  # noqa: E402
@@ -27,7 +24,7 @@ from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.files import write_json  # noqa: E402
 from ltm_pyro.report import markdown_table  # noqa: E402
 from ltm_pyro.runner import resolve_device  # noqa: E402
-from ltm_pyro.viz import save_figure  # noqa: E402
+from ltm_pyro.viz import bounds_against_steps, save_figure  # noqa: E402
 
 COLUMNS = ["inference_steps", "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl",
            "recon_ppl"]
@@ -46,25 +43,6 @@ def parser() -> OneLineParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True, help="path stem for .json and .png")
     return p
-
-
-def figure(rows: list[dict], references: dict[str, float]):  # noqa: ANN201 - a Figure
-    sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    steps = [r["inference_steps"] for r in rows]
-    for key in ("elbo_ppl", "iwae_ppl", "recon_ppl"):
-        ax.plot(steps, [r[key] for r in rows], "o-", label=key)
-    for name, style in (("entropy_floor_valid", ":"), ("unigram_entropy_valid", "--")):
-        if name in references:
-            ax.axhline(2.718281828459045 ** references[name], ls=style, color="grey",
-                       label=f"exp({name})")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlim(0, max(steps) * 1.3 + 0.5)
-    ax.set_yscale("log")
-    ax.set_xlabel("inference steps at evaluation (T_eval)")
-    ax.set_ylabel("perplexity per token")
-    ax.legend(fontsize=8)
-    return fig
 
 
 def main() -> int:
@@ -91,7 +69,7 @@ def main() -> int:
         "trained_inference_steps": config.inference.steps, "references": corpus.references,
         "rows": rows, "config": config.to_dict(),
     })
-    save_figure(figure(rows, corpus.references), args.out.with_suffix(".png"))
+    save_figure(bounds_against_steps(rows, corpus.references), args.out.with_suffix(".png"))
     print(markdown_table(rows, COLUMNS))
     return 0
 

@@ -26,12 +26,13 @@ from .bounds import evaluate_windows
 from .checkpoint import (
     checkpoint_path,
     load_checkpoint,
+    model_from_checkpoint,
     restore_rng_states,
     rng_states,
     save_checkpoint,
 )
 from .config import RunConfig
-from .data import BatchSampler, load_corpus
+from .data import BatchSampler, Corpus, load_corpus
 from .decoder import Decoder
 from .errors import UsageError
 from .files import append_jsonl, read_jsonl, rewrite_jsonl, write_json
@@ -267,3 +268,11 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
     bar.close()
     save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
     return last_valid
+
+
+def load_run(out: Path, device: str | torch.device = "cpu") -> tuple[LatentThoughtModel,
+                                                                      RunConfig, Corpus]:
+    """A finished (or interrupted) run's model, config and corpus, for notebooks and scripts."""
+    ltm, config, tokenizer = model_from_checkpoint(load_checkpoint(out, map_location=device),
+                                                   device)
+    return ltm, config, load_corpus(config.data, config.model.context, tokenizer)

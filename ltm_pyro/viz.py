@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import matplotlib.pyplot as plt
 import seaborn as sns
 from matplotlib.figure import Figure
@@ -37,3 +39,74 @@ def training_curves(records: list[dict], references: dict[str, float] | None = N
 def save_figure(fig: Figure, path) -> None:  # noqa: ANN001 - str or Path
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
+
+
+def bounds_against_steps(rows: list[dict], references: dict[str, float] | None = None) -> Figure:
+    """elbo_ppl, iwae_ppl and recon_ppl against test-time inference steps (log axes)."""
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    steps = [r["inference_steps"] for r in rows]
+    for key in ("elbo_ppl", "iwae_ppl", "recon_ppl"):
+        ax.plot(steps, [r[key] for r in rows], "o-", label=key)
+    for name, style in (("entropy_floor_valid", ":"), ("unigram_entropy_valid", "--")):
+        if name in (references or {}):
+            ax.axhline(math.exp(references[name]), ls=style, color="grey", label=f"exp({name})")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, max(steps) * 1.3 + 0.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("inference steps at evaluation (T_eval)")
+    ax.set_ylabel("perplexity per token")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def distributions_by_group(values: dict, xlabel: str, ylabel: str,
+                           threshold: float | None = None) -> Figure:
+    """Box + strip plot of a per-sequence quantity for each group (e.g. k-hat against T).
+
+    Non-finite values (k-hat of exactly equal weights is -inf) are left out of the plot.
+    """
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    pairs = [(str(g), float(v)) for g in values for v in values[g] if math.isfinite(float(v))]
+    groups = [g for g, _ in pairs]
+    data = [v for _, v in pairs]
+    sns.boxplot(x=groups, y=data, ax=ax, color="lightsteelblue", showfliers=False)
+    sns.stripplot(x=groups, y=data, ax=ax, size=3, color="black", alpha=0.5)
+    if threshold is not None:
+        ax.axhline(threshold, ls="--", color="firebrick", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return fig
+
+
+def guide_against_reference(guide_draws, reference_draws, names: list[str]) -> Figure:
+    """Pair plot of two coordinates: fitted-guide draws over reference (NUTS) draws."""
+    import pandas as pd
+
+    frames = [pd.DataFrame(d, columns=names).assign(source=s)
+              for d, s in ((reference_draws, "NUTS"), (guide_draws, "guide"))]
+    grid = sns.pairplot(pd.concat(frames), hue="source", corner=True, kind="kde",
+                        plot_kws={"levels": 5}, height=2.6)
+    return grid.figure
+
+
+def latent_projection(points, labels, title: str) -> Figure:
+    """2-D projection of posterior means, coloured by a known factor."""
+    sns.set_theme(style="white")
+    fig, ax = plt.subplots(figsize=(5.5, 5), constrained_layout=True)
+    sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=labels, palette="tab20", s=14, ax=ax,
+                    legend=len(set(labels)) <= 10)
+    ax.set_title(title)
+    return fig
+
+
+def heatmap(matrix, xlabel: str, ylabel: str, title: str) -> Figure:
+    """An annotated heatmap (e.g. KL per layer and slot)."""
+    sns.set_theme(style="white")
+    fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
+    sns.heatmap(matrix, annot=True, fmt=".2f", cmap="mako", ax=ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig
