@@ -41,7 +41,7 @@ from ltm_pyro.config import RunConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.decoder import count_parameters, matched_ar_config  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
-from ltm_pyro.files import read_jsonl, write_json  # noqa: E402
+from ltm_pyro.files import read_jsonl, write_json, write_text  # noqa: E402
 from ltm_pyro.flops import training_flops_per_token  # noqa: E402
 from ltm_pyro.report import markdown_table  # noqa: E402
 from ltm_pyro.runner import METRICS_NAME, train  # noqa: E402
@@ -152,7 +152,7 @@ def main() -> int:
         "references": corpus.references, "rows": rows, "curves": curves, "configs": configs,
     })
     table = markdown_table(rows, COLUMNS)
-    (results_dir / f"{args.label}.md").write_text(
+    write_text(results_dir / f"{args.label}.md",
         f"# {args.label}\n\nCommand (run {stamp}, {device}):\n\n```\n{command}\n```\n\n"
         f"Test split of `{corpus.name}`; perplexities per predicted token. `elbo_ppl` and "
         "`iwae_ppl` are valid bounds; `recon_ppl` leaves the KL out (paper-style, not a bound)."

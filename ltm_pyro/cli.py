@@ -102,6 +102,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=positive_int)
     p.add_argument("--eval-windows", type=positive_int)
     p.add_argument("--checkpoint-every", type=positive_int)
+    p.add_argument("--max-bad-steps", type=positive_int,
+                   help="stop after this many non-finite steps in a row (default 10)")
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--device", default="cpu")
 
@@ -132,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (train_cfg, "eval_every", args.eval_every),
         (train_cfg, "eval_windows", args.eval_windows),
         (train_cfg, "checkpoint_every", args.checkpoint_every),
+        (train_cfg, "max_bad_steps", args.max_bad_steps),
         (train_cfg, "seed", args.seed),
     ]
     for section, name, value in overrides:

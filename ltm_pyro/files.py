@@ -28,8 +28,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def write_json(path: Path, payload: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -52,4 +56,4 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def rewrite_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
