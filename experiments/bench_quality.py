@@ -80,12 +80,10 @@ def variants(args, base: RunConfig) -> dict[str, RunConfig]:  # noqa: ANN001
     return found
 
 
-def validation_curve(run_dir: Path, config: RunConfig) -> list[dict]:
+def validation_curve(run_dir: Path, config: RunConfig, flops_per_token: float) -> list[dict]:
     tokens_per_step = config.train.batch_size * config.model.context
-    per_token = training_flops_per_token(config.model, config.inference.steps,
-                                         config.train.decoder_grads)
     return [{"tokens": r["step"] * tokens_per_step,
-             "flops": r["step"] * tokens_per_step * per_token, "neg_elbo": r["neg_elbo"]}
+             "flops": r["step"] * tokens_per_step * flops_per_token, "neg_elbo": r["neg_elbo"]}
             for r in read_jsonl(run_dir / METRICS_NAME) if r["split"] == "valid"]
 
 
@@ -127,10 +125,10 @@ def main() -> int:
             corpus = load_corpus(trained_config.data, trained_config.model.context, tokenizer)
             test_windows = corpus.windows["test"][: args.test_windows]
         configs[name] = trained_config.to_dict()
-        curves[name] = validation_curve(run_dir, trained_config)
-        tokens_seen = config.train.max_steps * config.train.batch_size * config.model.context
         per_token = training_flops_per_token(trained_config.model, config.inference.steps,
                                              config.train.decoder_grads)
+        curves[name] = validation_curve(run_dir, trained_config, per_token)
+        tokens_seen = config.train.max_steps * config.train.batch_size * config.model.context
         eval_steps = (args.eval_inference_steps or [config.inference.steps]) if (
             ltm.has_latents) else [0]
         for steps in eval_steps:

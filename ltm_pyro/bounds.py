@@ -81,13 +81,18 @@ def log_importance_weights(
     return torch.cat(pieces, dim=1)
 
 
+def log_mean_exp(log_weights: Tensor) -> Tensor:
+    """log (1/K) sum_k exp(log_weights[..., k]): the IWAE bound from K log weights."""
+    return torch.logsumexp(log_weights, dim=-1) - math.log(log_weights.shape[-1])
+
+
 def iwae_log_likelihood(
     ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor, posterior: LocalPosterior | None,
     samples: int, generator: torch.Generator | None = None, chunk: int = 8,
 ) -> Tensor:
     """log (1/K) sum_k p(x, z_k) / q(z_k), z_k ~ q, per sequence [B], in float64."""
     log_w = log_importance_weights(ltm, tokens, mask, posterior, samples, generator, chunk)
-    return torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1])
+    return log_mean_exp(log_w)
 
 
 @dataclass

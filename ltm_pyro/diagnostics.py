@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import arviz as az
@@ -20,6 +19,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from torch import Tensor
 
+from .bounds import log_mean_exp
 from .model import LatentThoughtModel, LocalPosterior
 
 DIMS = ["sequence", "slot", "dim"]
@@ -47,8 +47,7 @@ def importance_ess(log_weights: np.ndarray | Tensor) -> np.ndarray:
 
 
 def iwae_from_log_weights(log_weights: np.ndarray | Tensor) -> np.ndarray:
-    lw = torch.as_tensor(np.asarray(log_weights, dtype=np.float64))
-    return (torch.logsumexp(lw, -1) - math.log(lw.shape[-1])).numpy()
+    return log_mean_exp(torch.as_tensor(np.asarray(log_weights, dtype=np.float64))).numpy()
 
 
 def kl_per_slot(posterior: LocalPosterior) -> Tensor:
