@@ -14,7 +14,9 @@ tokens and against training FLOPs, every inner step counted) into --results.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import itertools
 import shlex
 import sys
 import time
@@ -47,8 +49,8 @@ from ltm_pyro.report import markdown_table  # noqa: E402
 from ltm_pyro.runner import METRICS_NAME, train  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
-COLUMNS = ["variant", "params", "tokens_seen", "train_pflops", "train_wall_s", "T_eval",
-           "test_tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"]
+COLUMNS = ["variant", "params", "tokens_seen", "train_pflops", "train_wall_s", "split", "T_eval",
+           "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"]
 
 
 def parser() -> OneLineParser:
@@ -62,9 +64,20 @@ def parser() -> OneLineParser:
     p.add_argument("--eval-inference-steps", type=int_list, help="default: the training T")
     p.add_argument("--iw-samples", type=positive_int, default=16)
     p.add_argument("--elbo-samples", type=positive_int, default=4)
-    p.add_argument("--test-windows", type=positive_int, help="score only the first N")
+    p.add_argument("--test-windows", type=positive_int,
+                   help="score only the first N windows of each split")
+    p.add_argument("--splits", type=split_list, default=["test"],
+                   help="comma-separated splits to score, e.g. valid,test (choose settings on "
+                   "valid, report test)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def split_list(text: str) -> list[str]:
+    splits = [s.strip() for s in text.split(",") if s.strip()]
+    if not splits or any(s not in ("train", "valid", "test") for s in splits):
+        raise argparse.ArgumentTypeError(f"{text!r} must list splits among train,valid,test")
+    return splits
 
 
 def variants(args, base: RunConfig) -> dict[str, RunConfig]:  # noqa: ANN001
@@ -113,7 +126,7 @@ def main() -> int:
     runs = variants(args, base)
     command = "python experiments/bench_quality.py " + shlex.join(sys.argv[1:])
     rows, curves, configs = [], {}, {}
-    corpus, test_windows = None, None
+    corpus, scored = None, {}
     for name, config in runs.items():
         run_dir = args.runs / args.label / name
         started = time.perf_counter()
@@ -123,7 +136,7 @@ def main() -> int:
                                                                config.train.device)
         if corpus is None:
             corpus = load_corpus(trained_config.data, trained_config.model.context, tokenizer)
-            test_windows = corpus.windows["test"][: args.test_windows]
+            scored = {split: corpus.windows[split][: args.test_windows] for split in args.splits}
         configs[name] = trained_config.to_dict()
         per_token = training_flops_per_token(trained_config.model, config.inference.steps,
                                              config.train.decoder_grads)
@@ -131,15 +144,15 @@ def main() -> int:
         tokens_seen = config.train.max_steps * config.train.batch_size * config.model.context
         eval_steps = (args.eval_inference_steps or [config.inference.steps]) if (
             ltm.has_latents) else [0]
-        for steps in eval_steps:
+        for (split, windows), steps in itertools.product(scored.items(), eval_steps):
             summary = evaluate_windows(
-                ltm, test_windows, trained_config.inference, steps=steps,
+                ltm, windows, trained_config.inference, steps=steps,
                 batch_size=config.train.batch_size, elbo_samples=args.elbo_samples,
                 iw_samples=args.iw_samples, seed=config.train.seed, device=config.train.device)
             rows.append({"variant": name, "params": count_parameters(trained_config.model),
                          "tokens_seen": tokens_seen, "train_pflops": tokens_seen * per_token / 1e15,
-                         "train_wall_s": round(wall, 1), "T_eval": steps,
-                         "test_tokens": summary["tokens"], **summary})
+                         "train_wall_s": round(wall, 1), "split": split, "T_eval": steps,
+                         **summary})
             print(markdown_table(rows[-1:], COLUMNS), flush=True)
     results_dir = args.results or Path("experiments/results") / corpus.name
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +165,8 @@ def main() -> int:
     table = markdown_table(rows, COLUMNS)
     write_text(results_dir / f"{args.label}.md",
         f"# {args.label}\n\nCommand (run {stamp}, {device}):\n\n```\n{command}\n```\n\n"
-        f"Test split of `{corpus.name}`; perplexities per predicted token. `elbo_ppl` and "
+        f"Splits {', '.join(args.splits)} of `{corpus.name}` (first {args.test_windows or 'all'} "
+        "windows each); perplexities per predicted token. `elbo_ppl` and "
         "`iwae_ppl` are valid bounds; `recon_ppl` leaves the KL out (paper-style, not a bound)."
         f"\n\n{table}\n\nReferences (nats/token): {corpus.references}\n")
     save_figure(curves_figure(curves, corpus.references), results_dir / f"{args.label}.png")

@@ -99,6 +99,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="peak slow lr; cosine-decays to a tenth of it")
     p.add_argument("--warmup-steps", type=non_negative_int)
     p.add_argument("--decoder-grads", choices=("final", "trajectory"))
+    p.add_argument("--kl-warmup-steps", type=non_negative_int,
+                   help="ramp the KL weight from 0 over these steps (against posterior collapse;"
+                   " validation always uses the full weight, so reported numbers stay bounds)")
     p.add_argument("--eval-every", type=positive_int)
     p.add_argument("--eval-windows", type=positive_int)
     p.add_argument("--checkpoint-every", type=positive_int)
@@ -131,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (train_cfg, "batch_size", args.batch_size),
         (train_cfg, "warmup_steps", args.warmup_steps),
         (train_cfg, "decoder_grads", args.decoder_grads),
+        (train_cfg, "kl_warmup_steps", args.kl_warmup_steps),
         (train_cfg, "eval_every", args.eval_every),
         (train_cfg, "eval_windows", args.eval_windows),
         (train_cfg, "checkpoint_every", args.checkpoint_every),

@@ -75,6 +75,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     decoder_grads: DecoderGrads = "final"
+    kl_warmup_steps: int = 0  # KL weight ramps linearly from 0 over these slow steps
     eval_every: int = 50
     eval_windows: int = 64
     eval_samples: int = 1

@@ -94,8 +94,15 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
     return None
 
 
+def kl_weight_at(step: int, config: RunConfig) -> float:
+    """The KL weight of slow step ``step`` (0-based): a linear ramp over ``kl_warmup_steps``."""
+    ramp = config.train.kl_warmup_steps
+    return config.inference.kl_weight * (min(1.0, (step + 1) / ramp) if ramp else 1.0)
+
+
 def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,
               device: torch.device) -> dict:
+    ltm.kl_weight = config.inference.kl_weight  # the bound is scored at the full weight
     summary = evaluate_windows(
         ltm, windows[: config.train.eval_windows], config.inference,
         batch_size=config.train.batch_size, elbo_samples=config.train.eval_samples,
@@ -231,6 +238,7 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
         for step in bar:
             started = time.perf_counter()
             tokens = corpus.windows["train"][sampler.indices(step)].to(device)
+            ltm.kl_weight = kl_weight_at(step, config)
             stats = svi.step(tokens, mask)
             window.add(stats)
             bad_in_a_row = bad_in_a_row + 1 if stats.skipped else 0
@@ -240,7 +248,8 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
             if done % train_cfg.log_every == 0 or done == train_cfg.max_steps:
                 means = window.means()
                 log({"split": "train", "step": done, **means, "fast_lr": stats.fast_lr,
-                     "slow_lr": stats.slow_lr, "skipped_steps": skipped_total,
+                     "slow_lr": stats.slow_lr, "kl_weight": kl_weight_at(step, config),
+                     "skipped_steps": skipped_total,
                      "tokens_per_s": window.steps * mask.numel() / max(window.seconds, 1e-9),
                      "tokens_seen": done * mask.numel()})
                 if means:

@@ -106,3 +106,20 @@ def test_flops_count_every_inner_step():
     assert training_flops_per_token(config, 16, "trajectory") == pytest.approx(17 * 3 * forward)
     ar = matched_ar_config(config)
     assert training_flops_per_token(ar, 16) == pytest.approx(3 * forward_flops_per_token(ar))
+
+
+def test_bench_quality_scores_every_requested_split(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "bench_quality.py"), "--max-steps", "3",
+         "--eval-every", "3", "--eval-windows", "4", "--batch-size", "4", "--inference-steps",
+         "2", "--seq-len", "32", "--test-windows", "4", "--splits", "valid,test",
+         "--eval-inference-steps", "0,2", "--iw-samples", "2", "--elbo-samples", "1",
+         "--no-ar", "--label", "micro", "--results", str(tmp_path / "results"),
+         "--runs", str(tmp_path / "runs"), "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "results" / "micro.json").read_text())
+    assert [(r["split"], r["T_eval"]) for r in report["rows"]] == [
+        ("valid", 0), ("valid", 2), ("test", 0), ("test", 2)]
+    assert all(r["iwae_ppl"] <= r["elbo_ppl"] * 1.0001 for r in report["rows"])
+    assert (tmp_path / "results" / "micro.png").is_file()

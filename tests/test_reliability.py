@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
-from ltm_pyro.config import InferenceConfig, TrainConfig
+from ltm_pyro.config import InferenceConfig, TrainConfig, preset
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.model import LatentThoughtModel
+from ltm_pyro.runner import kl_weight_at
 from ltm_pyro.svi import DualRateSVI
 
 from .conftest import REPO, micro_config
@@ -162,3 +163,11 @@ def test_every_bad_input_is_one_line_and_damages_nothing(tmp_path, finished):
     assert not failures, failures
     assert {p.name: p.read_bytes() for p in finished.iterdir()} == before
     assert not list(finished.glob(".*.tmp"))
+
+
+def test_kl_warmup_ramps_to_the_configured_weight():
+    config = preset("tiny")
+    config.inference.kl_weight, config.train.kl_warmup_steps = 0.5, 4
+    assert [kl_weight_at(s, config) for s in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    config.train.kl_warmup_steps = 0
+    assert kl_weight_at(0, config) == 0.5
