@@ -37,6 +37,10 @@ def positive_float(text: str) -> float:
     return _number(text, float, lambda v: v > 0, "a finite number above zero")
 
 
+def probability(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
 def finite_float(text: str) -> float:
     return _number(text, float, lambda v: True, "a finite number")
 

@@ -11,7 +11,7 @@ embeddings are tied. With no latents the blocks skip cross-attention: the AR bas
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,16 @@ class Attention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
 
+    def keys_values(self, source: Tensor, k_rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Rotated keys and values [B, H, S, hd]: what a KV cache stores."""
+        return apply_rope(self._heads(self.wk(source)), *k_rope), self._heads(self.wv(source))
+
+    def attend(self, x: Tensor, q_rope: tuple[Tensor, Tensor], keys: Tensor, values: Tensor,
+               mask: Tensor | None, causal: bool) -> Tensor:
+        q = apply_rope(self._heads(self.wq(x)), *q_rope)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
+        return self.wo(out.transpose(1, 2).flatten(-2))
+
     def forward(
         self,
         x: Tensor,
@@ -72,11 +82,7 @@ class Attention(nn.Module):
         mask: Tensor | None,
         causal: bool,
     ) -> Tensor:
-        q = apply_rope(self._heads(self.wq(x)), *q_rope)
-        k = apply_rope(self._heads(self.wk(source)), *k_rope)
-        v = self._heads(self.wv(source))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        return self.wo(out.transpose(1, 2).flatten(-2))
+        return self.attend(x, q_rope, *self.keys_values(source, k_rope), mask, causal)
 
 
 class SwiGLU(nn.Module):
@@ -102,15 +108,58 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.feed_forward = SwiGLU(config.d_model, config.hidden_dim)
 
-    def forward(self, x: Tensor, z: Tensor | None, rope: dict, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, z: Tensor | None, rope: dict, mask: Tensor | None,
+                cache: LayerCache | None = None) -> Tensor:
+        """One block; with ``cache`` the new tokens attend to the cached keys as well."""
         token_rope = rope["tokens"]
         normed = self.attention_norm(x)
-        h = x + self.self_attention(normed, normed, token_rope, token_rope, mask, mask is None)
+        if cache is None:
+            h = x + self.self_attention(normed, normed, token_rope, token_rope, mask, mask is None)
+        else:
+            keys, values = cache.extend(*self.self_attention.keys_values(normed, token_rope))
+            h = x + self.self_attention.attend(normed, token_rope, keys, values, mask, False)
         if self.has_latents:
-            h = h + self.cross_attention(
-                self.cross_attention_norm(h), z, token_rope, rope["latents"], None, causal=False
-            )
+            cross = self.cross_attention
+            if cache is None:
+                latent_kv = cross.keys_values(z, rope["latents"])
+            else:
+                if cache.latent_kv is None:  # z is fixed for a sequence: project it once
+                    cache.latent_kv = cross.keys_values(z, rope["latents"])
+                latent_kv = cache.latent_kv
+            h = h + cross.attend(self.cross_attention_norm(h), token_rope, *latent_kv, None, False)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+@dataclass
+class LayerCache:
+    """One block's cached self-attention keys/values (rotated) and projected latents."""
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    latent_kv: tuple[Tensor, Tensor] | None = None
+
+    def extend(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+@dataclass
+class DecodingCache:
+    """Per-layer caches plus how many tokens they hold; keys older than the window are dropped."""
+
+    layers: list[LayerCache]
+    length: int = 0  # tokens seen so far (the next token's position)
+    first: int = 0  # position of the oldest cached key
+
+    def trim(self, window: int | None) -> None:
+        if window is None or self.length - self.first <= window:
+            return
+        drop = self.length - window - self.first
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+        self.first += drop
 
 
 class Decoder(nn.Module):
@@ -144,10 +193,11 @@ class Decoder(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _rope(self, length: int, device: torch.device) -> dict:
+    def _rope(self, length: int, device: torch.device, start: int = 0) -> dict:
         cfg = self.config
         head_dim = cfg.d_model // cfg.n_heads
-        tokens = rope_angles(head_dim, torch.arange(length, device=device), cfg.rope_base)
+        positions = torch.arange(start, start + length, device=device)
+        tokens = rope_angles(head_dim, positions, cfg.rope_base)
         rope = {"tokens": tokens}
         if self.has_latents:
             # Latent keys at evenly spaced positions over the context, as released.
@@ -164,28 +214,56 @@ class Decoder(nn.Module):
         offset = i[:, None] - i[None, :]
         return (offset >= 0) & (offset < window)
 
-    def hidden_states(self, tokens: Tensor, z: Tensor | None = None) -> Tensor:
-        """Final normalised hidden states [B, T, d] for input tokens [B, T]."""
+    def new_cache(self) -> DecodingCache:
+        """An empty KV cache for ``hidden_states(..., cache=)``: one per batch of sequences."""
+        return DecodingCache([LayerCache() for _ in self.layers])
+
+    def _cached_mask(self, cache: DecodingCache, length: int, device: torch.device) -> Tensor:
+        """Which cached or new keys each new query may see (causal, within the window)."""
+        queries = torch.arange(cache.length, cache.length + length, device=device)
+        keys = torch.arange(cache.first, cache.length + length, device=device)
+        offset = queries[:, None] - keys[None, :]
+        window = self.config.window or self.config.context
+        return (offset >= 0) & (offset < window)
+
+    def hidden_states(self, tokens: Tensor, z: Tensor | None = None,
+                      cache: DecodingCache | None = None) -> Tensor:
+        """Final normalised hidden states [B, T, d] for input tokens [B, T].
+
+        With ``cache`` the tokens continue the cached ones (positions go on from
+        ``cache.length``) and the cache is extended: decoding computes each token once.
+        """
         cfg = self.config
         length = tokens.shape[1]
-        if length > cfg.context:
-            raise ValueError(f"sequence of {length} tokens exceeds the context of {cfg.context}")
+        start = cache.length if cache is not None else 0
+        if start + length > cfg.context:
+            raise ValueError(f"sequence of {start + length} tokens exceeds the context of "
+                             f"{cfg.context}")
         if self.has_latents:
             if z is None:
                 raise ValueError("this decoder cross-attends to latents: pass z")
             z_layers = z.unflatten(1, (cfg.n_layers, cfg.latents_per_layer)).unbind(1)
         else:
             z_layers = [None] * cfg.n_layers
-        rope = self._rope(length, tokens.device)
-        mask = self._window_mask(length, tokens.device)
+        rope = self._rope(length, tokens.device, start)
+        if cache is None:
+            mask = self._window_mask(length, tokens.device)
+            layer_caches = [None] * cfg.n_layers
+        else:
+            mask = self._cached_mask(cache, length, tokens.device)
+            layer_caches = cache.layers
         h = self.tok_embeddings(tokens)
-        for block, z_l in zip(self.layers, z_layers):
-            h = block(h, z_l.to(h.dtype) if z_l is not None else None, rope, mask)
+        for block, z_l, layer_cache in zip(self.layers, z_layers, layer_caches):
+            h = block(h, z_l.to(h.dtype) if z_l is not None else None, rope, mask, layer_cache)
+        if cache is not None:
+            cache.length += length
+            cache.trim(cfg.window)
         return self.norm(h)
 
-    def forward(self, tokens: Tensor, z: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, z: Tensor | None = None,
+                cache: DecodingCache | None = None) -> Tensor:
         """Next-token logits [B, T, V]."""
-        return self.output(self.hidden_states(tokens, z))
+        return self.output(self.hidden_states(tokens, z, cache))
 
 
 def count_parameters(config: ModelConfig) -> int:

@@ -174,3 +174,13 @@ def known_token_count(tokenizer: Tokenizer, ids: torch.Tensor) -> int:
     if not excluded:
         return ids.numel()
     return int((~torch.isin(ids, torch.tensor(excluded))).sum())
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Ids of a prompt to be continued: the word tokenizer's end-of-line ``<eos>`` is kept only
+    when the text itself ends with a newline, so "the cat" continues the line it starts."""
+    ids = tokenizer.encode(text)
+    if tokenizer.kind == "word" and ids and not text.endswith("\n") and \
+            ids[-1] in tokenizer.special_ids:
+        ids = ids[:-1]
+    return ids

@@ -123,3 +123,27 @@ def test_bench_quality_scores_every_requested_split(tmp_path):
         ("valid", 0), ("valid", 2), ("test", 0), ("test", 2)]
     assert all(r["iwae_ppl"] <= r["elbo_ppl"] * 1.0001 for r in report["rows"])
     assert (tmp_path / "results" / "micro.png").is_file()
+
+
+def test_generate_continues_a_prompt_reproducibly(trained, tmp_path):
+    outputs = []
+    for name in ("a.json", "b.json"):
+        result = script("generate.py", "--checkpoint", str(trained / "run"), "--prompt",
+                        "alpha beta gamma", "--num-samples", "3", "--max-new-tokens", "5",
+                        "--top-k", "4", "--top-p", "0.9", "--inference-steps", "3", "--seed",
+                        "2", "--json", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+        outputs.append(json.loads((tmp_path / name).read_text()))
+    assert outputs[0]["samples"] == outputs[1]["samples"] and len(outputs[0]["samples"]) == 3
+    assert all(len(row) == 3 + 5 for row in outputs[0]["token_ids"])
+    assert outputs[0]["settings"]["top_k"] == 4 and outputs[0]["start"] == "prompt"
+
+
+def test_generate_without_prompt_and_with_an_unknown_one(trained):
+    result = script("generate.py", "--checkpoint", str(trained / "run"), "--num-samples", "2",
+                    "--max-new-tokens", "4", "--prior-scale", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- sample") == 2
+    refused = script("generate.py", "--checkpoint", str(trained / "run"), "--prompt", "omega")
+    assert refused.returncode == 2 and "vocabulary" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
