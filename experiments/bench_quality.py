@@ -20,7 +20,6 @@ import itertools
 import shlex
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,12 +40,11 @@ from ltm_pyro.cli import (  # noqa: E402
 )
 from ltm_pyro.config import RunConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
-from ltm_pyro.decoder import count_parameters, matched_ar_config  # noqa: E402
-from ltm_pyro.errors import UsageError  # noqa: E402
+from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.files import read_jsonl, write_json, write_text  # noqa: E402
 from ltm_pyro.flops import training_flops_per_token  # noqa: E402
 from ltm_pyro.report import markdown_table  # noqa: E402
-from ltm_pyro.runner import METRICS_NAME, train  # noqa: E402
+from ltm_pyro.runner import METRICS_NAME, comparison_configs, train  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
 COLUMNS = ["variant", "params", "tokens_seen", "train_pflops", "train_wall_s", "split", "T_eval",
@@ -80,19 +78,6 @@ def split_list(text: str) -> list[str]:
     return splits
 
 
-def variants(args, base: RunConfig) -> dict[str, RunConfig]:  # noqa: ANN001
-    if base.model_kind != "ltm":
-        raise UsageError("bench_quality trains the LTM and its baselines: drop --model ar")
-    found: dict[str, RunConfig] = {}
-    for steps in args.train_inference_steps or [base.inference.steps]:
-        found[f"ltm-T{steps}"] = replace(base, inference=replace(base.inference, steps=steps))
-    if not args.no_ar:
-        for name, window in (("ar-window", base.model.window), ("ar-full", None)):
-            ar_model = matched_ar_config(replace(base.model, window=window))
-            found[name] = replace(base, model_kind="ar", model=ar_model)
-    return found
-
-
 def validation_curve(run_dir: Path, config: RunConfig, flops_per_token: float) -> list[dict]:
     tokens_per_step = config.train.batch_size * config.model.context
     return [{"tokens": r["step"] * tokens_per_step,
@@ -123,7 +108,7 @@ def curves_figure(curves: dict[str, list[dict]], references: dict[str, float]): 
 def main() -> int:
     args = parser().parse_args()
     base = config_from_args(args)
-    runs = variants(args, base)
+    runs = comparison_configs(base, args.train_inference_steps, with_ar=not args.no_ar)
     command = "python experiments/bench_quality.py " + shlex.join(sys.argv[1:])
     rows, curves, configs = [], {}, {}
     corpus, scored = None, {}

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .data import BatchSampler, Corpus, load_corpus
-from .decoder import Decoder
+from .decoder import Decoder, matched_ar_config
 from .errors import UsageError
 from .files import append_jsonl, read_jsonl, rewrite_jsonl, write_json
 from .model import LatentThoughtModel
@@ -92,6 +92,25 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
     checkpoint_path(out).unlink()
     (out / METRICS_NAME).unlink(missing_ok=True)
     return None
+
+
+def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None,
+                       with_ar: bool = True) -> dict[str, RunConfig]:
+    """The LTM (one per training T) and its size-matched AR baselines, windowed and full.
+
+    The released comparison gave its GPT the full context while the LTM saw only its window,
+    which confounds what the latents add: both baselines are trained so either can be read.
+    """
+    if base.model_kind != "ltm":
+        raise UsageError("a comparison trains the LTM and its baselines: drop --model ar")
+    found: dict[str, RunConfig] = {}
+    for steps in inference_steps or [base.inference.steps]:
+        found[f"ltm-T{steps}"] = replace(base, inference=replace(base.inference, steps=steps))
+    if with_ar:
+        for name, window in (("ar-window", base.model.window), ("ar-full", None)):
+            ar_model = matched_ar_config(replace(base.model, window=window))
+            found[name] = replace(base, model_kind="ar", model=ar_model)
+    return found
 
 
 def kl_weight_at(step: int, config: RunConfig) -> float:
