@@ -147,3 +147,27 @@ def test_generate_without_prompt_and_with_an_unknown_one(trained):
     refused = script("generate.py", "--checkpoint", str(trained / "run"), "--prompt", "omega")
     assert refused.returncode == 2 and "vocabulary" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def _qa_file(path, questions):
+    path.write_text("".join(json.dumps({"question": q, "answer": f"alpha beta\n#### {i}"}) + "\n"
+                            for i, q in enumerate(questions)))
+    return path
+
+
+def test_gsm8k_harness_draws_exemplars_from_train_only(trained, tmp_path):
+    train = _qa_file(tmp_path / "train.jsonl", [f"alpha gamma {i}" for i in range(6)])
+    test = _qa_file(tmp_path / "test.jsonl", [f"beta delta {i}" for i in range(3)])
+    result = script("eval_gsm8k.py", "--checkpoint", str(trained / "run"), "--train-file",
+                    str(train), "--test-file", str(test), "--shots", "2", "--max-new-tokens",
+                    "4", "--inference-steps", "1", "--json", str(tmp_path / "g.json"),
+                    "--no-progress")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert report["summary"]["total"] == 3 and 0 <= report["summary"]["accuracy"] <= 1
+    train_questions = {f"alpha gamma {i}" for i in range(6)}
+    assert all(len(r["exemplars"]) == 2 and set(r["exemplars"]) <= train_questions
+               for r in report["items"])
+    leaky = script("eval_gsm8k.py", "--checkpoint", str(trained / "run"), "--train-file",
+                   str(train), "--test-file", str(train), "--no-progress")
+    assert leaky.returncode == 2 and "also appear" in leaky.stderr
