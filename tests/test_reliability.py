@@ -1,6 +1,7 @@
 """Kills, signals, non-finite steps and bad input, all from the command line."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
 from ltm_pyro.config import InferenceConfig, TrainConfig, preset
 from ltm_pyro.decoder import Decoder
+from ltm_pyro.files import write_json
 from ltm_pyro.model import LatentThoughtModel
 from ltm_pyro.runner import kl_weight_at
 from ltm_pyro.svi import DualRateSVI
@@ -171,3 +173,10 @@ def test_kl_warmup_ramps_to_the_configured_weight():
     assert [kl_weight_at(s, config) for s in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
     config.train.kl_warmup_steps = 0
     assert kl_weight_at(0, config) == 0.5
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    write_json(tmp_path / "r.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~mask
