@@ -154,9 +154,10 @@ class DecodingCache:
     first: int = 0  # position of the oldest cached key
 
     def trim(self, window: int | None) -> None:
-        if window is None or self.length - self.first <= window:
+        """Keep the window - 1 newest keys: all the next token may see besides its own."""
+        if window is None or self.length - self.first <= window - 1:
             return
-        drop = self.length - window - self.first
+        drop = self.length - (window - 1) - self.first
         for layer in self.layers:
             layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
         self.first += drop
@@ -177,6 +178,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.output.weight = self.tok_embeddings.weight  # tied
+        self._rope_cache: dict[torch.device, dict] = {}
         self._init_weights()
 
     @property
@@ -193,18 +195,26 @@ class Decoder(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _rope_tables(self, device: torch.device) -> dict:
+        """cos/sin for every token position and for the latents, computed once per device:
+        recomputing them costs more than a cached decoding step's attention at small widths."""
+        if device not in self._rope_cache:
+            cfg = self.config
+            head_dim = cfg.d_model // cfg.n_heads
+            positions = torch.arange(cfg.context, device=device)
+            tables = {"tokens": rope_angles(head_dim, positions, cfg.rope_base)}
+            if self.has_latents:
+                # Latent keys at evenly spaced positions over the context, as released.
+                spacing = cfg.context / cfg.latents_per_layer
+                positions = torch.arange(cfg.latents_per_layer, device=device) * spacing
+                tables["latents"] = rope_angles(head_dim, positions, cfg.rope_base)
+            self._rope_cache[device] = tables
+        return self._rope_cache[device]
+
     def _rope(self, length: int, device: torch.device, start: int = 0) -> dict:
-        cfg = self.config
-        head_dim = cfg.d_model // cfg.n_heads
-        positions = torch.arange(start, start + length, device=device)
-        tokens = rope_angles(head_dim, positions, cfg.rope_base)
-        rope = {"tokens": tokens}
-        if self.has_latents:
-            # Latent keys at evenly spaced positions over the context, as released.
-            spacing = cfg.context / cfg.latents_per_layer
-            positions = torch.arange(cfg.latents_per_layer, device=device) * spacing
-            rope["latents"] = rope_angles(head_dim, positions, cfg.rope_base)
-        return rope
+        tables = self._rope_tables(device)
+        cos, sin = tables["tokens"]
+        return {**tables, "tokens": (cos[start:start + length], sin[start:start + length])}
 
     def _window_mask(self, length: int, device: torch.device) -> Tensor | None:
         window = self.config.window
@@ -218,12 +228,16 @@ class Decoder(nn.Module):
         """An empty KV cache for ``hidden_states(..., cache=)``: one per batch of sequences."""
         return DecodingCache([LayerCache() for _ in self.layers])
 
-    def _cached_mask(self, cache: DecodingCache, length: int, device: torch.device) -> Tensor:
-        """Which cached or new keys each new query may see (causal, within the window)."""
+    def _cached_mask(self, cache: DecodingCache, length: int,
+                     device: torch.device) -> Tensor | None:
+        """Which cached or new keys each new query may see (causal, within the window);
+        None when a single query may see them all, the usual decoding step."""
+        window = self.config.window or self.config.context
+        if length == 1 and cache.length + 1 - cache.first <= window:
+            return None
         queries = torch.arange(cache.length, cache.length + length, device=device)
         keys = torch.arange(cache.first, cache.length + length, device=device)
         offset = queries[:, None] - keys[None, :]
-        window = self.config.window or self.config.context
         return (offset >= 0) & (offset < window)
 
     def hidden_states(self, tokens: Tensor, z: Tensor | None = None,

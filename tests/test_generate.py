@@ -1,5 +1,9 @@
 """Generation: the KV cache is exact, sampling is reproducible and respects top-k/top-p."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -15,7 +19,7 @@ from ltm_pyro.generate import (
 )
 from ltm_pyro.model import LatentThoughtModel
 
-from .conftest import micro_config
+from .conftest import REPO, micro_config
 
 
 def _model(latents: int = 2, window: int | None = 4) -> LatentThoughtModel:
@@ -96,3 +100,14 @@ def test_generation_refuses_a_too_long_request():
     ltm = _model()
     with pytest.raises(ValueError, match="exceed the context"):
         sample_tokens(ltm, torch.zeros(1, 10, dtype=torch.long), 12, prior_latents(ltm, 1))
+
+
+def test_decoding_benchmark_runs_at_ci_size(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "bench_decoding.py"), "--preset", "tiny",
+         "--new-tokens", "8", "--reps", "1", "--batch-size", "2", "--json",
+         str(tmp_path / "d.json")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["ltm", "ar"] and all(r["identical"] for r in rows)
+    assert (tmp_path / "d.md").is_file()
