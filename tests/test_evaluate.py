@@ -171,3 +171,21 @@ def test_gsm8k_harness_draws_exemplars_from_train_only(trained, tmp_path):
     leaky = script("eval_gsm8k.py", "--checkpoint", str(trained / "run"), "--train-file",
                    str(train), "--test-file", str(train), "--no-progress")
     assert leaky.returncode == 2 and "also appear" in leaky.stderr
+
+
+def test_generation_benchmark_compares_ltm_ar_and_data(trained, tmp_path):
+    ar = tmp_path / "ar"
+    result = script("run_svi.py", "--out", str(ar), "--data", str(trained / "corpus"),
+                    "--model", "ar", "--seq-len", "16", "--max-steps", "3", "--batch-size", "4",
+                    "--eval-windows", "4", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    result = script("bench_generation.py", "--ltm", str(trained / "run"), "--ar", str(ar),
+                    "--scorer", str(ar), "--label", "g", "--results", str(tmp_path / "res"),
+                    "--num-samples", "3", "--prior-scales", "0.5,1")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "res" / "g.json").read_text())["rows"]
+    assert [(r["source"], r["prior_scale"]) for r in rows][1:] == [("ltm", 0.5), ("ltm", 1.0),
+                                                                   ("ar", None)]
+    assert all(r["scorer_ppl"] > 1 and 0 < r["distinct_1"] <= 1 for r in rows)
+    refused = script("bench_generation.py", "--ltm", str(ar), "--scorer", str(ar), "--label", "x")
+    assert refused.returncode == 2 and "AR model" in refused.stderr
