@@ -7,15 +7,71 @@ code's behaviour, where every inner backward also adds into the decoder's ``.gra
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from pyro.infer import TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
 from torch import Tensor
 
 from .config import InferenceConfig
 from .model import LatentThoughtModel, LocalPosterior
+
+
+class SyncFreeMeanFieldELBO(TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO.differentiable_loss`` without host synchronisation.
+
+    Pyro's version turns the loss into a Python float (``torch_item``) twice per call and
+    checks it for NaN: a GPU pipeline stall at every inner step. This one returns the same
+    surrogate (observed log-probabilities plus analytic KL, scaled and masked as Pyro does) as
+    a tensor; with Pyro validation on it defers to Pyro's checked implementation.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:  # noqa: ANN001
+        if is_validation_enabled():
+            return super().differentiable_loss(model, guide, *args, **kwargs)
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            loss = loss - self._elbo_particle(model_trace, guide_trace) / self.num_particles
+        return loss
+
+    @staticmethod
+    def _elbo_particle(model_trace, guide_trace) -> Tensor:  # noqa: ANN001 - Pyro traces
+        elbo = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                elbo = elbo + site["log_prob_sum"]
+            else:
+                guide_site = guide_trace.nodes[name]
+                kl = torch.distributions.kl_divergence(guide_site["fn"], site["fn"])
+                elbo = elbo - scale_and_mask(kl, guide_site["scale"], guide_site["mask"]).sum()
+        return elbo
+
+
+def scale_and_mask(value: Tensor, scale: float | Tensor, mask: Tensor | None) -> Tensor:
+    """Pyro's site scaling (``poutine.scale``) and masking of a per-sequence term."""
+    value = value * scale
+    return value if mask is None else value.masked_fill(~mask, 0.0)
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Weights that need no gradient for a while: autograd then neither computes nor keeps
+    what their gradients would need (the inner loop differentiates the local parameters only).
+    """
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def fast_lr(step: int, steps: int, config: InferenceConfig) -> float:
@@ -74,21 +130,23 @@ def fit_local_posterior(
     if steps == 0:
         return FitResult(local.detach(), noise)
 
-    elbo = TraceMeanField_ELBO(max_plate_nesting=1)
+    elbo = SyncFreeMeanFieldELBO(max_plate_nesting=1)
     optimizer = torch.optim.AdamW([loc, log_var], lr=config.lr_max, betas=config.betas,
                                   weight_decay=0.0)
     tokens_in_batch = mask.sum()
-    for step in range(steps):
-        if step > 0 and config.noise == "fresh":
-            noise = draw()
-        loss = elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask, local, noise)
-        loss = loss / tokens_in_batch
-        optimizer.zero_grad(set_to_none=True)
-        if accumulate_decoder_grads:
-            loss.backward()
-        else:
-            loc.grad, log_var.grad = torch.autograd.grad(loss, [loc, log_var])
-        for group in optimizer.param_groups:
-            group["lr"] = fast_lr(step, steps, config)
-        optimizer.step()
+    # "final" mode freezes the decoder: no weight-gradient work or activations kept for it.
+    with contextlib.nullcontext() if accumulate_decoder_grads else frozen(ltm.decoder):
+        for step in range(steps):
+            if step > 0 and config.noise == "fresh":
+                noise = draw()
+            loss = elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask, local, noise)
+            loss = loss / tokens_in_batch
+            optimizer.zero_grad(set_to_none=True)
+            if accumulate_decoder_grads:
+                loss.backward()
+            else:
+                loc.grad, log_var.grad = torch.autograd.grad(loss, [loc, log_var])
+            for group in optimizer.param_groups:
+                group["lr"] = fast_lr(step, steps, config)
+            optimizer.step()
     return FitResult(local.detach(), noise)

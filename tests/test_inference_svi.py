@@ -1,13 +1,22 @@
 import copy
 
+import pyro
 import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from ltm_pyro.config import InferenceConfig, TrainConfig
-from ltm_pyro.inference import fast_lr, fit_local_posterior, initial_posterior
-from ltm_pyro.model import LocalPosterior
+from ltm_pyro.decoder import Decoder
+from ltm_pyro.inference import (
+    SyncFreeMeanFieldELBO,
+    fast_lr,
+    fit_local_posterior,
+    initial_posterior,
+)
+from ltm_pyro.model import LatentThoughtModel, LocalPosterior
 from ltm_pyro.svi import DualRateSVI, warmup_cosine
+
+from .conftest import micro_config
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -121,3 +130,29 @@ def test_slow_schedule_warms_up_then_decays():
     assert warmup_cosine(0, config) == pytest.approx(1e-4)
     assert warmup_cosine(9, config) == pytest.approx(1e-3)
     assert warmup_cosine(99, config) == pytest.approx(1e-4, rel=1e-2)
+
+
+@pytest.mark.parametrize("kl_weight", [1.0, 0.3])
+def test_sync_free_elbo_matches_pyro_without_validation(batch, kl_weight):
+    tokens, mask = batch
+    ltm = LatentThoughtModel(Decoder(micro_config()), kl_weight=kl_weight)
+    start = initial_posterior(ltm, tokens.shape[0], tokens.device, InferenceConfig(
+        init_log_var=-1.0))
+    loc = (start.loc + 0.3 * torch.randn_like(start.loc)).requires_grad_()
+    log_var = start.log_var.clone().requires_grad_()
+    noise = torch.randn_like(loc)
+    results = []
+    with pyro.validation_enabled(False):
+        for elbo in (TraceMeanField_ELBO(max_plate_nesting=1),
+                     SyncFreeMeanFieldELBO(max_plate_nesting=1)):
+            loss = elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask,
+                                            LocalPosterior(loc, log_var), noise)
+            results.append((loss, *torch.autograd.grad(loss, [loc, log_var])))
+    for pyro_value, ours in zip(*results):
+        torch.testing.assert_close(ours, pyro_value)
+
+
+def test_inner_loop_leaves_decoder_trainable_and_without_grads(ltm, batch, inference):
+    tokens, mask = batch
+    fit_local_posterior(ltm, tokens, mask, inference)
+    assert all(p.requires_grad and p.grad is None for p in ltm.decoder.parameters())
