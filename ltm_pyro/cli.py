@@ -112,6 +112,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bad-steps", type=positive_int,
                    help="stop after this many non-finite steps in a row (default 10)")
     p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder (worth it on GPUs; minutes to compile on CPU)")
     p.add_argument("--device", default="cpu")
 
 
@@ -155,6 +157,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.slow_lr is not None:
         train_cfg.lr, train_cfg.min_lr = args.slow_lr, args.slow_lr / 10
     train_cfg.device = args.device
+    train_cfg.compile = args.compile
     if args.match_params and args.model != "ar":
         raise UsageError("--match-params applies to --model ar only")
     if args.model == "ar":

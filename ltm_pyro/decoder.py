@@ -33,18 +33,28 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_angles(head_dim: int, positions: Tensor, base: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotary angles, shape [len(positions), head_dim // 2]."""
+def rope_angles(head_dim: int, positions: Tensor, base: float) -> Tensor:
+    """cos and sin of the rotary angles, [len(positions), head_dim // 2, 2] (a complex view)."""
     freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = torch.outer(positions.float(), freqs)
-    return angles.cos(), angles.sin()
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs of the last axis of x [B, H, T, hd] by the given angles."""
+def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
+    """Rotate interleaved pairs of the last axis of x [B, H, T, hd] by the given angles.
+
+    Eagerly one complex multiply (as released): about 3x faster, forward and backward, than
+    real cos/sin arithmetic, and RoPE runs in every inner step. Under torch.compile the real
+    form is used instead, because the compiler fuses it and cannot generate complex code.
+    """
     pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    if torch.compiler.is_compiling():
+        cos, sin = rotation[..., 0], rotation[..., 1]
+        real, imag = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs)
+                                     * torch.view_as_complex(rotation))
     return rotated.flatten(-2).type_as(x)
 
 
@@ -63,13 +73,13 @@ class Attention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
 
-    def keys_values(self, source: Tensor, k_rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def keys_values(self, source: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
         """Rotated keys and values [B, H, S, hd]: what a KV cache stores."""
-        return apply_rope(self._heads(self.wk(source)), *k_rope), self._heads(self.wv(source))
+        return apply_rope(self._heads(self.wk(source)), k_rope), self._heads(self.wv(source))
 
-    def attend(self, x: Tensor, q_rope: tuple[Tensor, Tensor], keys: Tensor, values: Tensor,
+    def attend(self, x: Tensor, q_rope: Tensor, keys: Tensor, values: Tensor,
                mask: Tensor | None, causal: bool) -> Tensor:
-        q = apply_rope(self._heads(self.wq(x)), *q_rope)
+        q = apply_rope(self._heads(self.wq(x)), q_rope)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
         return self.wo(out.transpose(1, 2).flatten(-2))
 
@@ -77,8 +87,8 @@ class Attention(nn.Module):
         self,
         x: Tensor,
         source: Tensor,
-        q_rope: tuple[Tensor, Tensor],
-        k_rope: tuple[Tensor, Tensor],
+        q_rope: Tensor,
+        k_rope: Tensor,
         mask: Tensor | None,
         causal: bool,
     ) -> Tensor:
@@ -196,7 +206,7 @@ class Decoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _rope_tables(self, device: torch.device) -> dict:
-        """cos/sin for every token position and for the latents, computed once per device:
+        """Rotations for every token position and for the latents, computed once per device:
         recomputing them costs more than a cached decoding step's attention at small widths."""
         if device not in self._rope_cache:
             cfg = self.config
@@ -213,8 +223,7 @@ class Decoder(nn.Module):
 
     def _rope(self, length: int, device: torch.device, start: int = 0) -> dict:
         tables = self._rope_tables(device)
-        cos, sin = tables["tokens"]
-        return {**tables, "tokens": (cos[start:start + length], sin[start:start + length])}
+        return {**tables, "tokens": tables["tokens"][start:start + length]}
 
     def _window_mask(self, length: int, device: torch.device) -> Tensor | None:
         window = self.config.window

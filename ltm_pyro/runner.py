@@ -208,6 +208,8 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
     config.model.vocab_size = corpus.tokenizer.vocab_size
     generator = seed_everything(config.train.seed)
     decoder = Decoder(config.model).to(device)
+    if config.train.compile:
+        decoder.compile()  # in place: parameter names and checkpoints stay as without it
     ltm = LatentThoughtModel(decoder, kl_weight=config.inference.kl_weight)
     svi = DualRateSVI(ltm, config.inference, config.train, generator)
     sampler = BatchSampler(len(corpus.windows["train"]), config.train.batch_size,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ltm_pyro.config import preset
-from ltm_pyro.decoder import Decoder
+from ltm_pyro.decoder import Decoder, apply_rope, rope_angles
 
 from .conftest import micro_config
 
@@ -54,3 +54,32 @@ def test_ar_baseline_has_no_cross_attention():
     decoder = Decoder(micro_config(latents_per_layer=0))
     assert not any("cross" in name for name, _ in decoder.named_parameters())
     assert decoder(torch.randint(0, 23, (2, 12))).shape == (2, 12, 23)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    rotation = rope_angles(8, torch.arange(12), 10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(i: int, j: int) -> torch.Tensor:
+        return (apply_rope(q, rotation[i:i + 1]) * apply_rope(k, rotation[j:j + 1])).sum()
+
+    torch.testing.assert_close(score(5, 2), score(9, 6))
+    torch.testing.assert_close(apply_rope(q, rotation[:1]), q)  # position 0: no rotation
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+@pytest.mark.slow
+def test_compiled_decoder_matches_eager_values_and_gradients():
+    config = micro_config()
+    eager, compiled = Decoder(config), Decoder(config)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile()
+    tokens = torch.randint(0, config.vocab_size, (3, 12))
+    z = torch.randn(3, config.n_latents, config.z_dim, requires_grad=True)
+    outputs = []
+    for decoder in (eager, compiled):
+        logits = decoder(tokens, z)
+        outputs.append((logits, *torch.autograd.grad(logits.square().sum(), z)))
+    for reference, value in zip(*outputs):
+        torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-5)
+    assert list(compiled.state_dict()) == list(eager.state_dict())

@@ -1,0 +1,223 @@
+"""Speed of the hot path: the inner step, the slow step and the iteration, as ratios in one run.
+
+    python experiments/bench_speed.py --json experiments/results/speed/cpu.json
+    python experiments/bench_speed.py --preset ltm-s --device cuda --compile \
+        --json experiments/results/speed/h200.json
+
+For each preset (default tiny and small) every measured operation runs in interleaved
+repetitions and the median is kept, so machine noise hits all of them alike:
+- pyro_vs_plain_inner: one inner step through the Pyro program over the same mathematics written
+  directly in PyTorch (``plain_inner_loss`` below; tests check both agree);
+- inner_vs_ar_step: one inner step over one training step of the size-matched AR baseline;
+- iteration_vs_ar_step beside the ideal (T x inner + slow) / AR, and iteration_vs_ideal;
+- tokens per second, peak memory (RSS on CPU, max_memory_allocated on CUDA), and on CUDA the
+  achieved FLOP/s and model FLOPs utilisation counting every inner step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import resource
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from ltm_pyro.cli import OneLineParser, non_negative_int, positive_int, run_main  # noqa: E402
+from ltm_pyro.config import PRESETS, RunConfig, preset  # noqa: E402
+from ltm_pyro.decoder import Decoder, matched_ar_config  # noqa: E402
+from ltm_pyro.files import write_json, write_text  # noqa: E402
+from ltm_pyro.flops import forward_flops_per_token, training_flops_per_token  # noqa: E402
+from ltm_pyro.inference import SyncFreeMeanFieldELBO, frozen, initial_posterior  # noqa: E402
+from ltm_pyro.model import LatentThoughtModel, LocalPosterior  # noqa: E402
+from ltm_pyro.report import markdown_table  # noqa: E402
+from ltm_pyro.runner import resolve_device  # noqa: E402
+from ltm_pyro.svi import DualRateSVI, slow_optimizer  # noqa: E402
+
+COLUMNS = ["preset", "params", "batch", "seq_len", "T", "pyro_vs_plain_inner",
+           "inner_vs_ar_step", "iteration_vs_ar_step", "ideal_iteration_vs_ar_step",
+           "iteration_vs_ideal", "tokens_per_s", "ar_tokens_per_s", "peak_memory_gib"]
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, per GPU
+
+
+def plain_inner_loss(ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor,
+                     local: LocalPosterior, noise: Tensor) -> Tensor:
+    """The inner step's loss without Pyro: masked NLL at z = loc + scale * noise plus the
+    analytic KL to N(0, I), per token. The reference Pyro's overhead is measured against."""
+    z = local.loc + local.scale * noise
+    logits = ltm.logits(tokens[:, :-1], z)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(),
+                          reduction="none").view_as(mask)
+    kl = 0.5 * (local.log_var.exp() + local.loc.pow(2) - 1 - local.log_var)
+    return ((nll * mask).sum() + ltm.kl_weight * kl.sum()) / mask.sum()
+
+
+def pyro_inner_loss(ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor,
+                    local: LocalPosterior, noise: Tensor) -> Tensor:
+    """The inner step's loss exactly as ``fit_local_posterior`` computes it."""
+    elbo = SyncFreeMeanFieldELBO(max_plate_nesting=1)
+    return elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask, local, noise) / mask.sum()
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=tuple(PRESETS), action="append",
+                   help="repeat for several (default: tiny and small)")
+    p.add_argument("--batch-size", type=positive_int, help="default: the preset's")
+    p.add_argument("--seq-len", type=positive_int, help="default: the preset's context")
+    p.add_argument("--inference-steps", type=positive_int, default=16)
+    p.add_argument("--vocab-size", type=positive_int,
+                   help="default: 10,000 (PTB words); 50,258 for the paper presets")
+    p.add_argument("--reps", type=positive_int, default=5, help="interleaved repetitions")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed first rounds")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoders")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--json", type=Path, help="write results here (and a .md beside it)")
+    return p
+
+
+def build(name: str, args) -> tuple[RunConfig, LatentThoughtModel, LatentThoughtModel]:  # noqa: ANN001
+    config = preset(name)
+    model = config.model
+    model.vocab_size = args.vocab_size or (50258 if name.startswith("ltm-") else 10000)
+    model.context = args.seq_len or model.context
+    config.train.batch_size = args.batch_size or config.train.batch_size
+    config.inference.steps = args.inference_steps
+    device = resolve_device(args.device)
+    ltm = LatentThoughtModel(Decoder(model).to(device))
+    ar = LatentThoughtModel(Decoder(matched_ar_config(model)).to(device))
+    if args.compile:
+        ltm.decoder.compile()
+        ar.decoder.compile()
+    return config, ltm, ar
+
+
+def operations(config: RunConfig, ltm: LatentThoughtModel, ar: LatentThoughtModel,
+               device: torch.device) -> dict[str, Callable[[], None]]:
+    """Closures for each timed operation; each ends with a host sync on CUDA."""
+    batch, length = config.train.batch_size, config.model.context
+    generator = torch.Generator(device=device).manual_seed(0)
+    tokens = torch.randint(0, config.model.vocab_size, (batch, length + 1), device=device,
+                           generator=generator)
+    mask = torch.ones(batch, length, device=device)
+    start = initial_posterior(ltm, batch, device, config.inference)
+    local = LocalPosterior(start.loc.requires_grad_(), start.log_var.requires_grad_())
+    noise = torch.randn(start.loc.shape, generator=generator, device=device)
+    local_opt = torch.optim.AdamW([local.loc, local.log_var], lr=0.1, weight_decay=0.0)
+    svi = DualRateSVI(ltm, config.inference, config.train, generator)
+    ar_svi = DualRateSVI(ar, config.inference, config.train, generator)
+    slow_opt = slow_optimizer(ltm.decoder, config.train)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def inner(loss_fn: Callable) -> Callable[[], None]:
+        def run() -> None:
+            with frozen(ltm.decoder):
+                loss = loss_fn(ltm, tokens, mask, local, noise)
+                local.loc.grad, local.log_var.grad = torch.autograd.grad(
+                    loss, [local.loc, local.log_var])
+                local_opt.step()
+            sync()
+        return run
+
+    def slow() -> None:
+        slow_opt.zero_grad(set_to_none=True)
+        nll, kl = ltm.elbo_terms(tokens, mask, local.detach(), noise)
+        ((nll.sum() + kl.sum()) / mask.sum()).backward()
+        torch.nn.utils.clip_grad_norm_(ltm.decoder.parameters(), 1.0)
+        slow_opt.step()
+        sync()
+
+    def iteration() -> None:
+        svi.step(tokens, mask)
+        sync()
+
+    def ar_step() -> None:
+        ar_svi.step(tokens, mask)
+        sync()
+
+    return {"inner_pyro": inner(pyro_inner_loss), "inner_plain": inner(plain_inner_loss),
+            "slow": slow, "iteration": iteration, "ar_step": ar_step}
+
+
+def timed_medians(ops: dict[str, Callable[[], None]], reps: int, warmup: int
+                  ) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for round_index in range(warmup + reps):
+        for name, op in ops.items():
+            started = time.perf_counter()
+            op()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def measure(name: str, args) -> dict:  # noqa: ANN001
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    config, ltm, ar = build(name, args)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = timed_medians(operations(config, ltm, ar, device), args.reps, args.warmup)
+    steps = config.inference.steps
+    ideal = steps * t["inner_pyro"] + t["slow"]
+    tokens = config.train.batch_size * config.model.context
+    row = {"preset": name, "params": ltm.decoder.num_parameters(),
+           "batch": config.train.batch_size, "seq_len": config.model.context, "T": steps,
+           "pyro_vs_plain_inner": t["inner_pyro"] / t["inner_plain"],
+           "inner_vs_ar_step": t["inner_pyro"] / t["ar_step"],
+           "iteration_vs_ar_step": t["iteration"] / t["ar_step"],
+           "ideal_iteration_vs_ar_step": ideal / t["ar_step"],
+           "iteration_vs_ideal": t["iteration"] / ideal,
+           "tokens_per_s": tokens / t["iteration"], "ar_tokens_per_s": tokens / t["ar_step"],
+           "peak_memory_gib": peak_memory_gib(device),
+           "seconds": t}
+    if device.type == "cuda":
+        flops = tokens * training_flops_per_token(config.model, steps)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items()
+                     if k in torch.cuda.get_device_name(device)), None)
+        row["tflops_per_s"] = flops / t["iteration"] / 1e12
+        row["mfu"] = flops / t["iteration"] / peak if peak else None
+        row["forward_flops_per_token"] = forward_flops_per_token(config.model)
+    return row
+
+
+def main() -> int:
+    args = parser().parse_args()
+    rows = []
+    for name in args.preset or ["tiny", "small"]:
+        rows.append(measure(name, args))
+        print(markdown_table(rows[-1:], COLUMNS), flush=True)
+    table = markdown_table(rows, COLUMNS)
+    print(table)
+    if args.json:
+        device = resolve_device(args.device)
+        stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+            f"cpu, {torch.get_num_threads()} threads")
+        command = "python experiments/bench_speed.py " + shlex.join(sys.argv[1:])
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.json, {"command": command, "date": stamp, "device": where,
+                               "torch": torch.__version__, "rows": rows})
+        write_text(args.json.with_suffix(".md"),
+                   f"# Speed\n\nCommand (run {stamp}, {where}, torch {torch.__version__}):"
+                   f"\n\n```\n{command}\n```\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
