@@ -18,6 +18,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import Tensor
 
 from .config import InferenceConfig
+from .distributed import Shard
 from .model import LatentThoughtModel, LocalPosterior
 
 
@@ -108,6 +109,8 @@ def fit_local_posterior(
     generator: torch.Generator | None = None,
     steps: int | None = None,
     accumulate_decoder_grads: bool = False,
+    shard: Shard | None = None,
+    tokens_total: Tensor | None = None,
 ) -> FitResult:
     """Run ``steps`` (default ``config.steps``) inner steps of AdamW on (loc, log_var).
 
@@ -115,7 +118,9 @@ def fit_local_posterior(
     gradients (``accumulate_decoder_grads``) have the scale of the slow step's loss.
     ``noise="fixed"`` draws one standard-normal noise for all steps (as released);
     ``"fresh"`` draws a new one at each step. Draws come from ``generator`` so that
-    evaluation never moves the training RNG.
+    evaluation never moves the training RNG. Under data parallelism (``shard``) the noise is
+    this rank's slice of the global batch's and the loss is divided by the global token count
+    (``tokens_total``), so each rank fits exactly what a single process would.
     """
     steps = config.steps if steps is None else steps
     start = initial_posterior(ltm, tokens.shape[0], tokens.device, config)
@@ -124,7 +129,10 @@ def fit_local_posterior(
     local = LocalPosterior(loc, log_var)
 
     def draw() -> Tensor:
-        return torch.randn(loc.shape, generator=generator, device=loc.device)
+        if shard is None or not shard.distributed:
+            return torch.randn(loc.shape, generator=generator, device=loc.device)
+        shape = (loc.shape[0] * shard.world, *loc.shape[1:])
+        return shard.slice(torch.randn(shape, generator=generator, device=loc.device))
 
     noise = draw()
     if steps == 0:
@@ -133,7 +141,7 @@ def fit_local_posterior(
     elbo = SyncFreeMeanFieldELBO(max_plate_nesting=1)
     optimizer = torch.optim.AdamW([loc, log_var], lr=config.lr_max, betas=config.betas,
                                   weight_decay=0.0)
-    tokens_in_batch = mask.sum()
+    tokens_in_batch = mask.sum() if tokens_total is None else tokens_total
     # "final" mode freezes the decoder: no weight-gradient work or activations kept for it.
     with contextlib.nullcontext() if accumulate_decoder_grads else frozen(ltm.decoder):
         for step in range(steps):

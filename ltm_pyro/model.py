@@ -12,6 +12,8 @@ materialised, which matters in the inner loop (DESIGN.md §5).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyro
@@ -106,6 +108,16 @@ class LatentThoughtModel:
     def __init__(self, decoder: Decoder, kl_weight: float = 1.0) -> None:
         self.decoder = decoder
         self.kl_weight = kl_weight
+        self._network: torch.nn.Module = decoder  # what forward passes run through
+
+    @contextlib.contextmanager
+    def running_through(self, network: torch.nn.Module) -> Iterator[None]:
+        """Forward passes go through ``network`` (e.g. the decoder's DDP wrapper) meanwhile."""
+        previous, self._network = self._network, network
+        try:
+            yield
+        finally:
+            self._network = previous
 
     @property
     def config(self):  # noqa: ANN201 - a ModelConfig
@@ -124,7 +136,7 @@ class LatentThoughtModel:
 
     def logits(self, inputs: Tensor, z: Tensor | None) -> Tensor:
         with self._autocast(inputs.device):
-            return self.decoder(inputs, z)
+            return self._network(inputs, z)
 
     def prior(self, batch: int, device: torch.device) -> dist.TorchDistribution:
         zeros = torch.zeros(batch, *self.latent_shape, device=device)

@@ -34,6 +34,7 @@ from .checkpoint import (
 from .config import RunConfig
 from .data import BatchSampler, Corpus, load_corpus
 from .decoder import Decoder, matched_ar_config
+from .distributed import Shard, process_group, shard_from_environment
 from .errors import UsageError
 from .files import append_jsonl, read_jsonl, rewrite_jsonl, write_json
 from .model import LatentThoughtModel
@@ -198,11 +199,32 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
     """Train (or resume) into ``out``; return the last validation record.
 
     Raises ``Interrupted`` after checkpointing when SIGINT/SIGTERM arrive, and ``Diverged``
-    after ``max_bad_steps`` non-finite steps in a row.
+    after ``max_bad_steps`` non-finite steps in a row. Under ``torchrun`` every rank trains
+    its shard of each global batch (``batch_size`` windows per rank) and rank 0 alone
+    evaluates and writes files.
     """
-    out = Path(out)
+    shard = shard_from_environment()
     device = resolve_device(config.train.device)
-    resume = _prepare_folder(out, config, force)
+    if shard.distributed and device.type == "cuda":
+        device = torch.device("cuda", shard.local_rank)
+        torch.cuda.set_device(device)
+    with process_group(shard, device):
+        return _train(config, Path(out), force, progress, shard, device)
+
+
+def _resume_point(out: Path, config: RunConfig, force: bool, shard: Shard) -> dict | None:
+    """Rank 0 prepares the folder; the other ranks then read the same checkpoint, if any."""
+    resume = _prepare_folder(out, config, force) if shard.is_main else None
+    if shard.distributed:
+        torch.distributed.barrier()
+        if not shard.is_main and checkpoint_path(out).exists():
+            resume = load_checkpoint(out)
+    return resume
+
+
+def _train(config: RunConfig, out: Path, force: bool, progress: bool, shard: Shard,
+           device: torch.device) -> dict:
+    resume = _resume_point(out, config, force, shard)
     tokenizer = tokenizer_from_dict(resume["tokenizer"]) if resume else None
     corpus = load_corpus(config.data, config.model.context, tokenizer)
     config.model.vocab_size = corpus.tokenizer.vocab_size
@@ -211,8 +233,8 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
     if config.train.compile:
         decoder.compile()  # in place: parameter names and checkpoints stay as without it
     ltm = LatentThoughtModel(decoder, kl_weight=config.inference.kl_weight)
-    svi = DualRateSVI(ltm, config.inference, config.train, generator)
-    sampler = BatchSampler(len(corpus.windows["train"]), config.train.batch_size,
+    svi = DualRateSVI(ltm, config.inference, config.train, generator, shard)
+    sampler = BatchSampler(len(corpus.windows["train"]), config.train.batch_size * shard.world,
                            config.train.seed)
     start_step, window, bad_in_a_row, skipped_total = 0, LogWindow(), 0, 0
     records = []
@@ -223,9 +245,10 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
         start_step = resume["step"]
         window = LogWindow(**resume["log_window"])
         bad_in_a_row, skipped_total = resume["bad_in_a_row"], resume["skipped_total"]
-        records = [r for r in read_jsonl(out / METRICS_NAME) if r["step"] <= start_step]
-        rewrite_jsonl(out / METRICS_NAME, records)
-    else:
+        if shard.is_main:
+            records = [r for r in read_jsonl(out / METRICS_NAME) if r["step"] <= start_step]
+            rewrite_jsonl(out / METRICS_NAME, records)
+    elif shard.is_main:
         rewrite_jsonl(out / METRICS_NAME, [])  # a run killed before its first checkpoint
         write_json(out / CONFIG_NAME, {
             **config.to_dict(),
@@ -237,7 +260,8 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
     def checkpoint(step: int) -> None:
         save_checkpoint(checkpoint_path(out), {
             "config": config.to_dict(), "tokenizer": corpus.tokenizer.to_dict(),
-            "decoder": decoder.state_dict(), "svi": svi.state_dict(), "step": step,
+            "world_size": shard.world, "decoder": decoder.state_dict(),
+            "svi": svi.state_dict(), "step": step,
             "rng": rng_states(generator), "corpus": corpus.name,
             "references": corpus.references, "log_window": window.state(),
             "bad_in_a_row": bad_in_a_row, "skipped_total": skipped_total,
@@ -245,12 +269,15 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
 
     def log(record: dict) -> None:
         records.append(record)
-        append_jsonl(out / METRICS_NAME, record)
+        if shard.is_main:
+            append_jsonl(out / METRICS_NAME, record)
 
     train_cfg = config.train
     mask = torch.ones(train_cfg.batch_size, config.model.context, device=device)
+    global_tokens = mask.numel() * shard.world
     bar = tqdm(range(start_step, train_cfg.max_steps), initial=start_step,
-               total=train_cfg.max_steps, disable=not progress, desc="train", dynamic_ncols=True)
+               total=train_cfg.max_steps, disable=not (progress and shard.is_main), desc="train",
+               dynamic_ncols=True)
     last_valid = next((r for r in reversed(records) if r["split"] == "valid"), {})
     with StopRequests() as stop, pyro.validation_enabled(train_cfg.validate), \
             warnings.catch_warnings():
@@ -258,7 +285,7 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
         warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
         for step in bar:
             started = time.perf_counter()
-            tokens = corpus.windows["train"][sampler.indices(step)].to(device)
+            tokens = corpus.windows["train"][shard.slice(sampler.indices(step))].to(device)
             ltm.kl_weight = kl_weight_at(step, config)
             stats = svi.step(tokens, mask)
             window.add(stats)
@@ -271,8 +298,8 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
                 log({"split": "train", "step": done, **means, "fast_lr": stats.fast_lr,
                      "slow_lr": stats.slow_lr, "kl_weight": kl_weight_at(step, config),
                      "skipped_steps": skipped_total,
-                     "tokens_per_s": window.steps * mask.numel() / max(window.seconds, 1e-9),
-                     "tokens_seen": done * mask.numel()})
+                     "tokens_per_s": window.steps * global_tokens / max(window.seconds, 1e-9),
+                     "tokens_seen": done * global_tokens})
                 if means:
                     bar.set_postfix(elbo=f"{-means['neg_elbo']:.3f}", nll=f"{means['nll']:.3f}",
                                     kl=f"{means['kl']:.3f}", fast_lr=f"{stats.fast_lr:.3g}",
@@ -282,21 +309,25 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
                 raise Diverged(
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; lower "
                     "--slow-lr or --fast-lr, or train in float32 (no bf16 autocast)")
-            if done % train_cfg.eval_every == 0 or done == train_cfg.max_steps:
+            if (done % train_cfg.eval_every == 0 or done == train_cfg.max_steps) and (
+                    shard.is_main):
                 last_valid = {"split": "valid", "step": done,
                               **_evaluate(ltm, corpus.windows["valid"], config, device)}
                 log(last_valid)
                 bar.write(f"step {done}: valid -ELBO {last_valid['neg_elbo']:.4f} (NLL "
                           f"{last_valid['nll']:.4f} + KL {last_valid['kl']:.4f}) nats/token")
+            stopping = shard.any(stop.signum is not None, device)  # all ranks stop together
             if (done % train_cfg.checkpoint_every == 0 or done == train_cfg.max_steps
-                    or stop.signum is not None):
+                    or stopping) and shard.is_main:
                 checkpoint(done)
-            if stop.signum is not None:
+            if stopping:
                 bar.close()
-                save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
-                raise Interrupted(stop.signum, done)
+                if shard.is_main:
+                    save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
+                raise Interrupted(stop.signum or signal.SIGTERM, done)
     bar.close()
-    save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
+    if shard.is_main:
+        save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
     return last_valid
 
 

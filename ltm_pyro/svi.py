@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import InferenceConfig, TrainConfig
+from .distributed import Shard, data_parallel
 from .inference import fit_local_posterior
 from .model import LatentThoughtModel
 
@@ -68,6 +69,7 @@ class DualRateSVI:
         inference: InferenceConfig,
         train: TrainConfig,
         generator: torch.Generator | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.ltm = ltm
         self.inference = inference
@@ -75,37 +77,48 @@ class DualRateSVI:
         self.generator = generator
         self.optimizer = slow_optimizer(ltm.decoder, train)
         self.step_count = 0
+        self.shard = shard or Shard()
+        device = next(ltm.decoder.parameters()).device
+        # Under torchrun the slow step runs through DDP; the fast loop needs no communication.
+        self.network = data_parallel(ltm.decoder, self.shard, device) if (
+            self.shard.distributed) else ltm.decoder
 
     def step(self, tokens: Tensor, mask: Tensor) -> StepStats:
         decoder = self.ltm.decoder
         decoder.train()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens_in_batch = mask.sum()
+        tokens_in_batch = self.shard.total(mask.sum())  # the global batch's, under torchrun
         posterior, noise = None, None
         if self.ltm.has_latents:
             fit = fit_local_posterior(
                 self.ltm, tokens, mask, self.inference, generator=self.generator,
                 accumulate_decoder_grads=self.train.decoder_grads == "trajectory",
+                shard=self.shard, tokens_total=tokens_in_batch,
             )
             posterior, noise = fit.posterior, fit.noise
             if self.inference.noise == "fresh":
-                noise = torch.randn(noise.shape, generator=self.generator, device=noise.device)
-        nll, kl = self.ltm.elbo_terms(tokens, mask, posterior, noise)
+                noise = torch.randn((noise.shape[0] * self.shard.world, *noise.shape[1:]),
+                                    generator=self.generator, device=noise.device)
+                noise = self.shard.slice(noise)
+        with self.ltm.running_through(self.network):
+            nll, kl = self.ltm.elbo_terms(tokens, mask, posterior, noise)
         nll, kl = nll.sum() / tokens_in_batch, kl.sum() / tokens_in_batch
         loss = nll + self.ltm.kl_weight * kl
-        loss.backward()
+        loss.backward()  # under DDP: gradients summed over ranks = the global batch's
         grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), self.train.grad_clip)
         slow_lr = warmup_cosine(self.step_count, self.train)
-        # One host sync per iteration (never inside the fast loop) guards against NaN/inf.
-        skipped = not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        # One host sync per iteration (never inside the fast loop) guards against NaN/inf;
+        # under torchrun all ranks agree, so they skip (or not) together.
+        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        skipped = self.shard.any(not finite, loss.device)
         if not skipped:
             for group in self.optimizer.param_groups:
                 group["lr"] = slow_lr
             self.optimizer.step()
         self.step_count += 1
         fast_lr = self.inference.lr_max if self.ltm.has_latents else 0.0
-        return StepStats(-(nll + kl).detach(), nll.detach(), kl.detach(), grad_norm,
-                         fast_lr, slow_lr, skipped)
+        nll, kl = self.shard.total(nll.detach()), self.shard.total(kl.detach())
+        return StepStats(-(nll + kl), nll, kl, grad_norm, fast_lr, slow_lr, skipped)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "step_count": self.step_count}

@@ -1,0 +1,97 @@
+"""Data-parallel training under torchrun: each rank fits the local posteriors of its own shard.
+
+Local posteriors are per sequence, so the fast loop needs no communication at all; only the
+slow step's decoder gradient is reduced, through DistributedDataParallel. Losses are
+normalised by the *global* token count and DDP sums (not averages) gradients, so every
+gradient, the inner ones included, equals the single-process gradient on the global batch.
+Each rank draws the global batch's noise from the same seeded generator and keeps its slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .errors import UsageError
+
+
+@dataclass
+class Shard:
+    """This process's place in the job; ``world == 1`` is the ordinary single process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def slice(self, global_batch: Tensor) -> Tensor:
+        """This rank's rows of a tensor laid out for the global batch."""
+        size = global_batch.shape[0] // self.world
+        return global_batch[self.rank * size:(self.rank + 1) * size]
+
+    def total(self, value: Tensor) -> Tensor:
+        """Sum over ranks (a collective, not a host sync)."""
+        if not self.distributed:
+            return value
+        value = value.clone()
+        dist.all_reduce(value)
+        return value
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when it is true on one (so all ranks stop or skip together)."""
+        if not self.distributed:
+            return flag
+        return bool(self.total(torch.tensor(float(flag), device=device)) > 0)
+
+
+def shard_from_environment() -> Shard:
+    """The torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Shard()
+    return Shard(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def process_group(shard: Shard, device: torch.device) -> Iterator[None]:
+    """Join the torchrun job (NCCL on GPUs, gloo on CPUs) for the duration of training."""
+    if not shard.distributed or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_available():
+        raise UsageError("this torch build has no torch.distributed; run a single process")
+    dist.init_process_group(backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _sum_gradients(_state: object, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """DDP communication hook: all-reduce SUM (DDP's default divides by the world size)."""
+    future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return future.then(lambda done: done.value()[0])
+
+
+def data_parallel(decoder: nn.Module, shard: Shard, device: torch.device) -> nn.Module:
+    """The decoder wrapped for the slow step: DDP with summed gradients, no buffer syncs."""
+    ids = [device.index if device.index is not None else shard.local_rank] if (
+        device.type == "cuda") else None
+    wrapped = DistributedDataParallel(decoder, device_ids=ids, broadcast_buffers=False)
+    wrapped.register_comm_hook(None, _sum_gradients)
+    return wrapped
