@@ -2,6 +2,8 @@
 
     python experiments/run_svi.py --out runs/default                  # built-in corpus
     python experiments/run_svi.py --out runs/ptb --data ../shared/data/ptb --preset small
+    torchrun --nproc_per_node=4 experiments/run_svi.py --out runs/ltm-s --preset ltm-s \
+        --device cuda          # data parallel: --batch-size windows per rank
 
 Writes config.json, metrics.jsonl, checkpoint.pt and training_curves.png into --out; running
 the same command again on the same --out resumes.
@@ -16,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args, run_main  # noqa: E402
+from ltm_pyro.distributed import shard_from_environment  # noqa: E402
 from ltm_pyro.runner import Interrupted, train  # noqa: E402
 
 
@@ -36,7 +39,8 @@ def main() -> int:
     except Interrupted as stopped:
         print(f"{stopped}", file=sys.stderr)
         return stopped.exit_status
-    print(json.dumps({"out": str(args.out), **final}))
+    if shard_from_environment().is_main:
+        print(json.dumps({"out": str(args.out), **final}))
     return 0
 
 

@@ -82,8 +82,11 @@ def process_group(shard: Shard, device: torch.device) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _sum_gradients(_state: object, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-    """DDP communication hook: all-reduce SUM (DDP's default divides by the world size)."""
+def _sum_gradients(_state, bucket):  # noqa: ANN001, ANN202 - DDP checks the real annotations
+    """DDP communication hook: all-reduce SUM (DDP's default divides by the world size).
+
+    Left unannotated: DDP inspects the annotations and would reject this module's string ones.
+    """
     future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
     return future.then(lambda done: done.value()[0])
 
