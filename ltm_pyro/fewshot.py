@@ -295,3 +295,15 @@ def score_predictions(examples: list[QAExample], generations: list[str]) -> dict
     )
     total = len(examples)
     return {"correct": correct, "total": total, "accuracy": correct / total if total else 0.0}
+
+
+def blind_guess_accuracy(task: PermutationTask) -> float:
+    """Accuracy on eval items of answering with one fixed rule, ignoring the examples (by
+    symmetry every fixed rule scores the same when rules are uniform): the 0-shot chance level.
+
+    Above 1 / rules because strings with repeated symbols look the same under several rules.
+    """
+    guess = task.rules[0]
+    hits = sum(apply(guess, item) == apply(rule, item)
+               for item in task.eval_items for rule in task.rules)
+    return hits / (len(task.eval_items) * len(task.rules))

@@ -12,6 +12,7 @@ from ltm_pyro.fewshot import (
     PermutationTask,
     QAExample,
     apply,
+    blind_guess_accuracy,
     draw_exemplars,
     exact_match,
     example_text,
@@ -242,3 +243,10 @@ def test_draw_exemplars_only_from_train_and_reproducible():
 def test_overlapping_questions_flags_leaks():
     train = [QAExample("same q", "#### 1", "1")]
     assert overlapping_questions(train, [QAExample(" same q ", "#### 1", "1")]) == [" same q "]
+
+
+def test_blind_guess_accuracy_counts_strings_that_hide_the_rule():
+    assert blind_guess_accuracy(PermutationTask(alphabet=6, length=3, seed=0)) == pytest.approx(
+        0.247, abs=0.02)  # 5/9 distinct (1/6) + 5/12 one repeat (1/3) + 1/36 all same (1)
+    big = PermutationTask(alphabet=40, length=2, eval_fraction=0.5, seed=0)
+    assert blind_guess_accuracy(big) == pytest.approx(0.5 + 0.5 / 40, abs=0.02)
