@@ -43,6 +43,16 @@ class Shard:
         size = global_batch.shape[0] // self.world
         return global_batch[self.rank * size:(self.rank + 1) * size]
 
+    def randn(self, shape: tuple[int, ...], generator: torch.Generator | None,
+              device: torch.device) -> Tensor:
+        """Standard-normal rows for this rank: the global batch's draw, sliced, so each
+        sequence gets the noise a single process would give it."""
+        if not self.distributed:
+            return torch.randn(shape, generator=generator, device=device)
+        full = torch.randn((shape[0] * self.world, *shape[1:]), generator=generator,
+                           device=device)
+        return self.slice(full)
+
     def total(self, value: Tensor) -> Tensor:
         """Sum over ranks (a collective, not a host sync)."""
         if not self.distributed:

@@ -128,11 +128,10 @@ def fit_local_posterior(
     log_var = start.log_var.requires_grad_()
     local = LocalPosterior(loc, log_var)
 
+    shard = shard or Shard()
+
     def draw() -> Tensor:
-        if shard is None or not shard.distributed:
-            return torch.randn(loc.shape, generator=generator, device=loc.device)
-        shape = (loc.shape[0] * shard.world, *loc.shape[1:])
-        return shard.slice(torch.randn(shape, generator=generator, device=loc.device))
+        return shard.randn(loc.shape, generator, loc.device)
 
     noise = draw()
     if steps == 0:

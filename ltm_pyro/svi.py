@@ -97,9 +97,7 @@ class DualRateSVI:
             )
             posterior, noise = fit.posterior, fit.noise
             if self.inference.noise == "fresh":
-                noise = torch.randn((noise.shape[0] * self.shard.world, *noise.shape[1:]),
-                                    generator=self.generator, device=noise.device)
-                noise = self.shard.slice(noise)
+                noise = self.shard.randn(noise.shape, self.generator, noise.device)
         with self.ltm.running_through(self.network):
             nll, kl = self.ltm.elbo_terms(tokens, mask, posterior, noise)
         nll, kl = nll.sum() / tokens_in_batch, kl.sum() / tokens_in_batch
