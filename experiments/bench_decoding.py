@@ -127,7 +127,7 @@ def main() -> int:
                                "rows": rows})
         write_text(args.json.with_suffix(".md"),
                    f"# Decoding speed\n\nCommand (run {stamp}, {name}, "
-                   f"{torch.get_num_threads()} threads):\n\n```\n{command}\n```\n\n{table}\n")
+                   f"threads: {torch.get_num_threads()}):\n\n```\n{command}\n```\n\n{table}\n")
     return 0
 
 

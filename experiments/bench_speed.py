@@ -208,7 +208,7 @@ def main() -> int:
         device = resolve_device(args.device)
         stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-            f"cpu, {torch.get_num_threads()} threads")
+            f"cpu, threads: {torch.get_num_threads()}")
         command = "python experiments/bench_speed.py " + shlex.join(sys.argv[1:])
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, {"command": command, "date": stamp, "device": where,
