@@ -30,6 +30,7 @@ from ltm_pyro.cli import (  # noqa: E402
     positive_int,
     probability,
     run_main,
+    settings,
 )
 from ltm_pyro.data import BUILTIN_NAME, load_corpus  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
@@ -127,7 +128,7 @@ def main() -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     write_json(args.results / f"{args.label}.json", {
         "command": command, "date": stamp, "corpus": corpus.name, "rows": rows,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
+        "settings": settings(args)})
     write_text(args.results / f"{args.label}.md",
         f"# {args.label}\n\nCommand (run {stamp}):\n\n```\n{command}\n```\n\n"
         f"Unconditional samples of {new_tokens} tokens after the first token of test windows of "

@@ -20,7 +20,13 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from ltm_pyro.cli import OneLineParser, non_negative_int, positive_int, run_main  # noqa: E402
+from ltm_pyro.cli import (  # noqa: E402
+    OneLineParser,
+    non_negative_int,
+    positive_int,
+    run_main,
+    settings,
+)
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.fewshot import (  # noqa: E402
     draw_exemplars,
@@ -93,8 +99,7 @@ def main() -> int:
         print(f"note: {truncated} prompts were longer than the context and kept only their "
               f"last {keep} tokens; use fewer --shots or a longer-context model", file=sys.stderr)
     if args.json:
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        write_json(args.json, {"settings": settings, "summary": summary, "items": records})
+        write_json(args.json, {"settings": settings(args), "summary": summary, "items": records})
     return 0
 
 

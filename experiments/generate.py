@@ -26,6 +26,7 @@ from ltm_pyro.cli import (  # noqa: E402
     positive_int,
     probability,
     run_main,
+    settings,
 )
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
@@ -96,8 +97,7 @@ def main() -> int:
         head = tokenizer.decode(prompt[i].tolist()) if text is None else text
         print(f"--- sample {i} ---\n[{head.strip()}] {sample}")
     if args.json:
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        write_json(args.json, {"settings": settings, "model_kind": config.model_kind,
+        write_json(args.json, {"settings": settings(args), "model_kind": config.model_kind,
                                "checkpoint_step": payload["step"], "start": start,
                                "new_tokens": new_tokens, "samples": samples,
                                "token_ids": tokens.cpu().tolist()})

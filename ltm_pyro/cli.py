@@ -7,6 +7,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from .config import PRESETS, RunConfig, preset
 from .decoder import matched_ar_config
@@ -62,6 +63,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The parsed flags as JSON-ready values, written beside results so a run can be redone."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def run_main(main: Callable[[], int | None]) -> None:
