@@ -10,6 +10,7 @@ Each rank draws the global batch's noise from the same seeded generator and keep
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,11 @@ class Shard:
         dist.all_reduce(value)
         return value
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here (e.g. until rank 0 has written its checkpoint)."""
+        if self.distributed:
+            dist.barrier()
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when it is true on one (so all ranks stop or skip together)."""
         if not self.distributed:
@@ -105,6 +111,11 @@ def data_parallel(decoder: nn.Module, shard: Shard, device: torch.device) -> nn.
     """The decoder wrapped for the slow step: DDP with summed gradients, no buffer syncs."""
     ids = [device.index if device.index is not None else shard.local_rank] if (
         device.type == "cuda") else None
-    wrapped = DistributedDataParallel(decoder, device_ids=ids, broadcast_buffers=False)
+    # The decoder has no buffers, so none need syncing in forward passes (the keyword was
+    # renamed in recent torch).
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                      inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
+    wrapped = DistributedDataParallel(decoder, device_ids=ids, **no_buffer_sync)
     wrapped.register_comm_hook(None, _sum_gradients)
     return wrapped

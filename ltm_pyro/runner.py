@@ -215,10 +215,9 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
 def _resume_point(out: Path, config: RunConfig, force: bool, shard: Shard) -> dict | None:
     """Rank 0 prepares the folder; the other ranks then read the same checkpoint, if any."""
     resume = _prepare_folder(out, config, force) if shard.is_main else None
-    if shard.distributed:
-        torch.distributed.barrier()
-        if not shard.is_main and checkpoint_path(out).exists():
-            resume = load_checkpoint(out)
+    shard.barrier()
+    if not shard.is_main and checkpoint_path(out).exists():
+        resume = load_checkpoint(out)
     return resume
 
 
@@ -324,10 +323,12 @@ def _train(config: RunConfig, out: Path, force: bool, progress: bool, shard: Sha
                 bar.close()
                 if shard.is_main:
                     save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
+                shard.barrier()  # no rank leaves while rank 0 is still writing
                 raise Interrupted(stop.signum or signal.SIGTERM, done)
     bar.close()
     if shard.is_main:
         save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
+    shard.barrier()
     return last_valid
 
 
