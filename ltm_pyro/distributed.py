@@ -94,6 +94,9 @@ def process_group(shard: Shard, device: torch.device) -> Iterator[None]:
     dist.init_process_group(backend)
     try:
         yield
+        # A rank that tears gloo down while another still works (rank 0 writing) aborts:
+        # after a normal finish every rank waits for the others first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

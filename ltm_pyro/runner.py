@@ -328,7 +328,6 @@ def _train(config: RunConfig, out: Path, force: bool, progress: bool, shard: Sha
     bar.close()
     if shard.is_main:
         save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
-    shard.barrier()
     return last_valid
 
 
