@@ -11,8 +11,6 @@ preset's random initialisation (speed does not depend on training) unless --chec
 
 from __future__ import annotations
 
-import datetime
-import shlex
 import statistics
 import sys
 import time
@@ -33,10 +31,9 @@ from ltm_pyro.cli import (  # noqa: E402
 from ltm_pyro.config import PRESETS, preset  # noqa: E402
 from ltm_pyro.decoder import Decoder  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
-from ltm_pyro.files import write_json, write_text  # noqa: E402
 from ltm_pyro.generate import prior_latents, sample_tokens  # noqa: E402
 from ltm_pyro.model import LatentThoughtModel  # noqa: E402
-from ltm_pyro.report import markdown_table  # noqa: E402
+from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import resolve_device  # noqa: E402
 
 COLUMNS = ["model", "batch", "new_tokens", "cached_s", "uncached_s", "cached_tokens_per_s",
@@ -118,16 +115,9 @@ def main() -> int:
     table = markdown_table(rows, COLUMNS)
     print(table)
     if args.json:
-        stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        command = "python experiments/bench_decoding.py " + shlex.join(sys.argv[1:])
         config = next(iter(built.values())).config
-        write_json(args.json, {"command": command, "date": stamp, "device": name,
-                               "threads": torch.get_num_threads(), "model": vars(config),
-                               "rows": rows})
-        write_text(args.json.with_suffix(".md"),
-                   f"# Decoding speed\n\nCommand (run {stamp}, {name}, "
-                   f"threads: {torch.get_num_threads()}):\n\n```\n{command}\n```\n\n{table}\n")
+        write_results(args.json, "Decoding speed", device,
+                      {"model": vars(config), "rows": rows}, table)
     return 0
 
 

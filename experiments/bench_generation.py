@@ -12,9 +12,7 @@ LABEL.json and LABEL.md into --results.
 
 from __future__ import annotations
 
-import datetime
 import math
-import shlex
 import sys
 from pathlib import Path
 
@@ -34,9 +32,8 @@ from ltm_pyro.cli import (  # noqa: E402
 )
 from ltm_pyro.data import BUILTIN_NAME, load_corpus  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
-from ltm_pyro.files import write_json, write_text  # noqa: E402
 from ltm_pyro.generate import prior_latents, sample_tokens  # noqa: E402
-from ltm_pyro.report import markdown_table  # noqa: E402
+from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.sample_quality import distinct_n, scorer_nll_per_token, unigram_entropy  # noqa: E402
 from ltm_pyro.synthetic import TopicStyleProcess  # noqa: E402
 
@@ -122,15 +119,9 @@ def main() -> int:
             rows.append({"source": name, "prior_scale": scale,
                          **measures(samples, scorer, builtin)})
             print(markdown_table(rows[-1:], COLUMNS), flush=True)
-    command = "python experiments/bench_generation.py " + shlex.join(sys.argv[1:])
-    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     table = markdown_table(rows, COLUMNS)
-    args.results.mkdir(parents=True, exist_ok=True)
-    write_json(args.results / f"{args.label}.json", {
-        "command": command, "date": stamp, "corpus": corpus.name, "rows": rows,
-        "settings": settings(args)})
-    write_text(args.results / f"{args.label}.md",
-        f"# {args.label}\n\nCommand (run {stamp}):\n\n```\n{command}\n```\n\n"
+    write_results(args.results / f"{args.label}.json", args.label, args.device,
+        {"corpus": corpus.name, "rows": rows, "settings": settings(args)},
         f"Unconditional samples of {new_tokens} tokens after the first token of test windows of "
         f"`{corpus.name}`; `scorer_ppl` by {args.scorer}; `true_ppl` is the exact perplexity "
         "under the generating process (built-in corpus only; over the samples without a "

@@ -12,8 +12,6 @@ prior mean). Writes LABEL.json, LABEL.md and LABEL.png into --results.
 
 from __future__ import annotations
 
-import datetime
-import shlex
 import sys
 from pathlib import Path
 
@@ -40,10 +38,9 @@ from ltm_pyro.fewshot import (  # noqa: E402
     exact_match,
     few_shot_items,
 )
-from ltm_pyro.files import write_json, write_text  # noqa: E402
 from ltm_pyro.generate import posterior_latents, sample_tokens  # noqa: E402
 from ltm_pyro.model import LatentThoughtModel  # noqa: E402
-from ltm_pyro.report import markdown_table  # noqa: E402
+from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import comparison_configs, train  # noqa: E402
 from ltm_pyro.tokenizers import EOS, Tokenizer, encode_prompt  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
@@ -114,7 +111,6 @@ def main() -> int:
     if longest > base.model.context:
         raise UsageError(f"a {max(args.shots)}-shot prompt has {longest} tokens, more than the "
                          f"context of {base.model.context}; raise --seq-len or lower --shots")
-    command = "python experiments/bench_icl.py " + shlex.join(sys.argv[1:])
     rows, configs = [], {}
     for name, config in comparison_configs(base).items():
         run_dir = args.runs / args.label / name
@@ -134,18 +130,13 @@ def main() -> int:
                                                   ltm.decoder.tok_embeddings.weight.device)})
                 print(markdown_table(rows[-1:], COLUMNS), flush=True)
     chance = blind_guess_accuracy(task)
-    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    device = torch.cuda.get_device_name() if base.train.device.startswith("cuda") else "cpu"
-    args.results.mkdir(parents=True, exist_ok=True)
-    write_json(args.results / f"{args.label}.json", {
-        "command": command, "date": stamp, "device": device, "blind_guess_accuracy": chance,
+    table = markdown_table(rows, COLUMNS)
+    write_results(args.results / f"{args.label}.json", args.label, base.train.device, {
+        "blind_guess_accuracy": chance,
         "task": {"alphabet": task.alphabet, "length": task.length, "rules": len(task.rules),
                  "train_items": len(task.train_items), "eval_items": len(task.eval_items)},
         "rows": rows, "configs": configs,
-    })
-    table = markdown_table(rows, COLUMNS)
-    write_text(args.results / f"{args.label}.md",
-        f"# {args.label}\n\nCommand (run {stamp}, {device}):\n\n```\n{command}\n```\n\n"
+    },
         f"Hidden-permutation task: strings of {task.length} symbols from {task.alphabet}, "
         f"{len(task.rules)} rules; answering with one fixed rule scores {chance:.3f} (chance); "
         "queries are held-out "

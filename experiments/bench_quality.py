@@ -15,9 +15,7 @@ tokens and against training FLOPs, every inner step counted) into --results.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
-import torch  # noqa: E402
 
 from ltm_pyro.bounds import evaluate_windows  # noqa: E402
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -41,9 +38,9 @@ from ltm_pyro.cli import (  # noqa: E402
 from ltm_pyro.config import RunConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
-from ltm_pyro.files import read_jsonl, write_json, write_text  # noqa: E402
+from ltm_pyro.files import read_jsonl  # noqa: E402
 from ltm_pyro.flops import training_flops_per_token  # noqa: E402
-from ltm_pyro.report import markdown_table  # noqa: E402
+from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import METRICS_NAME, comparison_configs, train  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
@@ -109,7 +106,6 @@ def main() -> int:
     args = parser().parse_args()
     base = config_from_args(args)
     runs = comparison_configs(base, args.train_inference_steps, with_ar=not args.no_ar)
-    command = "python experiments/bench_quality.py " + shlex.join(sys.argv[1:])
     rows, curves, configs = [], {}, {}
     corpus, scored = None, {}
     for name, config in runs.items():
@@ -140,16 +136,11 @@ def main() -> int:
                          **summary})
             print(markdown_table(rows[-1:], COLUMNS), flush=True)
     results_dir = args.results or Path("experiments/results") / corpus.name
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    device = torch.cuda.get_device_name() if base.train.device.startswith("cuda") else "cpu"
-    write_json(results_dir / f"{args.label}.json", {
-        "command": command, "date": stamp, "device": device, "corpus": corpus.name,
-        "references": corpus.references, "rows": rows, "curves": curves, "configs": configs,
-    })
     table = markdown_table(rows, COLUMNS)
-    write_text(results_dir / f"{args.label}.md",
-        f"# {args.label}\n\nCommand (run {stamp}, {device}):\n\n```\n{command}\n```\n\n"
+    write_results(results_dir / f"{args.label}.json", args.label, base.train.device, {
+        "corpus": corpus.name, "references": corpus.references, "rows": rows,
+        "curves": curves, "configs": configs,
+    },
         f"Splits {', '.join(args.splits)} of `{corpus.name}` (first {args.test_windows or 'all'} "
         "windows each); perplexities per predicted token. `elbo_ppl` and "
         "`iwae_ppl` are valid bounds; `recon_ppl` leaves the KL out (paper-style, not a bound)."

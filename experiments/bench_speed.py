@@ -16,9 +16,7 @@ repetitions and the median is kept, so machine noise hits all of them alike:
 
 from __future__ import annotations
 
-import datetime
 import resource
-import shlex
 import statistics
 import sys
 import time
@@ -34,11 +32,10 @@ from torch import Tensor  # noqa: E402
 from ltm_pyro.cli import OneLineParser, non_negative_int, positive_int, run_main  # noqa: E402
 from ltm_pyro.config import PRESETS, RunConfig, preset  # noqa: E402
 from ltm_pyro.decoder import Decoder, matched_ar_config  # noqa: E402
-from ltm_pyro.files import write_json, write_text  # noqa: E402
 from ltm_pyro.flops import forward_flops_per_token, training_flops_per_token  # noqa: E402
 from ltm_pyro.inference import SyncFreeMeanFieldELBO, frozen, initial_posterior  # noqa: E402
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior  # noqa: E402
-from ltm_pyro.report import markdown_table  # noqa: E402
+from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import resolve_device  # noqa: E402
 from ltm_pyro.svi import DualRateSVI, slow_optimizer  # noqa: E402
 
@@ -205,17 +202,7 @@ def main() -> int:
     table = markdown_table(rows, COLUMNS)
     print(table)
     if args.json:
-        device = resolve_device(args.device)
-        stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-            f"cpu, threads: {torch.get_num_threads()}")
-        command = "python experiments/bench_speed.py " + shlex.join(sys.argv[1:])
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.json, {"command": command, "date": stamp, "device": where,
-                               "torch": torch.__version__, "rows": rows})
-        write_text(args.json.with_suffix(".md"),
-                   f"# Speed\n\nCommand (run {stamp}, {where}, torch {torch.__version__}):"
-                   f"\n\n```\n{command}\n```\n\n{table}\n")
+        write_results(args.json, "Speed", resolve_device(args.device), {"rows": rows}, table)
     return 0
 
 

@@ -9,8 +9,6 @@ OUT.png (the three perplexities against T_eval, log-scaled, with the corpus' ref
 
 from __future__ import annotations
 
-import datetime
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,8 +19,7 @@ from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: 
 from ltm_pyro.cli import OneLineParser, int_list, non_negative_int, positive_int, run_main  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
-from ltm_pyro.files import write_json  # noqa: E402
-from ltm_pyro.report import markdown_table  # noqa: E402
+from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import resolve_device  # noqa: E402
 from ltm_pyro.viz import bounds_against_steps, save_figure  # noqa: E402
 
@@ -61,16 +58,17 @@ def main() -> int:
             elbo_samples=args.elbo_samples, iw_samples=args.iw_samples, seed=args.seed,
             device=device))
         print(markdown_table(rows[-1:], COLUMNS), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out.with_suffix(".json"), {
-        "command": "python experiments/sweep_inference_steps.py " + shlex.join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    table = markdown_table(rows, COLUMNS)
+    write_results(args.out.with_suffix(".json"), "Test-time inference steps", device, {
         "checkpoint_step": payload["step"], "split": args.split, "windows": len(windows),
         "trained_inference_steps": config.inference.steps, "references": corpus.references,
         "rows": rows, "config": config.to_dict(),
-    })
+    }, f"Bounds on the first {len(windows)} `{args.split}` windows of `{corpus.name}` against "
+       f"the inference steps T fitted per sequence (trained with T = {config.inference.steps}; "
+       f"checkpoint step {payload['step']}).\n\n{table}\n\n"
+       f"References (nats/token): {corpus.references}\n")
     save_figure(bounds_against_steps(rows, corpus.references), args.out.with_suffix(".png"))
-    print(markdown_table(rows, COLUMNS))
+    print(table)
     return 0
 
 

@@ -1,6 +1,20 @@
-"""Plain-text and Markdown tables for results printed by the experiment scripts."""
+"""Tables and result files for the experiment scripts.
+
+Every benchmark writes the same pair: a JSON with the rows and a Markdown page that starts with
+the exact command, the date and the device, so any committed figure can be re-run.
+"""
 
 from __future__ import annotations
+
+import datetime
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .files import write_json, write_text
 
 
 def _cell(value: object) -> str:
@@ -21,3 +35,37 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def device_description(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU with its thread count (timings depend on both)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}, threads: {torch.get_num_threads()}"
+
+
+def provenance(device: torch.device | str) -> dict[str, str]:
+    """The command that reproduces this process's results, when and where it ran."""
+    script = Path(sys.argv[0]).name
+    return {
+        "command": f"python experiments/{script} " + shlex.join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device_description(device),
+        "torch": torch.__version__,
+    }
+
+
+def write_results(json_path: Path, title: str, device: torch.device | str,
+                  payload: dict[str, Any], page: str) -> dict[str, str]:
+    """Write ``payload`` to ``json_path`` and ``page`` (Markdown) beside it as ``.md``.
+
+    Both begin with the provenance, which is returned for the caller's own use.
+    """
+    meta = provenance(device)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(json_path, {**meta, **payload})
+    write_text(json_path.with_suffix(".md"),
+               f"# {title}\n\nCommand (run {meta['date']}, {meta['device']}, "
+               f"torch {meta['torch']}):\n\n```\n{meta['command']}\n```\n\n{page.rstrip()}\n")
+    return meta

@@ -1,0 +1,24 @@
+"""Result files carry what is needed to re-run them."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ltm_pyro.report import markdown_table, write_results
+
+
+def test_results_start_with_the_command_date_and_device(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["/somewhere/experiments/bench_x.py", "--label", "a b"])
+    rows = [{"name": "x", "value": 1.5, "missing": None}]
+    table = markdown_table(rows, ["name", "value", "missing"])
+    meta = write_results(tmp_path / "deep" / "run.json", "Title", "cpu", {"rows": rows}, table)
+
+    saved = json.loads((tmp_path / "deep" / "run.json").read_text())
+    assert saved["command"] == "python experiments/bench_x.py --label 'a b'"
+    assert saved["device"].startswith("cpu, threads: ")
+    assert saved["rows"] == rows and saved["date"] == meta["date"]
+    page = (tmp_path / "deep" / "run.md").read_text()
+    assert page.startswith(f"# Title\n\nCommand (run {meta['date']}, {meta['device']}, torch ")
+    assert "```\npython experiments/bench_x.py --label 'a b'\n```" in page
+    assert page.endswith("| x | 1.5000 | - |\n")
