@@ -26,7 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from ltm_pyro.cli import OneLineParser, non_negative_int, positive_int, run_main  # noqa: E402
@@ -47,14 +46,14 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, per
 
 def plain_inner_loss(ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor,
                      local: LocalPosterior, noise: Tensor) -> Tensor:
-    """The inner step's loss without Pyro: masked NLL at z = loc + scale * noise plus the
-    analytic KL to N(0, I), per token. The reference Pyro's overhead is measured against."""
+    """The inner step's loss without Pyro: masked NLL (the model's own token NLL, compiled
+    when the model is) at z = loc + scale * noise plus the analytic KL to N(0, I), per token.
+    The reference Pyro's overhead is measured against."""
     z = local.loc + local.scale * noise
     logits = ltm.logits(tokens[:, :-1], z)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(),
-                          reduction="none").view_as(mask)
+    nll = ltm.token_nll(logits, tokens[:, 1:], mask)
     kl = 0.5 * (local.log_var.exp() + local.loc.pow(2) - 1 - local.log_var)
-    return ((nll * mask).sum() + ltm.kl_weight * kl.sum()) / mask.sum()
+    return (nll.sum() + ltm.kl_weight * kl.sum()) / mask.sum()
 
 
 def pyro_inner_loss(ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor,
@@ -93,8 +92,8 @@ def build(name: str, args) -> tuple[RunConfig, LatentThoughtModel, LatentThought
     ltm = LatentThoughtModel(Decoder(model).to(device))
     ar = LatentThoughtModel(Decoder(matched_ar_config(model)).to(device))
     if args.compile:
-        ltm.decoder.compile()
-        ar.decoder.compile()
+        ltm.compile()
+        ar.compile()
     return config, ltm, ar
 
 

@@ -119,7 +119,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after this many non-finite steps in a row (default 10)")
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoder (worth it on GPUs; minutes to compile on CPU)")
+                   help="torch.compile the decoder and token NLL (worth it on GPUs)")
     p.add_argument("--device", default="cpu")
 
 

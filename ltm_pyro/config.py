@@ -83,7 +83,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     max_bad_steps: int = 10  # non-finite steps in a row before the run stops
     validate: bool = False  # Pyro's argument checks in training: slow, and fatal on a NaN
-    compile: bool = False  # torch.compile the decoder (fuses its memory-bound elementwise work)
+    compile: bool = False  # torch.compile decoder and token NLL (fuses memory-bound work)
     seed: int = 0
     device: str = "cpu"
 

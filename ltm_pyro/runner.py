@@ -229,9 +229,9 @@ def _train(config: RunConfig, out: Path, force: bool, progress: bool, shard: Sha
     config.model.vocab_size = corpus.tokenizer.vocab_size
     generator = seed_everything(config.train.seed)
     decoder = Decoder(config.model).to(device)
-    if config.train.compile:
-        decoder.compile()  # in place: parameter names and checkpoints stay as without it
     ltm = LatentThoughtModel(decoder, kl_weight=config.inference.kl_weight)
+    if config.train.compile:
+        ltm.compile()
     svi = DualRateSVI(ltm, config.inference, config.train, generator, shard)
     sampler = BatchSampler(len(corpus.windows["train"]), config.train.batch_size * shard.world,
                            config.train.seed)

@@ -3,6 +3,7 @@ import torch
 
 from ltm_pyro.config import preset
 from ltm_pyro.decoder import Decoder, apply_rope, rope_angles
+from ltm_pyro.model import LatentThoughtModel, LocalPosterior
 
 from .conftest import micro_config
 
@@ -69,17 +70,24 @@ def test_rope_scores_depend_on_relative_position_only():
 
 
 @pytest.mark.slow
-def test_compiled_decoder_matches_eager_values_and_gradients():
+def test_compiled_model_matches_eager_values_and_gradients():
+    """``LatentThoughtModel.compile`` (decoder and token NLL) changes no number, only speed."""
     config = micro_config()
-    eager, compiled = Decoder(config), Decoder(config)
-    compiled.load_state_dict(eager.state_dict())
+    eager = LatentThoughtModel(Decoder(config))
+    compiled = LatentThoughtModel(Decoder(config))
+    compiled.decoder.load_state_dict(eager.decoder.state_dict())
     compiled.compile()
-    tokens = torch.randint(0, config.vocab_size, (3, 12))
-    z = torch.randn(3, config.n_latents, config.z_dim, requires_grad=True)
+    tokens = torch.randint(0, config.vocab_size, (3, 13))
+    mask = torch.ones(3, 12)
+    mask[0, 7:] = 0
+    shape = (3, config.n_latents, config.z_dim)
+    loc, log_var = torch.randn(shape).requires_grad_(), (torch.randn(shape) - 1).requires_grad_()
+    noise = torch.randn(shape)
     outputs = []
-    for decoder in (eager, compiled):
-        logits = decoder(tokens, z)
-        outputs.append((logits, *torch.autograd.grad(logits.square().sum(), z)))
+    for ltm in (eager, compiled):
+        nll, kl = ltm.elbo_terms(tokens, mask, LocalPosterior(loc, log_var), noise)
+        inputs = [loc, log_var, *ltm.decoder.parameters()]
+        outputs.append((nll, kl, *torch.autograd.grad((nll + kl).sum(), inputs)))
     for reference, value in zip(*outputs):
         torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-5)
-    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert list(compiled.decoder.state_dict()) == list(eager.decoder.state_dict())

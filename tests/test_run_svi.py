@@ -105,3 +105,17 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_compiled_run_gives_the_eager_metrics(tmp_path):
+    """--compile changes speed only: the same seed logs the same losses, the checkpoint loads."""
+    logs = []
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        result = run_svi("--out", str(out), "--seq-len", "32", "--seed", "3", *FAST, *extra)
+        assert result.returncode == 0, result.stderr
+        logs.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+    _assert_contract_files(tmp_path / "compiled")
+    for eager, compiled in zip(*logs, strict=True):
+        for key in ("neg_elbo", "nll", "kl"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), key
