@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,8 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check ltm_pyro experiments tests
+
+# Wheels the GPU machine lacks (it has torch, numpy, seaborn, tqdm): see experiments/gpu_checks.sh.
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp -d .whl pyro-ppl==1.9.2 pyro-api==0.1.2

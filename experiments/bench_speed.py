@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pyro  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -168,7 +169,8 @@ def measure(name: str, args) -> dict:  # noqa: ANN001
     config, ltm, ar = build(name, args)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = timed_medians(operations(config, ltm, ar, device), args.reps, args.warmup)
+    with pyro.validation_enabled(config.train.validate):  # as training runs
+        t = timed_medians(operations(config, ltm, ar, device), args.reps, args.warmup)
     steps = config.inference.steps
     ideal = steps * t["inner_pyro"] + t["slow"]
     tokens = config.train.batch_size * config.model.context

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import pyro
+
 from .config import PRESETS, RunConfig, preset
 from .decoder import matched_ar_config
 from .errors import UsageError
@@ -71,9 +73,15 @@ def settings(args: argparse.Namespace) -> dict:
 
 
 def run_main(main: Callable[[], int | None]) -> None:
-    """Run ``main``; a UsageError becomes one line on stderr and exit status 2."""
+    """Run ``main``; a UsageError becomes one line on stderr and exit status 2.
+
+    Scripts run without Pyro's argument checks, as training does (``TrainConfig.validate``):
+    each check turns a tensor into a Python bool, a GPU stall at every inner step. Tests and
+    notebooks keep Pyro's default (checks on).
+    """
     try:
-        status = main()
+        with pyro.validation_enabled(False):
+            status = main()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,6 @@
 import copy
+import os
+import sys
 
 import pyro
 import pytest
@@ -150,6 +152,33 @@ def test_sync_free_elbo_matches_pyro_without_validation(batch, kl_weight):
             results.append((loss, *torch.autograd.grad(loss, [loc, log_var])))
     for pyro_value, ours in zip(*results):
         torch.testing.assert_close(ours, pyro_value)
+
+
+@pytest.mark.parametrize("noise", ["fixed", "fresh"])
+def test_inner_loop_never_reads_a_tensor_back_to_the_host(ltm, batch, monkeypatch, noise):
+    """As training runs it (Pyro's checks off), the fast loop turns no tensor into a Python
+    value: on a GPU each such read is a pipeline stall at every inner step. (The optimizer's
+    own step counters are exempt: torch keeps them on the host, even on a GPU.)"""
+    tokens, mask = batch
+    reads = []
+
+    def spy(name):  # noqa: ANN001, ANN202
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            caller = sys._getframe(1).f_code.co_filename
+            if f"torch{os.sep}optim{os.sep}" not in caller:
+                reads.append(f"{name} in {caller}")
+            return original(self, *args, **kwargs)
+        return read
+
+    config = InferenceConfig(steps=3, noise=noise)
+    with pyro.validation_enabled(TrainConfig().validate):
+        for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy"):
+            monkeypatch.setattr(torch.Tensor, name, spy(name))
+        fit_local_posterior(ltm, tokens, mask, config, torch.Generator().manual_seed(0))
+        monkeypatch.undo()
+    assert reads == []
 
 
 def test_inner_loop_leaves_decoder_trainable_and_without_grads(ltm, batch, inference):
