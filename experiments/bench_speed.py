@@ -4,8 +4,9 @@
     python experiments/bench_speed.py --preset ltm-s --device cuda --compile \
         --json experiments/results/speed/h200.json
 
-For each preset (default tiny and small) every measured operation runs in interleaved
-repetitions and the median is kept, so machine noise hits all of them alike:
+For each preset (default tiny and small) the measured operations run in interleaved rounds
+(every other round in reverse order) and each ratio is the median over rounds of that round's
+ratio, so load that drifts between rounds on a shared machine cancels out:
 - pyro_vs_plain_inner: one inner step through the Pyro program over the same mathematics written
   directly in PyTorch (``plain_inner_loss`` below; tests check both agree);
 - inner_vs_ar_step: one inner step over one training step of the size-matched AR baseline;
@@ -145,16 +146,24 @@ def operations(config: RunConfig, ltm: LatentThoughtModel, ar: LatentThoughtMode
             "slow": slow, "iteration": iteration, "ar_step": ar_step}
 
 
-def timed_medians(ops: dict[str, Callable[[], None]], reps: int, warmup: int
-                  ) -> dict[str, float]:
+def timed_rounds(ops: dict[str, Callable[[], None]], reps: int, warmup: int
+                 ) -> dict[str, list[float]]:
+    """Seconds of every operation in each of ``reps`` rounds after ``warmup`` untimed ones;
+    odd rounds run in reverse order, so no operation always follows the same one."""
     times: dict[str, list[float]] = {name: [] for name in ops}
     for round_index in range(warmup + reps):
-        for name, op in ops.items():
+        order = list(ops) if round_index % 2 == 0 else list(reversed(ops))
+        for name in order:
             started = time.perf_counter()
-            op()
+            ops[name]()
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median over rounds of each round's ratio (ratios of one round share its load)."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -170,20 +179,23 @@ def measure(name: str, args) -> dict:  # noqa: ANN001
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with pyro.validation_enabled(config.train.validate):  # as training runs
-        t = timed_medians(operations(config, ltm, ar, device), args.reps, args.warmup)
+        rounds = timed_rounds(operations(config, ltm, ar, device), args.reps, args.warmup)
     steps = config.inference.steps
-    ideal = steps * t["inner_pyro"] + t["slow"]
+    rounds["ideal_iteration"] = [steps * inner + slow
+                                 for inner, slow in zip(rounds["inner_pyro"], rounds["slow"])]
+    t = {name: statistics.median(values) for name, values in rounds.items()}
     tokens = config.train.batch_size * config.model.context
     row = {"preset": name, "params": ltm.decoder.num_parameters(),
            "batch": config.train.batch_size, "seq_len": config.model.context, "T": steps,
-           "pyro_vs_plain_inner": t["inner_pyro"] / t["inner_plain"],
-           "inner_vs_ar_step": t["inner_pyro"] / t["ar_step"],
-           "iteration_vs_ar_step": t["iteration"] / t["ar_step"],
-           "ideal_iteration_vs_ar_step": ideal / t["ar_step"],
-           "iteration_vs_ideal": t["iteration"] / ideal,
+           "pyro_vs_plain_inner": median_ratio(rounds["inner_pyro"], rounds["inner_plain"]),
+           "inner_vs_ar_step": median_ratio(rounds["inner_pyro"], rounds["ar_step"]),
+           "iteration_vs_ar_step": median_ratio(rounds["iteration"], rounds["ar_step"]),
+           "ideal_iteration_vs_ar_step": median_ratio(rounds["ideal_iteration"],
+                                                      rounds["ar_step"]),
+           "iteration_vs_ideal": median_ratio(rounds["iteration"], rounds["ideal_iteration"]),
            "tokens_per_s": tokens / t["iteration"], "ar_tokens_per_s": tokens / t["ar_step"],
            "peak_memory_gib": peak_memory_gib(device),
-           "seconds": t}
+           "seconds": t, "rounds": rounds}
     if device.type == "cuda":
         flops = tokens * training_flops_per_token(config.model, steps)
         peak = next((v for k, v in PEAK_BF16_FLOPS.items()
