@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyro
 
-from .config import PRESETS, RunConfig, preset
+from .config import PRESETS, RECIPES, RunConfig, apply_recipe, preset
 from .decoder import matched_ar_config
 from .errors import UsageError
 from .tokenizers import TOKENIZERS
@@ -38,6 +38,10 @@ def non_negative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     return _number(text, float, lambda v: v > 0, "a finite number above zero")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, lambda v: v >= 0, "a finite number of zero or more")
 
 
 def probability(text: str) -> float:
@@ -98,6 +102,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--match-params", action="store_true",
                    help="with --model ar: widen the MLP to the LTM's parameter count")
     p.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="honest",
+                   help="a named bundle of inner-loop choices set on top of the preset; "
+                   "'released' = the released code's inner loop (docs/recipes.md); "
+                   "explicit flags below win over it")
     p.add_argument("--max-steps", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--seq-len", type=positive_int, help="tokens per window (the context)")
@@ -111,6 +119,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-lr", type=positive_float,
                    help="peak fast lr; it decays to a tenth of it within the T steps")
     p.add_argument("--init-log-var", type=finite_float, help="guide's initial log-variance")
+    p.add_argument("--init-log-var-jitter", type=non_negative_float,
+                   help="add this times N(0, 1) to the initial log-variance (released: 0.1)")
+    p.add_argument("--fast-schedule", choices=("cosine-to-min", "released"),
+                   help="inner cosine reaching lr_min at the last step, or the released one "
+                   "(progress s/T: it never reaches lr_min)")
+    p.add_argument("--fast-weight-decay", type=non_negative_float,
+                   help="inner AdamW weight decay on (mu, log-var) (released: 0.01)")
+    p.add_argument("--inner-loss", choices=("per-token", "sum"),
+                   help="inner loss per token, or summed over tokens and sequences (released)")
     p.add_argument("--noise", choices=("fixed", "fresh"))
     p.add_argument("--kl-weight", type=positive_float)
     p.add_argument("--slow-lr", type=positive_float,
@@ -132,8 +149,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The preset with every run flag the user gave applied on top."""
-    config = preset(args.preset)
+    """The preset, then the recipe, with every run flag the user gave applied on top."""
+    config = apply_recipe(preset(args.preset), args.recipe)
     config.model_kind = args.model
     model, inference, train_cfg, data = config.model, config.inference, config.train, config.data
     data.path = args.data
@@ -150,6 +167,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (inference, "init_log_var", args.init_log_var),
         (inference, "noise", args.noise),
         (inference, "kl_weight", args.kl_weight),
+        (inference, "init_log_var_jitter", args.init_log_var_jitter),
+        (inference, "fast_schedule", args.fast_schedule),
+        (inference, "weight_decay", args.fast_weight_decay),
+        (inference, "inner_loss", args.inner_loss),
         (train_cfg, "max_steps", args.max_steps),
         (train_cfg, "batch_size", args.batch_size),
         (train_cfg, "warmup_steps", args.warmup_steps),

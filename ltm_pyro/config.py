@@ -14,6 +14,8 @@ from typing import Any, Literal
 NoiseMode = Literal["fixed", "fresh"]
 DecoderGrads = Literal["final", "trajectory"]
 ModelKind = Literal["ltm", "ar"]
+FastSchedule = Literal["cosine-to-min", "released"]
+InnerLoss = Literal["per-token", "sum"]
 
 
 @dataclass
@@ -51,7 +53,21 @@ class ModelConfig:
 
 @dataclass
 class InferenceConfig:
-    """The fast loop that fits each batch's local posterior (defaults as released)."""
+    """The fast loop that fits each batch's local posterior.
+
+    The last four fields default to the honest recipe; ``RECIPES["released"]`` sets them as
+    released (see ``RECIPES`` and docs/recipes.md):
+
+    - ``fast_schedule``: ``"cosine-to-min"`` runs the cosine from lr_max at inner step 0 to
+      lr_min at step T-1; ``"released"`` is lr_min + (lr_max - lr_min)(1 + cos(pi s/T))/2
+      for s = 0..T-1, which never reaches lr_min.
+    - ``weight_decay``: AdamW's decoupled weight decay on (loc, log-var); 0 or, as released,
+      torch's default 0.01.
+    - ``init_log_var_jitter``: log-var starts at init_log_var + jitter * N(0, 1) (0.1 released).
+    - ``inner_loss``: ``"per-token"`` divides each inner loss by the batch's token count;
+      ``"sum"`` sums over tokens and sequences as released. Adam ignores the scale (up to its
+      eps); it matters for the decoder gradients accumulated in trajectory mode.
+    """
 
     steps: int = 16
     lr_max: float = 0.34
@@ -60,6 +76,10 @@ class InferenceConfig:
     init_log_var: float = -5.0
     noise: NoiseMode = "fixed"
     kl_weight: float = 1.0
+    fast_schedule: FastSchedule = "cosine-to-min"
+    weight_decay: float = 0.0
+    init_log_var_jitter: float = 0.0
+    inner_loss: InnerLoss = "per-token"
 
 
 @dataclass
@@ -107,6 +127,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     preset: str = "tiny"
+    recipe: str = "honest"  # the named bundle applied on top of the preset (RECIPES)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +148,7 @@ class RunConfig:
             train=build(TrainConfig, raw["train"]),
             data=build(DataConfig, raw["data"]),
             preset=raw.get("preset", "custom"),
+            recipe=raw.get("recipe", "honest"),
         )
 
 
@@ -174,6 +196,53 @@ PRESETS: dict[str, RunConfig] = {
     # The paper's sizes (d 512, context 1024, sliding window 256, 8 latent vectors a layer).
     **{name: _paper_preset(layers) for name, layers in (("ltm-s", 3), ("ltm-m", 6), ("ltm-l", 12))},
 }
+
+
+# Named recipes: bundles of field values applied on top of a preset (explicit command-line
+# flags are applied after them, so they win). Line numbers refer to the released code,
+# github.com/mingluzhao/Latent-Thought-LM (optimizer.py, model.py, train_ltm.py, config.py).
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    # The preset as it is: the fast cosine ends at lr_min, no weight decay on the guide, no
+    # jitter, per-token inner losses (and, on the CPU presets, HONEST_CPU_GUIDE).
+    "honest": {},
+    # The released inner loop, every choice at once:
+    "released": {
+        # Latent width = model width: config.py l.50 (z_dim = dim), 8 vectors a layer l.49.
+        "model": {"latent_dim": None},
+        "inference": {
+            # optimizer.py l.29-30: lr_max = fast_lr (0.34, config.py l.46), lr_min a tenth.
+            "lr_max": 0.34, "lr_min": 0.034,
+            # optimizer.py l.35-39: decay_ratio = s / num_steps for s = 0..T-1 (never lr_min).
+            "fast_schedule": "released",
+            # optimizer.py l.105: torch.optim.AdamW([mu, log_var], lr, betas, eps) leaves
+            # weight_decay at torch's default, 0.01, on both mu and log-var; betas l.66.
+            "weight_decay": 0.01, "betas": (0.9, 0.999),
+            # optimizer.py l.91-92: mu = 0, log_var = randn * 0.1 - 5.
+            "init_log_var": -5.0, "init_log_var_jitter": 0.1,
+            # optimizer.py l.109: one noise draw e, reused at every inner step (l.119).
+            "noise": "fixed",
+            # model.py l.593-599: the inner loss (eval_mode=True, optimizer.py l.74) is
+            # NLL + KL summed over tokens and sequences; the slow loss is the per-token
+            # mean cross-entropy (model.py l.457, train_ltm.py l.378-386).
+            "inner_loss": "sum",
+        },
+        # optimizer.py l.117-127: loss.backward() at every inner step also fills the
+        # decoder's .grad, never zeroed before the slow step (train_ltm.py l.386-398).
+        "train": {"decoder_grads": "trajectory"},
+    },
+}
+
+
+def apply_recipe(config: RunConfig, name: str) -> RunConfig:
+    """Set ``config``'s fields to recipe ``name``'s values (in place) and record its name."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    sections = {"model": config.model, "inference": config.inference, "train": config.train}
+    for section, values in RECIPES[name].items():
+        for key, value in values.items():
+            setattr(sections[section], key, value)
+    config.recipe = name
+    return config
 
 
 def preset(name: str) -> RunConfig:

@@ -76,20 +76,34 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
 
 
 def fast_lr(step: int, steps: int, config: InferenceConfig) -> float:
-    """Cosine decay from lr_max at the first inner step to lr_min at the last."""
-    if steps <= 1:
+    """The learning rate of inner step ``step`` = 0..steps-1: a cosine from lr_max to lr_min.
+
+    ``fast_schedule="cosine-to-min"`` reaches lr_min at the last step (progress s/(T-1));
+    ``"released"`` uses progress s/T, so its last step is still above lr_min (released
+    optimizer.py l.25-42, ``get_fast_lr``: decay_ratio = it / num_steps).
+    """
+    if config.fast_schedule == "released":
+        progress = step / steps
+    elif steps <= 1:
         return config.lr_max
-    progress = step / (steps - 1)
+    else:
+        progress = step / (steps - 1)
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return config.lr_min + (config.lr_max - config.lr_min) * cosine
 
 
 def initial_posterior(
-    ltm: LatentThoughtModel, batch: int, device: torch.device, config: InferenceConfig
+    ltm: LatentThoughtModel, batch: int, device: torch.device, config: InferenceConfig,
+    generator: torch.Generator | None = None, shard: Shard | None = None,
 ) -> LocalPosterior:
-    """loc at 0 and log-variance at ``init_log_var`` (-5 as released, sigma about 0.08)."""
+    """loc at 0 and log-variance at ``init_log_var`` (-5 as released, sigma about 0.08),
+    plus ``init_log_var_jitter`` * N(0, 1) drawn from ``generator`` when the jitter is not 0
+    (released optimizer.py l.91-92: randn * 0.1 - 5; with no jitter nothing is drawn)."""
     loc = torch.zeros(batch, *ltm.latent_shape, device=device)
     log_var = torch.full_like(loc, config.init_log_var)
+    if config.init_log_var_jitter:
+        jitter = (shard or Shard()).randn(loc.shape, generator, device)
+        log_var = log_var + config.init_log_var_jitter * jitter
     return LocalPosterior(loc, log_var)
 
 
@@ -114,8 +128,11 @@ def fit_local_posterior(
 ) -> FitResult:
     """Run ``steps`` (default ``config.steps``) inner steps of AdamW on (loc, log_var).
 
-    The loss is the per-token negative ELBO of the Pyro program, so that accumulated decoder
-    gradients (``accumulate_decoder_grads``) have the scale of the slow step's loss.
+    The loss is the negative ELBO of the Pyro program, per token (``inner_loss="per-token"``,
+    so that accumulated decoder gradients, ``accumulate_decoder_grads``, have the scale of
+    the slow step's loss) or summed over tokens and sequences (``"sum"``, as released, so
+    that they dwarf the slow step's own per-token gradient). The learning rate follows
+    ``fast_lr``; AdamW's weight decay on (loc, log_var) is ``config.weight_decay``.
     ``noise="fixed"`` draws one standard-normal noise for all steps (as released);
     ``"fresh"`` draws a new one at each step. Draws come from ``generator`` so that
     evaluation never moves the training RNG. Under data parallelism (``shard``) the noise is
@@ -123,12 +140,11 @@ def fit_local_posterior(
     (``tokens_total``), so each rank fits exactly what a single process would.
     """
     steps = config.steps if steps is None else steps
-    start = initial_posterior(ltm, tokens.shape[0], tokens.device, config)
+    shard = shard or Shard()
+    start = initial_posterior(ltm, tokens.shape[0], tokens.device, config, generator, shard)
     loc = start.loc.requires_grad_()
     log_var = start.log_var.requires_grad_()
     local = LocalPosterior(loc, log_var)
-
-    shard = shard or Shard()
 
     def draw() -> Tensor:
         return shard.randn(loc.shape, generator, loc.device)
@@ -139,15 +155,17 @@ def fit_local_posterior(
 
     elbo = SyncFreeMeanFieldELBO(max_plate_nesting=1)
     optimizer = torch.optim.AdamW([loc, log_var], lr=config.lr_max, betas=config.betas,
-                                  weight_decay=0.0)
-    tokens_in_batch = mask.sum() if tokens_total is None else tokens_total
+                                  weight_decay=config.weight_decay)
+    # "per-token" divides by the (global) token count; "sum" (released) keeps the sum.
+    normaliser = 1.0 if config.inner_loss == "sum" else (
+        mask.sum() if tokens_total is None else tokens_total)
     # "final" mode freezes the decoder: no weight-gradient work or activations kept for it.
     with contextlib.nullcontext() if accumulate_decoder_grads else frozen(ltm.decoder):
         for step in range(steps):
             if step > 0 and config.noise == "fresh":
                 noise = draw()
             loss = elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask, local, noise)
-            loss = loss / tokens_in_batch
+            loss = loss / normaliser
             optimizer.zero_grad(set_to_none=True)
             if accumulate_decoder_grads:
                 loss.backward()
