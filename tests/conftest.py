@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pyro
 import pytest
@@ -48,6 +50,14 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture
 def inference() -> InferenceConfig:
     return InferenceConfig(steps=6)
+
+
+def load_script(name: str) -> ModuleType:
+    """An ``experiments/`` script as a module, so its ``main`` runs in-process."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_data(name: str) -> Path:

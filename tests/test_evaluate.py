@@ -7,7 +7,10 @@ import sys
 
 import pytest
 
+from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
 from ltm_pyro.config import preset
+from ltm_pyro.data import load_corpus
 from ltm_pyro.decoder import count_parameters, matched_ar_config
 from ltm_pyro.flops import forward_flops_per_token, training_flops_per_token
 
@@ -28,6 +31,14 @@ def _write_corpus(folder, words, seed):
     for split, lines in (("train", 400), ("valid", 60), ("test", 60)):
         text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(lines))
         (folder / f"{split}.txt").write_text(text + "\n")
+
+
+def _scored(run, split, steps, iw_samples, elbo_samples, max_windows=None) -> dict:
+    """The scripts' figures computed in-process from the library, as a script's user would."""
+    ltm, config, tokenizer = model_from_checkpoint(load_checkpoint(run))
+    windows = load_corpus(config.data, config.model.context, tokenizer).windows[split]
+    return evaluate_windows(ltm, windows[:max_windows], config.inference, steps=steps,
+                            elbo_samples=elbo_samples, iw_samples=iw_samples, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +64,9 @@ def test_evaluate_json_has_every_contract_key(trained, tmp_path):
     assert CONTRACT_KEYS <= results.keys()
     assert results["inference_steps"] == 3 and results["iw_samples"] == 4
     assert results["elbo_ppl"] >= results["iwae_ppl"] * 0.98
+    expected = _scored(trained / "run", "test", steps=3, iw_samples=4, elbo_samples=4)
+    for key in ("tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"):
+        assert results[key] == pytest.approx(expected[key], rel=1e-6), key
     assert "iwae_ppl" in result.stdout  # the printed table
 
 
@@ -85,6 +99,12 @@ def test_inference_step_sweep_writes_json_and_png(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [r["inference_steps"] for r in rows] == [0, 2]
+    for row in rows:
+        expected = _scored(trained / "run", "valid", steps=row["inference_steps"], iw_samples=2,
+                           elbo_samples=4, max_windows=8)
+        assert row["iwae_ppl"] == pytest.approx(expected["iwae_ppl"], rel=1e-6)
+        assert row["recon_ppl"] == pytest.approx(expected["recon_ppl"], rel=1e-6)
+    assert rows[0]["recon_ppl"] != pytest.approx(rows[1]["recon_ppl"], rel=1e-6)
     assert (tmp_path / "sweep.png").stat().st_size > 0
 
 
