@@ -11,6 +11,12 @@ perplexities (DESIGN.md §2):
 - ``recon_ppl``: exp(NLL / tokens) at the draw the posterior was fitted with, KL left out: the
   paper-style number, which can fall below the data's entropy. Not a bound.
 For a model without latents all three equal its exact perplexity.
+
+With ``latent_stats=True`` ``evaluate_windows`` also keeps every window's fitted (loc, log_var)
+and reports what the latents carry (``latent_use``: KL and mutual information per window,
+active units, slot correlation); with ``prior_samples=K`` it scores the same model with the
+prior as proposal (``prior_iwae_ppl``). Both draw from their own generators, so the figures
+above stay the same with or without them.
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ from torch import Tensor
 
 from .config import InferenceConfig
 from .inference import fit_local_posterior
+from .latent_use import latent_use_summary
 from .model import LatentThoughtModel, LocalPosterior
+
+# Offsets of the seeds of the latent statistics' and prior control's generators from the
+# evaluation seed: their draws never shift the bounds' own draws.
+MI_SEED_OFFSET = 2**40
+PRIOR_SEED_OFFSET = 2**41
 
 
 def _repeat(posterior: LocalPosterior | None, times: int) -> LocalPosterior | None:
@@ -105,6 +117,7 @@ class BoundTotals:
     iwae: float = 0.0  # -log p(x) estimate
     recon: float = 0.0  # NLL at the fitting draw, KL left out
     sequences: int = 0
+    prior_iwae: float = 0.0  # -log p(x) estimate with the prior as proposal, if asked for
     extra: dict = field(default_factory=dict)
 
     def add(self, mask: Tensor, nll: Tensor, kl: Tensor, neg_iwae: Tensor, recon: Tensor) -> None:
@@ -114,6 +127,14 @@ class BoundTotals:
         self.iwae += float(neg_iwae.double().sum())
         self.recon += float(recon.double().sum())
         self.sequences += mask.shape[0]
+
+    def add_prior(self, neg_log_px: Tensor) -> None:
+        self.prior_iwae += float(neg_log_px.double().sum())
+
+    def prior_summary(self, samples: int) -> dict[str, float]:
+        per_token = -self.prior_iwae / self.tokens
+        return {"prior_iwae_per_token": per_token, "prior_iwae_ppl": math.exp(-per_token),
+                "prior_samples": samples}
 
     def summary(self) -> dict[str, float]:
         per_token = {
@@ -144,14 +165,21 @@ def evaluate_windows(
     seed: int = 0,
     device: torch.device | str = "cpu",
     on_batch=None,  # noqa: ANN001 - optional callable(BoundTotals), e.g. a progress bar
+    latent_stats: bool = False,
+    mi_samples: int = 4,
+    prior_samples: int = 0,
 ) -> dict[str, float]:
     """Fit each batch's posterior with ``steps`` inner steps and total the three bounds.
 
     Draws come from a generator seeded with ``seed``: the same call gives the same figures
-    and never moves the global RNG.
+    and never moves the global RNG. ``latent_stats`` adds ``latent_use_summary`` of all the
+    windows' fitted posteriors (MI with ``mi_samples`` draws a window); ``prior_samples`` K > 0
+    adds ``prior_iwae_ppl``, the IWAE with K draws from the prior as proposal.
     """
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    prior_generator = torch.Generator(device=device).manual_seed(seed + PRIOR_SEED_OFFSET)
+    posteriors: list[LocalPosterior] = []
     steps = inference.steps if steps is None else steps
     was_training = ltm.decoder.training
     ltm.decoder.eval()
@@ -168,10 +196,26 @@ def evaluate_windows(
         nll, kl = expected_nll_and_kl(ltm, tokens, mask, posterior, elbo_samples, generator)
         log_px = iwae_log_likelihood(ltm, tokens, mask, posterior, iw_samples, generator)
         totals.add(mask, nll, kl, -log_px, recon)
+        if prior_samples:
+            prior = None if posterior is None else LocalPosterior(
+                torch.zeros_like(posterior.loc), torch.zeros_like(posterior.log_var))
+            totals.add_prior(-iwae_log_likelihood(ltm, tokens, mask, prior, prior_samples,
+                                                  prior_generator))
+        if latent_stats and posterior is not None:
+            posteriors.append(posterior)
         if on_batch is not None:
             on_batch(totals)
     ltm.decoder.train(was_training)
     summary = totals.summary()
     summary.update(inference_steps=steps if ltm.has_latents else 0,
                    elbo_samples=elbo_samples, iw_samples=iw_samples)
+    if prior_samples:
+        summary.update(totals.prior_summary(prior_samples))
+    if latent_stats:
+        everything = LocalPosterior(torch.cat([q.loc for q in posteriors]),
+                                    torch.cat([q.log_var for q in posteriors])) if (
+            posteriors) else None
+        mi_generator = torch.Generator(device=device).manual_seed(seed + MI_SEED_OFFSET)
+        summary.update(latent_use_summary(everything, ltm.config.n_layers, len(windows),
+                                          mi_samples, mi_generator))
     return summary

@@ -3,7 +3,9 @@
 - importance diagnostics from log p(x, z) - log q(z) under the fitted guide: PSIS Pareto k-hat
   (k > 0.7: the guide misses mass the posterior has, and IWAE/ELBO figures are unreliable),
   importance-sampling ESS, and the IWAE bound;
-- KL per layer and per latent slot, active units, posterior contraction;
+- posterior contraction; KL per layer and per latent slot and active units (defined in
+  ``latent_use``, with the information measures: KL and mutual information per window, slot
+  correlation, and the prior-proposal IWAE control);
 - a reference posterior from NUTS (decoder fixed) and the guide's standardised mean difference
   and variance ratio against it;
 - ArviZ ``InferenceData`` with named dims (sequence, slot, dim) for both.
@@ -20,6 +22,7 @@ from pyro.infer import MCMC, NUTS
 from torch import Tensor
 
 from .bounds import log_mean_exp
+from .latent_use import active_units, kl_per_layer, kl_per_slot  # noqa: F401 - re-exported
 from .model import LatentThoughtModel, LocalPosterior
 
 DIMS = ["sequence", "slot", "dim"]
@@ -48,26 +51,6 @@ def importance_ess(log_weights: np.ndarray | Tensor) -> np.ndarray:
 
 def iwae_from_log_weights(log_weights: np.ndarray | Tensor) -> np.ndarray:
     return log_mean_exp(torch.as_tensor(np.asarray(log_weights, dtype=np.float64))).numpy()
-
-
-def kl_per_slot(posterior: LocalPosterior) -> Tensor:
-    """KL(q || N(0, I)) of each latent vector, summed over its dims: [B, N_z]."""
-    var = posterior.log_var.exp()
-    return 0.5 * (var + posterior.loc**2 - 1.0 - posterior.log_var).sum(-1)
-
-
-def kl_per_layer(posterior: LocalPosterior, n_layers: int) -> Tensor:
-    """KL per decoder layer (each layer owns N_z / L consecutive slots): [B, L]."""
-    per_slot = kl_per_slot(posterior)
-    return per_slot.unflatten(-1, (n_layers, -1)).sum(-1)
-
-
-def active_units(loc: Tensor, threshold: float = 0.01) -> Tensor:
-    """Which latent coordinates are used: variance over sequences of E_q[z] above threshold.
-
-    ``loc`` is [N, N_z, d] (posterior means of N sequences); returns a bool mask [N_z, d].
-    """
-    return loc.var(dim=0) > threshold
 
 
 def posterior_contraction(posterior: LocalPosterior) -> Tensor:

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from .checkpoint import (
     rng_states,
     save_checkpoint,
 )
-from .config import RunConfig
+from .config import InferenceConfig, RunConfig
 from .data import BatchSampler, Corpus, load_corpus
 from .decoder import Decoder, matched_ar_config
 from .distributed import Shard, process_group, shard_from_environment
@@ -95,18 +95,41 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
     return None
 
 
+NO_INFERENCE = "ltm-no-inference"
+LATENT_KEYS = ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
+               "mutual_info_cap", "active_units", "slot_correlation", "slot_effective_rank")
+
+
+def prior_as_posterior(inference: InferenceConfig) -> InferenceConfig:
+    """Inference settings whose fitted q is the prior exactly: no inner step, loc 0, log-var 0
+    (and no jitter, where the config has one). ``steps=0`` alone leaves q at the initial
+    posterior, whose log-variance is ``init_log_var``, not the prior's 0."""
+    values = {"steps": 0, "init_log_var": 0.0}
+    if "init_log_var_jitter" in {f.name for f in fields(inference)}:
+        values["init_log_var_jitter"] = 0.0
+    return replace(inference, **values)
+
+
 def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None,
-                       with_ar: bool = True) -> dict[str, RunConfig]:
-    """The LTM (one per training T) and its size-matched AR baselines, windowed and full.
+                       with_ar: bool = True, with_no_inference: bool = False
+                       ) -> dict[str, RunConfig]:
+    """The LTM (one per training T), its size-matched AR baselines, windowed and full, and
+    (``with_no_inference``) the LTM recipe trained with no inference, ``ltm-no-inference``:
+    T = 0 and q = the prior exactly, so z is noise to the decoder.
 
     The released comparison gave its GPT the full context while the LTM saw only its window,
     which confounds what the latents add: both baselines are trained so either can be read.
+    The ablation shares the LTM's architecture, data, tokens and slow loop: the LTM's gain
+    over it is what fitting q brings (in training or at test time), and its own gain or loss
+    against the ARs is the architecture and training noise, not latent use.
     """
     if base.model_kind != "ltm":
         raise UsageError("a comparison trains the LTM and its baselines: drop --model ar")
     found: dict[str, RunConfig] = {}
     for steps in inference_steps or [base.inference.steps]:
         found[f"ltm-T{steps}"] = replace(base, inference=replace(base.inference, steps=steps))
+    if with_no_inference:
+        found[NO_INFERENCE] = replace(base, inference=prior_as_posterior(base.inference))
     if with_ar:
         for name, window in (("ar-window", base.model.window), ("ar-full", None)):
             ar_model = matched_ar_config(replace(base.model, window=window))
@@ -122,15 +145,16 @@ def kl_weight_at(step: int, config: RunConfig) -> float:
 
 def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,
               device: torch.device) -> dict:
+    """Validation figures, with what the latents carry (``latent_use``; no prior control)."""
     ltm.kl_weight = config.inference.kl_weight  # the bound is scored at the full weight
     summary = evaluate_windows(
         ltm, windows[: config.train.eval_windows], config.inference,
         batch_size=config.train.batch_size, elbo_samples=config.train.eval_samples,
-        iw_samples=1, seed=config.train.seed, device=device,
+        iw_samples=1, seed=config.train.seed, device=device, latent_stats=True,
     )
     return {"neg_elbo": -summary["elbo_per_token"], "nll": summary["nll_per_token"],
             "kl": summary["kl_per_token"], "elbo_ppl": summary["elbo_ppl"],
-            "recon_ppl": summary["recon_ppl"]}
+            "recon_ppl": summary["recon_ppl"], **{k: summary[k] for k in LATENT_KEYS}}
 
 
 class Interrupted(Exception):

@@ -1,0 +1,248 @@
+"""What the latents carry (ltm_pyro.latent_use), on cases whose answer is known by construction.
+
+Each test also checks that a plausible wrong estimator would fail it (e.g. the posterior's own
+KL taken for the mutual information, or slots grouped into layers the wrong way).
+"""
+
+import math
+
+import pytest
+import torch
+
+from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.config import InferenceConfig, RunConfig, TrainConfig
+from ltm_pyro.decoder import Decoder
+from ltm_pyro.inference import fit_local_posterior
+from ltm_pyro.latent_use import (
+    kl_per_window,
+    latent_use_summary,
+    mutual_information,
+    slot_similarity,
+)
+from ltm_pyro.model import LatentThoughtModel, LocalPosterior
+from ltm_pyro.runner import (
+    LATENT_KEYS,
+    NO_INFERENCE,
+    _evaluate,
+    comparison_configs,
+    prior_as_posterior,
+)
+from ltm_pyro.svi import DualRateSVI
+
+from .conftest import micro_config
+from .test_bounds import _quadrature_log_px, _sharp_ltm
+
+HONEST = InferenceConfig(steps=6, noise="fresh", init_log_var=-2.0)
+
+
+def _windows(count: int, vocab: int = 23, length: int = 13, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _blind_ltm() -> LatentThoughtModel:
+    """A micro LTM whose cross-attention outputs are zeroed: p(x|z) does not depend on z."""
+    decoder = Decoder(micro_config())
+    with torch.no_grad():
+        for block in decoder.layers:
+            block.cross_attention.wo.weight.zero_()
+    return LatentThoughtModel(decoder)
+
+
+def _posterior(loc: torch.Tensor, log_var: float) -> LocalPosterior:
+    return LocalPosterior(loc, torch.full_like(loc, log_var))
+
+
+def test_a_decoder_that_ignores_z_carries_no_information():
+    ltm = _blind_ltm()
+    summary = evaluate_windows(ltm, _windows(48), HONEST, batch_size=16, iw_samples=8,
+                               latent_stats=True, prior_samples=32)
+    mi, stderr = summary["mutual_info_per_window"], summary["mutual_info_stderr"]
+    assert abs(mi) <= 3 * stderr + 1e-6, summary
+    # the fit still pays KL (q has not relaxed to the prior): KL taken for MI would fail here
+    assert summary["kl_per_window"] > 1.0
+    assert summary["active_units"] == 0 and summary["active_units_total"] == 2 * 2 * 32
+    assert summary["slot_correlation"] is None  # no slot's mean moves
+    assert summary["mutual_info_cap"] == pytest.approx(math.log(48))
+    # the prior control is the model's exact perplexity; the fitted q, not yet relaxed to the
+    # prior, pays for its mismatch at K = 8 (the IWAE gap) and scores worse
+    assert summary["prior_iwae_ppl"] == pytest.approx(math.exp(summary["nll_per_token"]),
+                                                      rel=1e-5)
+    assert summary["iwae_ppl"] > summary["prior_iwae_ppl"] * 1.5
+    assert summary["prior_samples"] == 32
+
+
+def test_a_decoder_that_ignores_z_scores_the_same_with_its_fit_and_with_the_prior():
+    """Fitted from the prior, q stays the prior (the decoder gives no gradient): the fitted
+    IWAE and the prior control coincide, and so do all the bounds."""
+    summary = evaluate_windows(_blind_ltm(), _windows(32), InferenceConfig(steps=6,
+                               init_log_var=0.0), batch_size=16, iw_samples=8,
+                               latent_stats=True, prior_samples=32)
+    assert summary["prior_iwae_ppl"] == pytest.approx(summary["iwae_ppl"], rel=1e-5)
+    assert summary["prior_iwae_ppl"] == pytest.approx(summary["elbo_ppl"], rel=1e-5)
+    assert summary["mutual_info_per_window"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["kl_per_window"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_prior_control_is_the_likelihood_when_z_matters():
+    """With a 1-D z the prior-proposal IWAE converges to log p(x) by quadrature. The decoder
+    depends on z, so a control scored at z = 0, or the NLL at the fitted draw, is off."""
+    ltm = _sharp_ltm()
+    windows = _windows(4, vocab=7, length=9, seed=1)
+    exact = float(_quadrature_log_px(ltm, windows).sum())
+    fitted = InferenceConfig(steps=30, noise="fresh", init_log_var=0.0)
+    summary = evaluate_windows(ltm, windows, fitted, batch_size=4, iw_samples=4,
+                               prior_samples=4096)
+    tokens = summary["tokens"]
+    assert summary["prior_iwae_per_token"] * tokens == pytest.approx(exact, abs=0.15)
+    with torch.no_grad():
+        zeros = torch.zeros(4, 1, 1)
+        at_zero = -float(ltm.elbo_terms(windows, torch.ones(4, 8), LocalPosterior(zeros, zeros),
+                                        zeros)[0].sum())
+    assert abs(at_zero - exact) > 0.5
+    assert abs(-summary["recon_nll_per_token"] * tokens - exact) > 0.5
+
+
+def test_mi_of_a_known_discrete_factor_is_its_entropy():
+    factors, windows = 8, 400
+    generator = torch.Generator().manual_seed(0)
+    centres = 4 * torch.randn(factors, 4, 3, generator=generator)
+    factor = torch.arange(windows) % factors
+    posterior = _posterior(centres[factor], -10.0)  # tight and well separated
+    mi = mutual_information(posterior, samples=4, generator=generator)
+    assert mi.estimate == pytest.approx(math.log(factors), abs=0.01)
+    assert mi.estimate <= mi.cap == pytest.approx(math.log(windows))
+    assert mi.stderr < 0.01
+    # the posterior's own KL is far from the factor's entropy: it would not pass as MI
+    kl = float(kl_per_window(posterior).mean())
+    assert abs(kl - math.log(factors)) > 10
+
+
+def test_mi_is_capped_by_log_n():
+    """More distinct values than windows: every window is told apart, and MI = log N."""
+    generator = torch.Generator().manual_seed(1)
+    centres = 4 * torch.randn(64, 2, 3, generator=generator)
+    posterior = _posterior(centres[:16], -10.0)
+    mi = mutual_information(posterior, samples=8, generator=generator)
+    assert mi.estimate == pytest.approx(math.log(16), abs=1e-3)
+    assert mi.estimate <= mi.cap + 1e-9
+    assert mi.estimate < math.log(64) - 1  # not the factor's entropy: N caps it
+
+
+def test_mi_of_a_gaussian_channel():
+    """q(z|x) = N(mu_x, 1) with mu_x ~ N(0, s^2): I(x; z) = 0.5 log(1 + s^2), here log 2."""
+    generator = torch.Generator().manual_seed(2)
+    loc = math.sqrt(3.0) * torch.randn(3000, 1, 1, generator=generator)
+    mi = mutual_information(_posterior(loc, 0.0), samples=4, generator=generator)
+    assert mi.estimate == pytest.approx(0.5 * math.log(4.0), abs=3 * mi.stderr + 0.02)
+    assert mi.stderr < 0.02
+
+
+def test_mi_chunking_does_not_change_the_estimate():
+    generator = torch.Generator().manual_seed(3)
+    loc = torch.randn(50, 4, 2, generator=generator)
+    posterior = LocalPosterior(loc, -torch.rand(50, 4, 2, generator=generator))
+    whole = mutual_information(posterior, 3, torch.Generator().manual_seed(4), max_elements=10**6)
+    chunked = mutual_information(posterior, 3, torch.Generator().manual_seed(4), max_elements=7)
+    assert chunked.estimate == pytest.approx(whole.estimate, abs=1e-9)
+    assert chunked.stderr == pytest.approx(whole.stderr, abs=1e-9)
+
+
+def _layered(layers: int, slots: int, slot_of) -> torch.Tensor:  # noqa: ANN001 - a callable
+    """Means [N, layers * slots, dim] with slot s of layer l given by ``slot_of(l, s)``."""
+    return torch.stack([slot_of(layer, slot) for layer in range(layers) for slot in range(slots)],
+                       dim=1)
+
+
+def test_slot_correlation_and_rank_of_copies_and_of_independent_slots():
+    generator = torch.Generator().manual_seed(5)
+    n, layers, slots, dim = 300, 2, 4, 5
+    base = [torch.randn(n, dim, generator=generator) for _ in range(layers)]
+    offsets = torch.randn(layers, slots, dim, generator=generator)
+    # copies up to sign and a constant offset per slot
+    copies = _layered(layers, slots,
+                      lambda layer, s: (-1) ** s * base[layer] + 3 * offsets[layer, s])
+    correlation, rank = slot_similarity(copies, layers)
+    assert correlation == pytest.approx(1.0, abs=1e-9)  # a signed mean would give -1/3 here
+    assert rank == pytest.approx(1.0, abs=1e-4)  # float32 means: rounding at 1e-7
+    independent = torch.randn(n, layers * slots, dim, generator=generator)
+    correlation, rank = slot_similarity(independent, layers)
+    assert correlation < 0.05
+    assert rank > slots - 0.05
+
+
+def test_slot_statistics_group_consecutive_slots_into_layers():
+    """Slot s of layer 0 equals slot s of layer 1, and slots within a layer are independent:
+    low correlation. Grouping slots by index modulo the layer count would pair the copies."""
+    generator = torch.Generator().manual_seed(6)
+    n, layers, slots, dim = 300, 2, 4, 5
+    own = [torch.randn(n, dim, generator=generator) for _ in range(slots)]
+    loc = _layered(layers, slots, lambda layer, s: own[s])
+    correlation, rank = slot_similarity(loc, layers)
+    assert correlation < 0.05 and rank > slots - 0.05
+    interleaved, _ = slot_similarity(loc.view(n, slots, layers, dim).transpose(1, 2)
+                                     .flatten(1, 2), layers)
+    assert interleaved > 0.3  # the wrong grouping sees the copies
+
+
+def test_a_shared_constant_offset_is_not_correlation():
+    generator = torch.Generator().manual_seed(7)
+    loc = 5 + 0.1 * torch.randn(200, 4, 6, generator=generator)  # slots share a mean of 5
+    correlation, _ = slot_similarity(loc, 1)
+    assert correlation < 0.05
+
+
+def test_summary_of_a_model_without_latents():
+    ar = LatentThoughtModel(Decoder(micro_config(latents_per_layer=0)))
+    summary = evaluate_windows(ar, _windows(10), InferenceConfig(), batch_size=4, iw_samples=2,
+                               latent_stats=True, prior_samples=8)
+    assert summary["mutual_info_per_window"] == 0 and summary["kl_per_window"] == 0
+    assert summary["active_units"] == summary["active_units_total"] == 0
+    assert summary["slot_correlation"] is None and summary["slot_effective_rank"] is None
+    assert summary["prior_iwae_ppl"] == summary["iwae_ppl"]
+    assert latent_use_summary(None, 2, 10)["mutual_info_cap"] == pytest.approx(math.log(10))
+
+
+def test_latent_options_leave_the_bounds_unchanged():
+    ltm = LatentThoughtModel(Decoder(micro_config()))
+    windows = _windows(24)
+    plain = evaluate_windows(ltm, windows, HONEST, batch_size=8, elbo_samples=2, iw_samples=4)
+    full = evaluate_windows(ltm, windows, HONEST, batch_size=8, elbo_samples=2, iw_samples=4,
+                            latent_stats=True, prior_samples=8)
+    assert {k: full[k] for k in plain} == plain
+    assert not set(plain) & {"mutual_info_per_window", "prior_iwae_ppl", "kl_per_window"}
+    # KL per window is KL per token times tokens per window
+    assert full["kl_per_window"] == pytest.approx(full["kl_per_token"] * 12, rel=1e-5)
+    assert 0 <= full["mutual_info_per_window"] <= full["mutual_info_cap"] + 1e-9
+
+
+def test_validation_records_carry_latent_use():
+    config = RunConfig(model=micro_config(), inference=HONEST,
+                       train=TrainConfig(eval_windows=16, batch_size=8))
+    record = _evaluate(LatentThoughtModel(Decoder(config.model)), _windows(20), config,
+                       torch.device("cpu"))
+    assert set(LATENT_KEYS) <= record.keys()
+    assert "prior_iwae_ppl" not in record  # the validation record skips the prior control
+    assert record["mutual_info_cap"] == pytest.approx(math.log(16))
+
+
+def test_no_inference_ablation_trains_with_q_equal_to_the_prior():
+    base = RunConfig(model=micro_config(), inference=HONEST)
+    assert NO_INFERENCE not in comparison_configs(base)  # other callers keep their variants
+    runs = comparison_configs(base, with_no_inference=True)
+    assert list(runs) == ["ltm-T6", NO_INFERENCE, "ar-window", "ar-full"]
+    ablation = runs[NO_INFERENCE]
+    assert ablation.inference.steps == 0 and ablation.inference.init_log_var == 0.0
+    assert ablation.model == base.model and ablation.model_kind == "ltm"
+    ltm = LatentThoughtModel(Decoder(ablation.model))
+    tokens, mask = _windows(4), torch.ones(4, 12)
+    fit = fit_local_posterior(ltm, tokens, mask, ablation.inference, torch.Generator())
+    assert torch.equal(fit.posterior.loc, torch.zeros_like(fit.posterior.loc))
+    assert torch.equal(fit.posterior.log_var, torch.zeros_like(fit.posterior.log_var))
+    # steps = 0 alone is not the prior: q stays at init_log_var -2 and pays KL
+    not_prior = fit_local_posterior(ltm, tokens, mask, InferenceConfig(steps=0, init_log_var=-2.0),
+                                    torch.Generator())
+    assert float(kl_per_window(not_prior.posterior).min()) > 1.0
+    svi = DualRateSVI(ltm, ablation.inference, TrainConfig(max_steps=2),
+                      torch.Generator().manual_seed(0))
+    assert float(svi.step(tokens, mask).kl) == 0.0
+    assert prior_as_posterior(HONEST).noise == HONEST.noise
