@@ -1,13 +1,13 @@
 import math
 
+import pytest
 import torch
 
 from ltm_pyro.bounds import evaluate_windows, expected_nll_and_kl, iwae_log_likelihood
-from ltm_pyro.config import InferenceConfig, TrainConfig
+from ltm_pyro.config import InferenceConfig
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.inference import fit_local_posterior
 from ltm_pyro.model import LatentThoughtModel
-from ltm_pyro.svi import DualRateSVI
 
 from .conftest import micro_config
 
@@ -90,36 +90,34 @@ def test_ar_bounds_are_its_exact_perplexity():
     assert math.isclose(summary["elbo_ppl"], summary["recon_ppl"], rel_tol=1e-6)
 
 
-def _markov_chain(n_docs: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Documents of a fixed 6-state chain and their exact log p(x_1.. | x_0)."""
-    generator = torch.Generator().manual_seed(123)
-    transition = torch.softmax(2.0 * torch.randn(6, 6, generator=generator), -1).double()
+def _sample_from(ltm: LatentThoughtModel, count: int, length: int, seed: int) -> torch.Tensor:
+    """Sequences drawn from the model itself: x_0 uniform, z from the prior, then x_t."""
     generator = torch.Generator().manual_seed(seed)
-    docs = torch.empty(n_docs, length, dtype=torch.long)
-    docs[:, 0] = torch.randint(0, 6, (n_docs,), generator=generator)
-    for t in range(1, length):
-        docs[:, t] = torch.multinomial(transition[docs[:, t - 1]], 1, generator=generator)[:, 0]
-    log_p = transition.log()[docs[:, :-1], docs[:, 1:]].sum(-1)
-    return docs, log_p
+    vocab = ltm.config.vocab_size
+    tokens = torch.zeros(count, length, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, vocab, (count,), generator=generator)
+    z = torch.randn(count, *ltm.latent_shape, generator=generator)
+    with torch.no_grad():
+        for t in range(1, length):
+            probs = torch.softmax(ltm.decoder(tokens[:, :t], z)[:, -1].float(), -1)
+            tokens[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tokens
 
 
-def test_valid_bounds_never_beat_the_true_entropy():
-    train, _ = _markov_chain(512, 13, seed=1)
-    held_out, true_log_p = _markov_chain(256, 13, seed=2)
-    ltm = LatentThoughtModel(Decoder(micro_config(vocab_size=6)))
-    inference = InferenceConfig(steps=4, init_log_var=0.0)  # fixed noise, as released
-    svi = DualRateSVI(ltm, inference, TrainConfig(max_steps=80, warmup_steps=10, lr=3e-3),
-                      torch.Generator().manual_seed(0))
-    for step in range(80):
-        batch = train[torch.randperm(512, generator=torch.Generator().manual_seed(step))[:32]]
-        svi.step(batch, torch.ones(32, 12))
-
-    tokens = held_out.shape[0] * 12
-    true_nll = float(-true_log_p.sum()) / tokens
-    summary = evaluate_windows(ltm, held_out, inference, batch_size=64, elbo_samples=4,
+@pytest.mark.parametrize("init_log_var", [-5.0, -2.0])
+def test_valid_bounds_never_beat_the_exact_likelihood(init_log_var):
+    """On text drawn from a model whose exact log p(x) is known (1-D z, quadrature), the
+    evaluator's ELBO and IWAE stay at or above the exact NLL of the same sequences, while the
+    KL-free figure falls below it. The fits are as released (one fixed draw), so z carries
+    enough information that an ELBO without its KL (at log-variance -5: 0.08 nats/token below
+    the exact NLL) or importance weights at the fitted draw (at -2: 0.09 below) is caught."""
+    ltm = _sharp_ltm()
+    tokens = _sample_from(ltm, 128, 9, seed=0)
+    exact_nll = float(-_quadrature_log_px(ltm, tokens).sum()) / tokens[:, 1:].numel()
+    inference = InferenceConfig(steps=16, noise="fixed", init_log_var=init_log_var)
+    summary = evaluate_windows(ltm, tokens, inference, batch_size=64, elbo_samples=4,
                                iw_samples=16)
-    per_doc_sd = float(true_log_p.std()) / 12
-    mc_error = 3 * per_doc_sd / math.sqrt(held_out.shape[0])
-    assert -summary["elbo_per_token"] >= true_nll - mc_error
-    assert -summary["iwae_per_token"] >= true_nll - mc_error
-    assert summary["recon_ppl"] > 0  # reported, may fall below the floor
+    tolerance = 0.01  # nats/token: Monte-Carlo error of the estimators, far below the gaps
+    assert -summary["elbo_per_token"] >= exact_nll - tolerance
+    assert -summary["iwae_per_token"] >= exact_nll - tolerance
+    assert summary["recon_nll_per_token"] < exact_nll - 5 * tolerance  # not a bound
