@@ -4,6 +4,9 @@ Everything a run writes lives in its folder: ``config.json``, ``metrics.jsonl`` 
 object per logged step, training and validation), ``checkpoint.pt`` and
 ``training_curves.png``. Calling ``train`` again on the same folder resumes from the
 checkpoint, and the batches, noise and updates continue exactly as if never interrupted.
+One training process per folder: it holds the folder's lock (``.lock``) while it trains. A
+write that fails (full disk, I/O error) stops the run with one line; the last checkpoint
+stays whole and the same command resumes from it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -36,7 +41,15 @@ from .data import BatchSampler, Corpus, load_corpus
 from .decoder import Decoder, matched_ar_config
 from .distributed import Shard, process_group, shard_from_environment
 from .errors import UsageError
-from .files import append_jsonl, read_jsonl, rewrite_jsonl, write_json
+from .files import (
+    FolderLocked,
+    WriteFailed,
+    append_jsonl,
+    folder_lock,
+    read_jsonl,
+    rewrite_jsonl,
+    write_json,
+)
 from .model import LatentThoughtModel
 from .svi import DualRateSVI, StepStats
 from .tokenizers import tokenizer_from_dict
@@ -69,8 +82,8 @@ def _comparable(config: dict) -> dict:
     return {**config, "model": model}
 
 
-def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
-    """Create the folder; return the checkpoint to resume from, if any."""
+def _claim_folder(out: Path) -> None:
+    """Create the folder and check it can be written."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder path")
     try:
@@ -80,6 +93,33 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
         probe.unlink()
     except OSError:
         raise UsageError(f"--out {out} is not writable; pass a folder you can write to") from None
+
+
+@contextmanager
+def _training_lock(out: Path, shard: Shard) -> Iterator[None]:
+    """Rank 0 creates ``out`` and holds its lock while training: one training run per folder.
+
+    Readers (evaluate.py, generate.py) take no lock; atomic replaces keep their reads whole.
+    """
+    if not shard.is_main:
+        yield
+        return
+    _claim_folder(out)
+    with ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(out))
+        except FolderLocked as locked:
+            raise UsageError(f"--out {out} is in use by another training run ({locked.holder});"
+                             " wait for it to finish or stop it, or choose another --out"
+                             ) from None
+        except OSError as error:
+            raise UsageError(f"could not lock --out {out}: {error.strerror or error}; choose a "
+                             "folder on a local disk") from None
+        yield
+
+
+def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
+    """Return the checkpoint in ``out`` to resume from, if any (under the folder's lock)."""
     if not checkpoint_path(out).exists():
         return None
     payload = load_checkpoint(out)
@@ -232,8 +272,9 @@ def train(config: RunConfig, out: Path, force: bool = False, progress: bool = Tr
     if shard.distributed and device.type == "cuda":
         device = torch.device("cuda", shard.local_rank)
         torch.cuda.set_device(device)
-    with process_group(shard, device):
-        return _train(config, Path(out), force, progress, shard, device)
+    out = Path(out)
+    with process_group(shard, device), _training_lock(out, shard):
+        return _train(config, out, force, progress, shard, device)
 
 
 def _resume_point(out: Path, config: RunConfig, force: bool, shard: Shard) -> dict | None:
@@ -280,20 +321,35 @@ def _train(config: RunConfig, out: Path, force: bool, progress: bool, shard: Sha
             "parameters": decoder.num_parameters(),
         })
 
+    saved_step = start_step if resume else None
+
+    def resumes() -> str:
+        if saved_step is None:
+            return "rerun the same command to start the run again"
+        return f"rerun the same command to resume from the checkpoint of step {saved_step}"
+
     def checkpoint(step: int) -> None:
-        save_checkpoint(checkpoint_path(out), {
-            "config": config.to_dict(), "tokenizer": corpus.tokenizer.to_dict(),
-            "world_size": shard.world, "decoder": decoder.state_dict(),
-            "svi": svi.state_dict(), "step": step,
-            "rng": rng_states(generator), "corpus": corpus.name,
-            "references": corpus.references, "log_window": window.state(),
-            "bad_in_a_row": bad_in_a_row, "skipped_total": skipped_total,
-        })
+        nonlocal saved_step
+        try:
+            save_checkpoint(checkpoint_path(out), {
+                "config": config.to_dict(), "tokenizer": corpus.tokenizer.to_dict(),
+                "world_size": shard.world, "decoder": decoder.state_dict(),
+                "svi": svi.state_dict(), "step": step,
+                "rng": rng_states(generator), "corpus": corpus.name,
+                "references": corpus.references, "log_window": window.state(),
+                "bad_in_a_row": bad_in_a_row, "skipped_total": skipped_total,
+            })
+        except WriteFailed as failed:
+            raise failed.then(resumes()) from None
+        saved_step = step
 
     def log(record: dict) -> None:
         records.append(record)
         if shard.is_main:
-            append_jsonl(out / METRICS_NAME, record)
+            try:
+                append_jsonl(out / METRICS_NAME, record)
+            except WriteFailed as failed:
+                raise failed.then(resumes()) from None
 
     train_cfg = config.train
     mask = torch.ones(train_cfg.batch_size, config.model.context, device=device)

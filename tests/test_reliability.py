@@ -2,15 +2,17 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
+from ltm_pyro.checkpoint import FORMAT, VERSION, load_checkpoint, model_from_checkpoint
 from ltm_pyro.config import InferenceConfig, TrainConfig, preset
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.files import write_json
@@ -113,11 +115,18 @@ def _bad_inputs(root, finished):
     (root / "short.txt").write_text("a few words only\n")
     (root / "nosplits").mkdir(exist_ok=True)
     (root / "nosplits" / "notes.txt").write_text("hello world\n" * 100)
+    (root / "nosplits" / "more.txt").write_text("hello again\n" * 100)
     (root / "afile").write_text("x")
     truncated = root / "truncated.pt"
     truncated.write_bytes((finished / "checkpoint.pt").read_bytes()[:2000])
     foreign = root / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
+    malicious = root / "malicious.pt"  # unpickling it would create root / "marker"
+    torch.save({"format": FORMAT, "version": VERSION, "x": _Touch(root / "marker")}, malicious)
+    old = root / "old-format.pt"  # format 1 pickled the Python and numpy RNG states as such
+    payload = {**load_checkpoint(finished), "version": 1}
+    torch.save({**payload, "rng": {**payload["rng"], "python": random.getstate(),
+                                   "numpy": np.random.get_state()}}, old)
     new = str(root / "new-run")
     return [
         ("run_svi.py", ["--out", new, "--data", str(root / "missing.txt")], "does not exist"),
@@ -145,13 +154,25 @@ def _bad_inputs(root, finished):
         ("evaluate.py", ["--checkpoint", str(foreign)], "not an ltm-pyro checkpoint"),
         ("evaluate.py", ["--checkpoint", str(root / "afile")], "corrupt or truncated"),
         ("evaluate.py", ["--checkpoint", str(root)], "no checkpoint"),
+        ("evaluate.py", ["--checkpoint", str(malicious)], "refused to load"),
+        ("generate.py", ["--checkpoint", str(old)], "old pickle format"),
     ]
+
+
+class _Touch:
+    """An object whose unpickling creates a file: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, path) -> None:  # noqa: ANN001
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
 
 
 def test_every_bad_input_is_one_line_and_damages_nothing(tmp_path, finished):
     if torch.cuda.is_available():
         pytest.skip("the CUDA case below assumes no GPU")
-    before = {p.name: p.read_bytes() for p in finished.iterdir()}
+    before = {p.name: p.read_bytes() for p in finished.iterdir()}  # .lock: empty when free
     cases = _bad_inputs(tmp_path, finished)
     cases.append(("run_svi.py", ["--out", str(tmp_path / "gpu"), "--device", "cuda"], "no CUDA"))
     failures = []
@@ -165,6 +186,7 @@ def test_every_bad_input_is_one_line_and_damages_nothing(tmp_path, finished):
     assert not failures, failures
     assert {p.name: p.read_bytes() for p in finished.iterdir()} == before
     assert not list(finished.glob(".*.tmp"))
+    assert not (tmp_path / "marker").exists()
 
 
 def test_kl_warmup_ramps_to_the_configured_weight():
