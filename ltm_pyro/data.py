@@ -98,10 +98,23 @@ def split_files(folder: Path) -> dict[str, Path]:
     return found
 
 
+def lone_corpus_file(folder: Path) -> Path | None:
+    """The folder's only text file when it holds no split files (a README aside), else None:
+    such a folder (e.g. tinyshakespeare/ with input.txt) is read as that one file."""
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
+             and not p.name.lower().startswith("readme")]
+    named_like_splits = [p for p in files if any(s in p.name.lower() for s in SPLITS)]
+    return files[0] if len(files) == 1 and not named_like_splits else None
+
+
 def read_splits(path: Path) -> dict[str, str]:
-    """The three splits' text: a folder's files, or one file cut 90/5/5 by lines."""
+    """The three splits' text: a folder's files, or one file (alone in its folder or given
+    directly) cut 90/5/5 by lines."""
     if path.is_dir():
-        return {split: read_text(file) for split, file in split_files(path).items()}
+        lone = lone_corpus_file(path)
+        if lone is None:
+            return {split: read_text(file) for split, file in split_files(path).items()}
+        path = lone
     text = read_text(path)
     lines = text.splitlines(keepends=True)
     n_train, n_valid = math.floor(0.9 * len(lines)), math.floor(0.05 * len(lines))

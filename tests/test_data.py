@@ -61,6 +61,24 @@ def test_single_file_is_split_deterministically(tmp_path):
     assert splits["test"].startswith("line 95")
 
 
+def test_folder_holding_one_corpus_file_is_split_like_that_file(tmp_path):
+    lines = "".join(f"line {i}\n" for i in range(100))
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "input.txt").write_text(lines)
+    (folder / "README.txt").write_text("where the corpus comes from\n")
+    alone = tmp_path / "alone.txt"
+    alone.write_text(lines)
+    assert read_splits(folder) == read_splits(alone)
+
+
+def test_folder_of_unrelated_files_is_a_usage_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("a b c\n")
+    (tmp_path / "more.txt").write_text("d e f\n")
+    with pytest.raises(UsageError, match="train, valid, test"):
+        text_corpus(tmp_path, DataConfig(), 4)
+
+
 def test_folder_without_splits_is_a_usage_error(tmp_path):
     (tmp_path / "train.txt").write_text("a b c\n")
     with pytest.raises(UsageError, match="valid, test"):
