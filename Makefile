@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: setup run test lint gpu-wheels
+.PHONY: setup run test lint mutants mutation gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check ltm_pyro experiments tests
+
+# Each change the suite once let through, applied to a copy: its named test must fail (minutes).
+mutants: setup
+	$(PY) tests/mutants/listed.py
+
+# mutmut over the core modules with their fast tests ([tool.mutmut] in pyproject.toml); about
+# an hour on 2 cores, not in CI. Writes experiments/results/mutation/core.{json,md}.
+mutation: setup
+	$(PY) -m pip install --quiet -e ".[mutation]"
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2
+	$(PY) tests/mutants/score.py --mutants mutants --json experiments/results/mutation/core.json
 
 # Wheels the GPU machine lacks (it has torch, numpy, seaborn, tqdm): see experiments/gpu_checks.sh.
 gpu-wheels:

@@ -1,0 +1,78 @@
+"""Per-module mutation score from a finished ``mutmut run`` (``make mutation`` runs both).
+
+    .venv/bin/python tests/mutants/score.py --mutants mutants \
+        --json experiments/results/mutation/core.json
+
+Reads mutmut's verdicts (``mutants/**/*.py.meta``) and counts, per core module: killed (a test
+failed, or the mutant hung or crashed the run), survived (every test passed), no tests (no
+selected test runs the mutated function: as bad as surviving) and not checked. The score is
+killed / (killed + survived + no tests); the goal (issue 20) is 80% per module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from ltm_pyro.report import markdown_table, write_results  # noqa: E402
+
+KILLED = {1, 3, 36, 37, -24, 24, 152, 255, -11, -9}  # failed, timed out, crashed
+SURVIVED = {0}
+NO_TESTS = {5, 33}
+GOAL = 0.8
+
+
+def verdicts(meta: Path) -> Counter:
+    counts: Counter = Counter()
+    for code in json.loads(meta.read_text())["exit_code_by_key"].values():
+        if code in KILLED:
+            counts["killed"] += 1
+        elif code in SURVIVED:
+            counts["survived"] += 1
+        elif code in NO_TESTS:
+            counts["no_tests"] += 1
+        else:
+            counts["not_checked"] += 1
+    return counts
+
+
+def survivors(meta: Path) -> list[str]:
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return sorted(name for name, code in codes.items() if code in SURVIVED | NO_TESTS)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mutants", type=Path, default=Path("mutants"), help="mutmut's folder")
+    p.add_argument("--json", type=Path, help="write the scores (and a .md beside) here")
+    args = p.parse_args()
+    rows = []
+    for meta in sorted(args.mutants.glob("**/*.py.meta")):
+        counts = verdicts(meta)
+        judged = counts["killed"] + counts["survived"] + counts["no_tests"]
+        rows.append({"module": str(meta.relative_to(args.mutants))[: -len(".meta")],
+                     "mutants": sum(counts.values()), **counts,
+                     "score": counts["killed"] / judged if judged else None,
+                     "meets_goal": judged > 0 and counts["killed"] / judged >= GOAL,
+                     "unkilled": survivors(meta)})
+    columns = ["module", "mutants", "killed", "survived", "no_tests", "not_checked", "score",
+               "meets_goal"]
+    table = markdown_table(rows, columns)
+    print(table)
+    if args.json:
+        write_results(args.json, "Mutation score of the core modules", "cpu",
+                      {"goal": GOAL, "rows": rows},
+                      f"mutmut over the core modules with their fast tests (`make mutation`).\n\n"
+                      f"{table}\n\nScore = killed / (killed + survived + no tests); goal "
+                      f"{GOAL:.0%} per module. The JSON lists every unkilled mutant by name "
+                      "(`mutmut show NAME` prints its change).\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
