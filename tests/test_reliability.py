@@ -2,17 +2,15 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
-from ltm_pyro.checkpoint import FORMAT, VERSION, load_checkpoint, model_from_checkpoint
+from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
 from ltm_pyro.config import InferenceConfig, TrainConfig, preset
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.files import write_json
@@ -100,93 +98,21 @@ def test_nan_guard_stops_the_run_with_one_line(tmp_path):
     assert "3 steps in a row had a non-finite loss" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert run("run_svi.py", "--out", str(out), *RUN).returncode == 0
-    return out
-
-
-def _bad_inputs(root, finished):
-    """(script, args, expected words in the error line) for every kind of bad input."""
-    (root / "empty.txt").write_text("")
-    (root / "binary.txt").write_bytes(b"\x00\x01\x02" * 100)
-    (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
-    (root / "short.txt").write_text("a few words only\n")
-    (root / "nosplits").mkdir(exist_ok=True)
-    (root / "nosplits" / "notes.txt").write_text("hello world\n" * 100)
-    (root / "nosplits" / "more.txt").write_text("hello again\n" * 100)
-    (root / "afile").write_text("x")
-    truncated = root / "truncated.pt"
-    truncated.write_bytes((finished / "checkpoint.pt").read_bytes()[:2000])
-    foreign = root / "foreign.pt"
-    torch.save({"weights": torch.zeros(2)}, foreign)
-    malicious = root / "malicious.pt"  # unpickling it would create root / "marker"
-    torch.save({"format": FORMAT, "version": VERSION, "x": _Touch(root / "marker")}, malicious)
-    old = root / "old-format.pt"  # format 1 pickled the Python and numpy RNG states as such
-    payload = {**load_checkpoint(finished), "version": 1}
-    torch.save({**payload, "rng": {**payload["rng"], "python": random.getstate(),
-                                   "numpy": np.random.get_state()}}, old)
-    new = str(root / "new-run")
-    return [
-        ("run_svi.py", ["--out", new, "--data", str(root / "missing.txt")], "does not exist"),
-        ("run_svi.py", ["--out", new, "--data", str(root / "empty.txt")], "empty"),
-        ("run_svi.py", ["--out", new, "--data", str(root / "binary.txt")], "binary"),
-        ("run_svi.py", ["--out", new, "--data", str(root / "latin1.txt")], "UTF-8"),
-        ("run_svi.py", ["--out", new, "--data", str(root / "short.txt")], "shorter than one"),
-        ("run_svi.py", ["--out", new, "--data", str(root / "nosplits")], "train"),
-        ("run_svi.py", ["--out", new, "--tokenizer", "sentencepiece"], "invalid choice"),
-        ("run_svi.py", ["--out", new, "--preset", "gpt5"], "invalid choice"),
-        ("run_svi.py", ["--out", new, "--model", "rnn"], "invalid choice"),
-        ("run_svi.py", ["--out", new, "--device", "tpu"], "unknown device"),
-        ("run_svi.py", ["--out", new, "--max-steps", "-3"], "positive integer"),
-        ("run_svi.py", ["--out", new, "--batch-size", "0"], "positive integer"),
-        ("run_svi.py", ["--out", new, "--seq-len", "0"], "positive integer"),
-        ("run_svi.py", ["--out", new, "--slow-lr", "0"], "above zero"),
-        ("run_svi.py", ["--out", new, "--fast-lr", "inf"], "finite"),
-        ("run_svi.py", ["--out", new, "--slow-lr", "nan"], "finite"),
-        ("run_svi.py", ["--out", new, "--batch-size", "5000"], "fewer than one batch"),
-        ("run_svi.py", ["--out", str(root / "afile")], "is a file"),
-        ("run_svi.py", ["--out", str(root / "afile" / "sub")], "not writable"),
-        ("run_svi.py", ["--out", str(finished), *RUN, "--tokenizer", "char"], "different config"),
-        ("run_svi.py", ["--out", str(finished), *RUN, "--d-model", "48"], "different config"),
-        ("evaluate.py", ["--checkpoint", str(truncated)], "corrupt or truncated"),
-        ("evaluate.py", ["--checkpoint", str(foreign)], "not an ltm-pyro checkpoint"),
-        ("evaluate.py", ["--checkpoint", str(root / "afile")], "corrupt or truncated"),
-        ("evaluate.py", ["--checkpoint", str(root)], "no checkpoint"),
-        ("evaluate.py", ["--checkpoint", str(malicious)], "refused to load"),
-        ("generate.py", ["--checkpoint", str(old)], "old pickle format"),
-    ]
-
-
-class _Touch:
-    """An object whose unpickling creates a file: a stand-in for a malicious checkpoint."""
-
-    def __init__(self, path) -> None:  # noqa: ANN001
-        self.path = path
-
-    def __reduce__(self):
-        return open, (str(self.path), "w")
-
-
-def test_every_bad_input_is_one_line_and_damages_nothing(tmp_path, finished):
-    if torch.cuda.is_available():
-        pytest.skip("the CUDA case below assumes no GPU")
-    before = {p.name: p.read_bytes() for p in finished.iterdir()}  # .lock: empty when free
-    cases = _bad_inputs(tmp_path, finished)
-    cases.append(("run_svi.py", ["--out", str(tmp_path / "gpu"), "--device", "cuda"], "no CUDA"))
-    failures = []
-    for script, args, words in cases:
-        result = run(script, *args)
-        lines = result.stderr.strip().splitlines()
-        ok = (result.returncode != 0 and "Traceback" not in result.stderr and len(lines) == 1
-              and words in lines[0])
-        if not ok:
-            failures.append((script, args, result.returncode, result.stderr[-400:]))
-    assert not failures, failures
-    assert {p.name: p.read_bytes() for p in finished.iterdir()} == before
-    assert not list(finished.glob(".*.tmp"))
-    assert not (tmp_path / "marker").exists()
+@pytest.mark.parametrize("script,args,words", [
+    ("run_svi.py", ["--data", "/nonexistent/corpus.txt"], "does not exist"),
+    ("run_svi.py", ["--max-steps", "-3"], "positive integer"),
+    ("evaluate.py", ["--checkpoint", "/nonexistent/run"], "no checkpoint"),
+])
+def test_bad_input_exits_non_zero_with_one_line_from_a_real_process(tmp_path, script, args,
+                                                                   words):
+    """The process-level contract (exit status, one line on stderr, no traceback); the whole
+    catalogue of bad inputs runs in-process in test_bad_input.py."""
+    if script == "run_svi.py":
+        args = ["--out", str(tmp_path / "new"), *args]
+    result = run(script, *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and words in lines[0], result.stderr
 
 
 def test_kl_warmup_ramps_to_the_configured_weight():
