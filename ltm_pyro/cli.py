@@ -64,8 +64,33 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's usage examples as written and shows each flag's default
+    (when it has one: a flag left unset means "the preset's value", which --preset shows)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (status 2), without the usage dump."""
+
+    @classmethod
+    def from_doc(cls, doc: str) -> OneLineParser:
+        """A parser for a script: its docstring's first line is the description and the rest
+        (the usage examples) the text after the flags in --help."""
+        first, _, rest = doc.strip().partition("\n")
+        return cls(description=first, epilog=rest.strip("\n") or None,
+                   formatter_class=HelpFormatter)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:  # noqa: ANN002, ANN003
+        """A flag without help text still shows its default in --help."""
+        if kwargs.get("help") is None and kwargs.get("default") not in (None, False):
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -129,6 +154,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-loss", choices=("per-token", "sum"),
                    help="inner loss per token, or summed over tokens and sequences (released)")
     p.add_argument("--noise", choices=("fixed", "fresh"))
+    p.add_argument("--free-bits", type=non_negative_float,
+                   help="training fits count each group's KL as at least this many nats "
+                   "(free bits; evaluation always scores the full bound)")
+    p.add_argument("--free-bits-group", choices=("slot", "layer"),
+                   help="free bits per latent vector (slot) or per layer's vectors")
+    p.add_argument("--init-loc-scale", type=non_negative_float,
+                   help="start the guide's loc at this times fixed per-slot offsets (breaks "
+                   "the symmetry between a layer's slots; default 0)")
     p.add_argument("--kl-weight", type=positive_float)
     p.add_argument("--slow-lr", type=positive_float,
                    help="peak slow lr; cosine-decays to a tenth of it")
@@ -171,6 +204,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (inference, "fast_schedule", args.fast_schedule),
         (inference, "weight_decay", args.fast_weight_decay),
         (inference, "inner_loss", args.inner_loss),
+        (inference, "free_bits", args.free_bits),
+        (inference, "free_bits_group", args.free_bits_group),
+        (inference, "init_loc_scale", args.init_loc_scale),
         (train_cfg, "max_steps", args.max_steps),
         (train_cfg, "batch_size", args.batch_size),
         (train_cfg, "warmup_steps", args.warmup_steps),

@@ -16,6 +16,7 @@ DecoderGrads = Literal["final", "trajectory"]
 ModelKind = Literal["ltm", "ar"]
 FastSchedule = Literal["cosine-to-min", "released"]
 InnerLoss = Literal["per-token", "sum"]
+FreeBitsGroup = Literal["slot", "layer"]
 
 
 @dataclass
@@ -67,6 +68,18 @@ class InferenceConfig:
     - ``inner_loss``: ``"per-token"`` divides each inner loss by the batch's token count;
       ``"sum"`` sums over tokens and sequences as released. Adam ignores the scale (up to its
       eps); it matters for the decoder gradients accumulated in trajectory mode.
+
+    Levers against posterior collapse (docs/latent-diagnostics.md, "Levers"); the defaults
+    leave the objective and the start as they were:
+
+    - ``free_bits``: in the *training* fit only, each group's KL (a slot's d coordinates, or
+      a layer's slots, ``free_bits_group``) of each sequence counts as max(KL, free_bits)
+      nats (Kingma et al. 2016, per sequence rather than per minibatch, so a sequence's fit
+      does not depend on its batch). Evaluation fits and scores the full ELBO. The slow
+      step's KL carries no decoder gradient (q is held fixed), so only the fit changes.
+    - ``init_loc_scale``: loc starts at this times fixed per-slot offsets (one N(0, I) vector
+      per slot from a fixed seed, the same for every sequence, in training and evaluation),
+      instead of 0 for every slot: breaks the symmetry between a layer's slots.
     """
 
     steps: int = 16
@@ -80,6 +93,9 @@ class InferenceConfig:
     weight_decay: float = 0.0
     init_log_var_jitter: float = 0.0
     inner_loss: InnerLoss = "per-token"
+    free_bits: float = 0.0
+    free_bits_group: FreeBitsGroup = "slot"
+    init_loc_scale: float = 0.0
 
 
 @dataclass

@@ -31,16 +31,21 @@ class SyncFreeMeanFieldELBO(TraceMeanField_ELBO):
     a tensor; with Pyro validation on it defers to Pyro's checked implementation.
     """
 
+    checked_by_pyro = True  # with Pyro validation on, defer to Pyro's checked loss
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:  # noqa: ANN001
-        if is_validation_enabled():
+        if self.checked_by_pyro and is_validation_enabled():
             return super().differentiable_loss(model, guide, *args, **kwargs)
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             loss = loss - self._elbo_particle(model_trace, guide_trace) / self.num_particles
         return loss
 
-    @staticmethod
-    def _elbo_particle(model_trace, guide_trace) -> Tensor:  # noqa: ANN001 - Pyro traces
+    def site_kl(self, q, p) -> Tensor:  # noqa: ANN001 - a latent site's guide and prior
+        """The KL of a latent site, per sequence (before Pyro's scale and mask)."""
+        return torch.distributions.kl_divergence(q, p)
+
+    def _elbo_particle(self, model_trace, guide_trace) -> Tensor:  # noqa: ANN001 - traces
         elbo = 0.0
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample":
@@ -49,9 +54,37 @@ class SyncFreeMeanFieldELBO(TraceMeanField_ELBO):
                 elbo = elbo + site["log_prob_sum"]
             else:
                 guide_site = guide_trace.nodes[name]
-                kl = torch.distributions.kl_divergence(guide_site["fn"], site["fn"])
+                kl = self.site_kl(guide_site["fn"], site["fn"])
                 elbo = elbo - scale_and_mask(kl, guide_site["scale"], guide_site["mask"]).sum()
         return elbo
+
+
+class FreeBitsMeanFieldELBO(SyncFreeMeanFieldELBO):
+    """The training objective with free bits (Kingma et al. 2016): each latent site's KL is
+    summed per group (``"slot"``: a slot's coordinates; ``"layer"``: a layer's slots, which
+    own consecutive slots) and each group's KL of each sequence counts as
+    max(KL, ``free_bits``) nats before Pyro's site scale and mask. Below the floor a group's
+    KL has no gradient, so the fit may move q that far from the prior for free. Not a bound:
+    evaluation uses ``SyncFreeMeanFieldELBO``. Latent sites are [..., N_z, d] with
+    ``to_event(2)``; ``n_layers`` groups the slots by layer. Pyro's checked loss would score
+    the plain KL, so this one never defers to it.
+    """
+
+    checked_by_pyro = False
+
+    def __init__(self, free_bits: float, group: str = "slot", n_layers: int = 1,
+                 **kwargs) -> None:  # noqa: ANN003 - TraceMeanField_ELBO's options
+        super().__init__(**kwargs)
+        if group not in ("slot", "layer"):
+            raise ValueError(f"free_bits_group must be 'slot' or 'layer', not {group!r}")
+        self.free_bits, self.group, self.n_layers = free_bits, group, n_layers
+
+    def site_kl(self, q, p) -> Tensor:  # noqa: ANN001 - Independent Normals
+        """sum over groups of max(KL of the group, free_bits): [batch]."""
+        per_slot = torch.distributions.kl_divergence(q.base_dist, p.base_dist).sum(-1)
+        if self.group == "layer":
+            per_slot = per_slot.unflatten(-1, (self.n_layers, -1)).sum(-1)
+        return per_slot.clamp(min=self.free_bits).sum(-1)
 
 
 def scale_and_mask(value: Tensor, scale: float | Tensor, mask: Tensor | None) -> Tensor:
@@ -92,14 +125,27 @@ def fast_lr(step: int, steps: int, config: InferenceConfig) -> float:
     return config.lr_min + (config.lr_max - config.lr_min) * cosine
 
 
+SLOT_OFFSET_SEED = 20250213
+
+
+def slot_offsets(shape: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+    """Fixed per-slot offsets [N_z, d]: N(0, I) draws from a fixed seed (never the global RNG),
+    the same on every call, so a decoder can learn which slot starts where."""
+    generator = torch.Generator().manual_seed(SLOT_OFFSET_SEED)
+    return torch.randn(shape, generator=generator).to(device)
+
+
 def initial_posterior(
     ltm: LatentThoughtModel, batch: int, device: torch.device, config: InferenceConfig,
     generator: torch.Generator | None = None, shard: Shard | None = None,
 ) -> LocalPosterior:
     """loc at 0 and log-variance at ``init_log_var`` (-5 as released, sigma about 0.08),
     plus ``init_log_var_jitter`` * N(0, 1) drawn from ``generator`` when the jitter is not 0
-    (released optimizer.py l.91-92: randn * 0.1 - 5; with no jitter nothing is drawn)."""
+    (released optimizer.py l.91-92: randn * 0.1 - 5; with no jitter nothing is drawn).
+    ``init_loc_scale`` > 0 starts loc at that times ``slot_offsets`` instead of 0."""
     loc = torch.zeros(batch, *ltm.latent_shape, device=device)
+    if config.init_loc_scale:
+        loc = loc + config.init_loc_scale * slot_offsets(ltm.latent_shape, device)
     log_var = torch.full_like(loc, config.init_log_var)
     if config.init_log_var_jitter:
         jitter = (shard or Shard()).randn(loc.shape, generator, device)
@@ -125,6 +171,7 @@ def fit_local_posterior(
     accumulate_decoder_grads: bool = False,
     shard: Shard | None = None,
     tokens_total: Tensor | None = None,
+    training: bool = False,
 ) -> FitResult:
     """Run ``steps`` (default ``config.steps``) inner steps of AdamW on (loc, log_var).
 
@@ -138,6 +185,8 @@ def fit_local_posterior(
     evaluation never moves the training RNG. Under data parallelism (``shard``) the noise is
     this rank's slice of the global batch's and the loss is divided by the global token count
     (``tokens_total``), so each rank fits exactly what a single process would.
+    ``training`` (the slow loop's fits) applies ``config.free_bits`` to the fit's objective;
+    evaluation fits the full ELBO.
     """
     steps = config.steps if steps is None else steps
     shard = shard or Shard()
@@ -153,7 +202,11 @@ def fit_local_posterior(
     if steps == 0:
         return FitResult(local.detach(), noise)
 
-    elbo = SyncFreeMeanFieldELBO(max_plate_nesting=1)
+    if training and config.free_bits > 0:
+        elbo = FreeBitsMeanFieldELBO(config.free_bits, config.free_bits_group,
+                                     ltm.config.n_layers, max_plate_nesting=1)
+    else:
+        elbo = SyncFreeMeanFieldELBO(max_plate_nesting=1)
     optimizer = torch.optim.AdamW([loc, log_var], lr=config.lr_max, betas=config.betas,
                                   weight_decay=config.weight_decay)
     # "per-token" divides by the (global) token count; "sum" (released) keeps the sum.

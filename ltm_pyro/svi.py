@@ -93,7 +93,7 @@ class DualRateSVI:
             fit = fit_local_posterior(
                 self.ltm, tokens, mask, self.inference, generator=self.generator,
                 accumulate_decoder_grads=self.train.decoder_grads == "trajectory",
-                shard=self.shard, tokens_total=tokens_in_batch,
+                shard=self.shard, tokens_total=tokens_in_batch, training=True,
             )
             posterior, noise = fit.posterior, fit.noise
             if self.inference.noise == "fresh":
@@ -101,6 +101,8 @@ class DualRateSVI:
         with self.ltm.running_through(self.network):
             nll, kl = self.ltm.elbo_terms(tokens, mask, posterior, noise)
         nll, kl = nll.sum() / tokens_in_batch, kl.sum() / tokens_in_batch
+        # The KL of the fixed, fitted q carries no decoder gradient: free bits and the KL
+        # weight act through the fit only, and the reported KL stays the full one.
         loss = nll + self.ltm.kl_weight * kl
         loss.backward()  # under DDP: gradients summed over ranks = the global batch's
         grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), self.train.grad_clip)
