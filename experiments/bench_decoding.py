@@ -41,7 +41,7 @@ COLUMNS = ["model", "batch", "new_tokens", "cached_s", "uncached_s", "cached_tok
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser.from_doc(__doc__)
     p.add_argument("--preset", choices=tuple(PRESETS), default="small")
     p.add_argument("--checkpoint", type=Path, help="time a trained model instead of a preset")
     p.add_argument("--seq-len", type=positive_int, help="context (default: the preset's)")

@@ -46,7 +46,7 @@ def scales(text: str) -> list[float]:
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser.from_doc(__doc__)
     p.add_argument("--ltm", type=Path, required=True, help="LTM run folder or checkpoint")
     p.add_argument("--ar", type=Path, help="AR baseline of matched size")
     p.add_argument("--scorer", type=Path, required=True, help="separately trained AR checkpoint")

@@ -49,7 +49,7 @@ COLUMNS = ["variant", "params", "tokens_seen", "T_eval", "shots", "items", "accu
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser.from_doc(__doc__)
     add_run_arguments(p)
     p.add_argument("--label", required=True, help="name of this comparison (file names)")
     p.add_argument("--results", type=Path, default=Path("experiments/results/icl"))

@@ -66,7 +66,7 @@ def pyro_inner_loss(ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor,
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser.from_doc(__doc__)
     p.add_argument("--preset", choices=tuple(PRESETS), action="append",
                    help="repeat for several (default: tiny and small)")
     p.add_argument("--batch-size", type=positive_int, help="default: the preset's")

@@ -34,7 +34,7 @@ from ltm_pyro.errors import UsageError  # noqa: E402
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser.from_doc(__doc__)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="old checkpoint file, or a run folder holding checkpoint.pt")
     p.add_argument("--out", type=Path, help="write the converted checkpoint here "

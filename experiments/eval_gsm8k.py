@@ -43,7 +43,7 @@ from ltm_pyro.tokenizers import encode_prompt  # noqa: E402
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser.from_doc(__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder or checkpoint.pt")
     p.add_argument("--train-file", type=Path, required=True, help="exemplars come from here only")
     p.add_argument("--test-file", type=Path, required=True, help="questions to answer")

@@ -37,7 +37,7 @@ from ltm_pyro.tokenizers import encode_prompt, known_token_count  # noqa: E402
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser.from_doc(__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder or checkpoint.pt")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="text to continue")

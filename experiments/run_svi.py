@@ -23,7 +23,7 @@ from ltm_pyro.runner import Interrupted, train  # noqa: E402
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser.from_doc(__doc__)
     p.add_argument("--out", type=Path, default=Path("runs/default"), help="run folder")
     add_run_arguments(p)
     p.add_argument("--force", action="store_true", help="start over in an --out of another run")

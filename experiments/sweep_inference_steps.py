@@ -28,7 +28,7 @@ COLUMNS = ["inference_steps", "tokens", "nll_per_token", "kl_per_token", "elbo_p
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser.from_doc(__doc__)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--steps", type=int_list, default=[0, 1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--split", choices=("valid", "test"), default="valid")

@@ -64,13 +64,18 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def _has_default(value: object) -> bool:
+    """A default worth showing: not None, not the False of a switch, not suppressed."""
+    return value is not None and value is not False and value != argparse.SUPPRESS
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help keeps the docstring's usage examples as written and shows each flag's default
     (when it has one: a flag left unset means "the preset's value", which --preset shows)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+        if _has_default(action.default) and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -88,7 +93,7 @@ class OneLineParser(argparse.ArgumentParser):
 
     def add_argument(self, *args, **kwargs) -> argparse.Action:  # noqa: ANN002, ANN003
         """A flag without help text still shows its default in --help."""
-        if kwargs.get("help") is None and kwargs.get("default") not in (None, False):
+        if kwargs.get("help") is None and _has_default(kwargs.get("default")):
             kwargs["help"] = "(default: %(default)s)"
         return super().add_argument(*args, **kwargs)
 

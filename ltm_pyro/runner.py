@@ -380,7 +380,7 @@ def _train(config: RunConfig, out: Path, force: bool, progress: bool, shard: Sha
                      "tokens_per_s": window.steps * global_tokens / max(window.seconds, 1e-9),
                      "tokens_seen": done * global_tokens})
                 if means:
-                    bar.set_postfix(elbo=f"{-means['neg_elbo']:.3f}", nll=f"{means['nll']:.3f}",
+                    bar.set_postfix(neg_elbo=f"{means['neg_elbo']:.3f}", nll=f"{means['nll']:.3f}",
                                     kl=f"{means['kl']:.3f}", fast_lr=f"{stats.fast_lr:.3g}",
                                     slow_lr=f"{stats.slow_lr:.2e}")
                 window = LogWindow()
