@@ -6,10 +6,16 @@
 Trains (into --runs/LABEL/VARIANT) the LTM given by the run flags and, unless --no-ar, two AR
 baselines with the LTM's parameter count (wider MLP): one with the LTM's sliding window and
 one with full causal context (the released comparison gave its GPT the full context, which
-confounds what the latents add). --train-inference-steps 4,16,64 trains one LTM per T instead.
+confounds what the latents add), and the ablation ltm-no-inference (unless --no-ablation):
+the LTM recipe trained with T = 0 and q = the prior exactly, which separates what training
+with inference does from what z does at test time; it costs about what an AR does.
+--train-inference-steps 4,16,64 trains one LTM per T instead of one.
 Each model is scored on the test split (elbo_ppl, iwae_ppl, recon_ppl; an LTM at each
---eval-inference-steps). Writes LABEL.json, LABEL.md and LABEL.png (validation -ELBO against
-tokens and against training FLOPs, every inner step counted) into --results.
+--eval-inference-steps; the ablation also at T_eval 0 with q = the prior), with what the
+latents carry (kl_per_window, mutual_info_per_window, active_units, slot_correlation; see
+docs/latent-diagnostics.md) and prior_iwae_ppl, the same model with --prior-samples draws
+from the prior as proposal. Writes LABEL.json, LABEL.md and LABEL.png (validation -ELBO
+against tokens and against training FLOPs, every inner step counted) into --results.
 """
 
 from __future__ import annotations
@@ -32,33 +38,49 @@ from ltm_pyro.cli import (  # noqa: E402
     add_run_arguments,
     config_from_args,
     int_list,
+    non_negative_int,
     positive_int,
     run_main,
 )
-from ltm_pyro.config import RunConfig  # noqa: E402
+from ltm_pyro.config import InferenceConfig, RunConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.files import read_jsonl  # noqa: E402
 from ltm_pyro.flops import training_flops_per_token  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import METRICS_NAME, comparison_configs, train  # noqa: E402
+from ltm_pyro.runner import (  # noqa: E402
+    METRICS_NAME,
+    NO_INFERENCE,
+    comparison_configs,
+    prior_as_posterior,
+    train,
+)
 from ltm_pyro.viz import save_figure  # noqa: E402
 
 COLUMNS = ["variant", "params", "tokens_seen", "train_pflops", "train_wall_s", "split", "T_eval",
-           "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"]
+           "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl",
+           "prior_iwae_ppl", "kl_per_window", "mutual_info_per_window", "active_units",
+           "slot_correlation"]
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser.from_doc(__doc__)
     add_run_arguments(p)
     p.add_argument("--label", required=True, help="name of this comparison (file names)")
     p.add_argument("--results", type=Path, help="default: experiments/results/<corpus>")
     p.add_argument("--runs", type=Path, default=Path("runs/bench"), help="run folders")
-    p.add_argument("--no-ar", action="store_true", help="train only the LTM variant(s)")
+    p.add_argument("--no-ar", action="store_true",
+                   help="train only the LTM variant(s): no AR baselines and no ablation")
+    p.add_argument("--no-ablation", action="store_true",
+                   help=f"do not train {NO_INFERENCE} (T = 0, q = the prior)")
     p.add_argument("--train-inference-steps", type=int_list, help="e.g. 4,16,64")
     p.add_argument("--eval-inference-steps", type=int_list, help="default: the training T")
     p.add_argument("--iw-samples", type=positive_int, default=16)
     p.add_argument("--elbo-samples", type=positive_int, default=4)
+    p.add_argument("--prior-samples", type=non_negative_int, default=64,
+                   help="draws from the prior for prior_iwae_ppl (0: skip it)")
+    p.add_argument("--mi-samples", type=positive_int, default=4,
+                   help="draws from each window's q for the mutual information")
     p.add_argument("--test-windows", type=positive_int,
                    help="score only the first N windows of each split")
     p.add_argument("--splits", type=split_list, default=["test"],
@@ -73,6 +95,16 @@ def split_list(text: str) -> list[str]:
     if not splits or any(s not in ("train", "valid", "test") for s in splits):
         raise argparse.ArgumentTypeError(f"{text!r} must list splits among train,valid,test")
     return splits
+
+
+def eval_inference(name: str, steps: int, trained: RunConfig, base: RunConfig
+                   ) -> InferenceConfig:
+    """How a variant's posterior is fitted at evaluation: as it was trained, except that the
+    no-inference ablation is fitted like the LTM (from the LTM's q_0) when ``steps`` > 0, and
+    is q = the prior exactly at ``steps`` 0."""
+    if name != NO_INFERENCE:
+        return trained.inference
+    return prior_as_posterior(base.inference) if steps == 0 else base.inference
 
 
 def validation_curve(run_dir: Path, config: RunConfig, flops_per_token: float) -> list[dict]:
@@ -105,7 +137,8 @@ def curves_figure(curves: dict[str, list[dict]], references: dict[str, float]): 
 def main() -> int:
     args = parser().parse_args()
     base = config_from_args(args)
-    runs = comparison_configs(base, args.train_inference_steps, with_ar=not args.no_ar)
+    runs = comparison_configs(base, args.train_inference_steps, with_ar=not args.no_ar,
+                              with_no_inference=not (args.no_ar or args.no_ablation))
     rows, curves, configs = [], {}, {}
     corpus, scored = None, {}
     for name, config in runs.items():
@@ -123,13 +156,16 @@ def main() -> int:
                                              config.train.decoder_grads)
         curves[name] = validation_curve(run_dir, trained_config, per_token)
         tokens_seen = config.train.max_steps * config.train.batch_size * config.model.context
-        eval_steps = (args.eval_inference_steps or [config.inference.steps]) if (
-            ltm.has_latents) else [0]
+        trained_steps = base.inference.steps if name == NO_INFERENCE else config.inference.steps
+        eval_steps = (args.eval_inference_steps or [trained_steps]) if ltm.has_latents else [0]
+        if name == NO_INFERENCE:  # also q = the prior, whatever the LTM's T_eval
+            eval_steps = sorted({0, *eval_steps})
         for (split, windows), steps in itertools.product(scored.items(), eval_steps):
             summary = evaluate_windows(
-                ltm, windows, trained_config.inference, steps=steps,
+                ltm, windows, eval_inference(name, steps, trained_config, base), steps=steps,
                 batch_size=config.train.batch_size, elbo_samples=args.elbo_samples,
-                iw_samples=args.iw_samples, seed=config.train.seed, device=config.train.device)
+                iw_samples=args.iw_samples, seed=config.train.seed, device=config.train.device,
+                latent_stats=True, mi_samples=args.mi_samples, prior_samples=args.prior_samples)
             rows.append({"variant": name, "params": count_parameters(trained_config.model),
                          "tokens_seen": tokens_seen, "train_pflops": tokens_seen * per_token / 1e15,
                          "train_wall_s": round(wall, 1), "split": split, "T_eval": steps,

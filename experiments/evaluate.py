@@ -5,7 +5,11 @@
 
 Each batch's local posterior is fitted from scratch with --inference-steps (default: the
 training T). --data may be a corpus the model never saw (zero-shot): it is tokenized with the
-checkpoint's own tokenizer. Prints a table; --json writes the figures with their settings.
+checkpoint's own tokenizer. Also reports what the latents carry (docs/latent-diagnostics.md):
+KL and mutual information per window (MI over all scored windows, capped by log N),
+active units, slot correlation and effective rank, and prior_iwae_ppl, the IWAE with
+--prior-samples draws from the prior as proposal (0 skips it). Prints two tables; --json
+writes the figures with their settings.
 """
 
 from __future__ import annotations
@@ -29,16 +33,23 @@ from ltm_pyro.runner import resolve_device  # noqa: E402
 from ltm_pyro.tokenizers import known_token_count  # noqa: E402
 
 METRICS = ["tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"]
+LATENT_METRICS = ["windows", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
+                  "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
+                  "slot_effective_rank", "prior_samples", "iwae_ppl", "prior_iwae_ppl"]
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser.from_doc(__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder or checkpoint.pt")
     p.add_argument("--data", help="corpus to score (default: the one the model was trained on)")
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     p.add_argument("--inference-steps", type=non_negative_int, help="default: training T")
     p.add_argument("--iw-samples", type=positive_int, default=16, help="IWAE samples K")
     p.add_argument("--elbo-samples", type=positive_int, default=4, help="fresh ELBO draws S")
+    p.add_argument("--prior-samples", type=non_negative_int, default=64,
+                   help="draws from the prior for prior_iwae_ppl (0: skip it)")
+    p.add_argument("--mi-samples", type=positive_int, default=4,
+                   help="draws from each window's q for the mutual information")
     p.add_argument("--max-windows", type=positive_int, help="score only the first N windows")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=non_negative_int, default=0)
@@ -70,6 +81,7 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
         ltm, windows, config.inference, steps=args.inference_steps,
         batch_size=args.batch_size, elbo_samples=args.elbo_samples,
         iw_samples=args.iw_samples, seed=args.seed, device=device, on_batch=progress,
+        latent_stats=True, mi_samples=args.mi_samples, prior_samples=args.prior_samples,
     )
     bar.close()
     return {
@@ -91,6 +103,8 @@ def main() -> int:
     args = parser().parse_args()
     results = evaluate(args)
     print(markdown_table([results], ["split", "inference_steps", "iw_samples", *METRICS]))
+    print()
+    print(markdown_table([results], LATENT_METRICS))
     if args.json:
         write_json(args.json, results)
     return 0

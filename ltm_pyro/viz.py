@@ -12,11 +12,15 @@ from .files import atomic_write
 
 
 def training_curves(records: list[dict], references: dict[str, float] | None = None) -> Figure:
-    """Per-token -ELBO, NLL and KL against step, training and validation side by side."""
+    """Per-token -ELBO, NLL and KL against step, training and validation side by side; when
+    the validation records carry them, a fourth panel: KL and mutual information per window
+    (with its standard error and its cap log N; docs/latent-diagnostics.md)."""
     sns.set_theme(style="whitegrid", context="notebook")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     train = [r for r in records if r.get("split") == "train"]
     valid = [r for r in records if r.get("split") == "valid"]
+    latent = [r for r in valid if r.get("mutual_info_per_window") is not None]
+    fig, axes = plt.subplots(1, 4 if latent else 3, figsize=(20 if latent else 15, 4),
+                             constrained_layout=True)
     panels = (("neg_elbo", "-ELBO (nats/token)"), ("nll", "NLL (nats/token)"),
               ("kl", "KL (nats/token)"))
     for ax, (key, label) in zip(axes, panels):
@@ -33,6 +37,17 @@ def training_curves(records: list[dict], references: dict[str, float] | None = N
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.legend()
+    if latent:
+        ax, steps = axes[3], [r["step"] for r in latent]
+        ax.plot(steps, [r["kl_per_window"] for r in latent], "o-", label="KL per window")
+        ax.errorbar(steps, [r["mutual_info_per_window"] for r in latent],
+                    yerr=[r["mutual_info_stderr"] for r in latent], fmt="s-", capsize=3,
+                    label="mutual information I(x; z)")
+        ax.axhline(latent[-1]["mutual_info_cap"], ls="--", lw=1, color="grey",
+                   label="MI cap log N")
+        ax.set_xlabel("step")
+        ax.set_ylabel("valid, nats per window")
+        ax.legend(fontsize=8)
     return fig
 
 

@@ -4,14 +4,18 @@ Each test also checks that a plausible wrong estimator would fail it (e.g. the p
 KL taken for the mutual information, or slots grouped into layers the wrong way).
 """
 
+import json
 import math
+import random
+import sys
 
 import pytest
 import torch
 
 from ltm_pyro.bounds import evaluate_windows
-from ltm_pyro.config import InferenceConfig, RunConfig, TrainConfig
+from ltm_pyro.config import DataConfig, InferenceConfig, RunConfig, TrainConfig
 from ltm_pyro.decoder import Decoder
+from ltm_pyro.files import read_jsonl
 from ltm_pyro.inference import fit_local_posterior
 from ltm_pyro.latent_use import (
     kl_per_window,
@@ -22,15 +26,19 @@ from ltm_pyro.latent_use import (
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior
 from ltm_pyro.runner import (
     LATENT_KEYS,
+    METRICS_NAME,
     NO_INFERENCE,
     _evaluate,
     comparison_configs,
     prior_as_posterior,
+    train,
 )
 from ltm_pyro.svi import DualRateSVI
+from ltm_pyro.viz import training_curves
 
-from .conftest import micro_config
+from .conftest import load_script, micro_config
 from .test_bounds import _quadrature_log_px, _sharp_ltm
+from .test_recipe import z_blind_ltm  # cross-attention outputs zeroed: p(x|z) ignores z
 
 HONEST = InferenceConfig(steps=6, noise="fresh", init_log_var=-2.0)
 
@@ -39,21 +47,12 @@ def _windows(count: int, vocab: int = 23, length: int = 13, seed: int = 1) -> to
     return torch.randint(0, vocab, (count, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _blind_ltm() -> LatentThoughtModel:
-    """A micro LTM whose cross-attention outputs are zeroed: p(x|z) does not depend on z."""
-    decoder = Decoder(micro_config())
-    with torch.no_grad():
-        for block in decoder.layers:
-            block.cross_attention.wo.weight.zero_()
-    return LatentThoughtModel(decoder)
-
-
 def _posterior(loc: torch.Tensor, log_var: float) -> LocalPosterior:
     return LocalPosterior(loc, torch.full_like(loc, log_var))
 
 
 def test_a_decoder_that_ignores_z_carries_no_information():
-    ltm = _blind_ltm()
+    ltm = z_blind_ltm()
     summary = evaluate_windows(ltm, _windows(48), HONEST, batch_size=16, iw_samples=8,
                                latent_stats=True, prior_samples=32)
     mi, stderr = summary["mutual_info_per_window"], summary["mutual_info_stderr"]
@@ -74,7 +73,7 @@ def test_a_decoder_that_ignores_z_carries_no_information():
 def test_a_decoder_that_ignores_z_scores_the_same_with_its_fit_and_with_the_prior():
     """Fitted from the prior, q stays the prior (the decoder gives no gradient): the fitted
     IWAE and the prior control coincide, and so do all the bounds."""
-    summary = evaluate_windows(_blind_ltm(), _windows(32), InferenceConfig(steps=6,
+    summary = evaluate_windows(z_blind_ltm(), _windows(32), InferenceConfig(steps=6,
                                init_log_var=0.0), batch_size=16, iw_samples=8,
                                latent_stats=True, prior_samples=32)
     assert summary["prior_iwae_ppl"] == pytest.approx(summary["iwae_ppl"], rel=1e-5)
@@ -246,3 +245,51 @@ def test_no_inference_ablation_trains_with_q_equal_to_the_prior():
                       torch.Generator().manual_seed(0))
     assert float(svi.step(tokens, mask).kl) == 0.0
     assert prior_as_posterior(HONEST).noise == HONEST.noise
+
+
+def test_bench_quality_fits_the_ablation_like_the_ltm_and_with_the_prior():
+    bench = load_script("bench_quality")
+    base = RunConfig(model=micro_config(), inference=HONEST)
+    runs = comparison_configs(base, with_no_inference=True)
+    ablation = runs[NO_INFERENCE]
+    assert bench.eval_inference(NO_INFERENCE, 0, ablation, base) == prior_as_posterior(HONEST)
+    assert bench.eval_inference(NO_INFERENCE, 6, ablation, base) == HONEST
+    assert bench.eval_inference("ltm-T6", 0, runs["ltm-T6"], base) == HONEST  # as trained
+
+
+NEW_KEYS = {"kl_per_window", "mutual_info_per_window", "mutual_info_stderr", "mutual_info_cap",
+            "active_units", "active_units_total", "slot_correlation", "slot_effective_rank",
+            "prior_iwae_ppl", "prior_samples"}
+
+
+def test_a_run_logs_latent_use_and_evaluate_reports_it(tmp_path, monkeypatch, capsys):
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, lines in (("train", 100), ("valid", 20), ("test", 20)):
+        (corpus / f"{split}.txt").write_text("\n".join(" ".join(
+            rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(12))
+            for _ in range(lines)) + "\n")
+    config = RunConfig(model=micro_config(vocab_size=0, context=16), inference=HONEST,
+                       train=TrainConfig(max_steps=2, batch_size=4, eval_every=2, eval_windows=6,
+                                         log_every=1, checkpoint_every=2),
+                       data=DataConfig(path=str(corpus)))
+    train(config, tmp_path / "run", progress=False)
+    valid = [r for r in read_jsonl(tmp_path / "run" / METRICS_NAME) if r["split"] == "valid"]
+    assert valid and all(set(LATENT_KEYS) <= r.keys() for r in valid)
+    assert len(training_curves(valid).axes) == 4  # the latent panel
+    assert len(training_curves([{k: v for k, v in r.items() if k not in LATENT_KEYS}
+                                for r in valid]).axes) == 3
+
+    out = tmp_path / "eval.json"
+    monkeypatch.setattr(sys, "argv", [
+        "evaluate.py", "--checkpoint", str(tmp_path / "run"), "--max-windows", "8",
+        "--iw-samples", "2", "--elbo-samples", "1", "--prior-samples", "4", "--json", str(out),
+        "--no-progress"])
+    assert load_script("evaluate").main() == 0
+    results = json.loads(out.read_text())
+    assert NEW_KEYS <= results.keys()
+    assert results["prior_samples"] == 4 and results["mutual_info_cap"] == pytest.approx(
+        math.log(results["windows"]))
+    printed = capsys.readouterr().out
+    assert "mutual_info_per_window" in printed and "prior_iwae_ppl" in printed
