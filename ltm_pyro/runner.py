@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -141,13 +141,11 @@ LATENT_KEYS = ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
 
 
 def prior_as_posterior(inference: InferenceConfig) -> InferenceConfig:
-    """Inference settings whose fitted q is the prior exactly: no inner step, loc 0, log-var 0
-    (and no jitter, where the config has one). ``steps=0`` alone leaves q at the initial
-    posterior, whose log-variance is ``init_log_var``, not the prior's 0."""
-    values = {"steps": 0, "init_log_var": 0.0}
-    if "init_log_var_jitter" in {f.name for f in fields(inference)}:
-        values["init_log_var_jitter"] = 0.0
-    return replace(inference, **values)
+    """Inference settings whose fitted q is the prior exactly: no inner step, and q_0 = N(0, I)
+    (loc 0 without slot offsets, log-var 0 without jitter). ``steps=0`` alone leaves q at the
+    initial posterior, whose log-variance is ``init_log_var``, not the prior's 0."""
+    return replace(inference, steps=0, init_log_var=0.0, init_log_var_jitter=0.0,
+                   init_loc_scale=0.0)
 
 
 def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None,

@@ -8,6 +8,7 @@ import json
 import math
 import random
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -245,6 +246,18 @@ def test_no_inference_ablation_trains_with_q_equal_to_the_prior():
                       torch.Generator().manual_seed(0))
     assert float(svi.step(tokens, mask).kl) == 0.0
     assert prior_as_posterior(HONEST).noise == HONEST.noise
+
+
+def test_the_ablation_starts_at_the_prior_whatever_the_ltm_start():
+    """Jittered log-variances and per-slot loc offsets would move q_0 off the prior."""
+    base = RunConfig(model=micro_config(), inference=InferenceConfig(
+        steps=4, init_log_var=-5.0, init_log_var_jitter=0.1, init_loc_scale=1.0))
+    ablation = comparison_configs(base, with_no_inference=True)[NO_INFERENCE].inference
+    ltm = LatentThoughtModel(Decoder(base.model))
+    tokens, mask = _windows(3), torch.ones(3, 12)
+    for config, is_prior in ((ablation, True), (replace(base.inference, steps=0), False)):
+        q = fit_local_posterior(ltm, tokens, mask, config, torch.Generator()).posterior
+        assert (float(kl_per_window(q).abs().max()) == 0.0) == is_prior
 
 
 def test_bench_quality_fits_the_ablation_like_the_ltm_and_with_the_prior():
