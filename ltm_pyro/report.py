@@ -47,9 +47,13 @@ def device_description(device: torch.device | str) -> str:
 
 def provenance(device: torch.device | str) -> dict[str, str]:
     """The command that reproduces this process's results, when and where it ran."""
-    script = Path(sys.argv[0]).name
+    script = Path(sys.argv[0]).resolve()
+    repo = Path(__file__).resolve().parent.parent
+    # A script of this repository by its path in it; any other by its folder and name.
+    script = script.relative_to(repo) if script.is_relative_to(repo) else Path(
+        script.parent.name, script.name)
     return {
-        "command": f"python experiments/{script} " + shlex.join(sys.argv[1:]),
+        "command": f"python {script} " + shlex.join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device_description(device),
         "torch": torch.__version__,

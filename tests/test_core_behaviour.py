@@ -307,3 +307,60 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     a, b = load_checkpoint(reference), load_checkpoint(resumed)
     assert b["step"] == 6
     assert all(torch.equal(a["decoder"][k], b["decoder"][k]) for k in a["decoder"])
+
+
+# --- smaller contracts that the mutation run found unguarded --------------------------------
+
+
+def test_fresh_noise_draws_a_new_sample_at_every_inner_step(batch):
+    """``fresh`` takes T draws from the generator (one per inner step), ``fixed`` one."""
+    tokens, mask = batch
+    ltm = LatentThoughtModel(Decoder(micro_config()))
+    for noise, draws in (("fresh", 5), ("fixed", 1)):
+        generator = torch.Generator().manual_seed(3)
+        fit_local_posterior(ltm, tokens, mask, InferenceConfig(steps=5, noise=noise), generator)
+        replay = torch.Generator().manual_seed(3)
+        for _ in range(draws):
+            torch.randn((5, *ltm.latent_shape), generator=replay)
+        assert torch.equal(generator.get_state(), replay.get_state()), noise
+
+
+def test_slow_schedule_passes_the_cosine_midpoint_and_reaches_the_optimizer(batch):
+    from ltm_pyro.svi import warmup_cosine
+
+    train = TrainConfig(max_steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    assert warmup_cosine(60, train) == pytest.approx((1e-3 + 1e-4) / 2)
+    lrs = [warmup_cosine(s, train) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and min(lrs) >= 1e-4
+    tokens, mask = batch
+    ltm = LatentThoughtModel(Decoder(micro_config()))
+    svi = DualRateSVI(ltm, InferenceConfig(steps=1), train)
+    for step in range(2):
+        stats = svi.step(tokens, mask)
+        assert stats.slow_lr == pytest.approx(warmup_cosine(step, train))
+        assert all(g["lr"] == stats.slow_lr for g in svi.optimizer.param_groups)
+    assert svi.step_count == 2
+    assert float(stats.elbo) == pytest.approx(-float(stats.nll + stats.kl))
+
+
+def test_slow_state_round_trips(batch):
+    tokens, mask = batch
+    ltm = LatentThoughtModel(Decoder(micro_config()))
+    svi = DualRateSVI(ltm, InferenceConfig(steps=1), TrainConfig())
+    svi.step(tokens, mask)
+    fresh = DualRateSVI(LatentThoughtModel(Decoder(micro_config())), InferenceConfig(steps=1),
+                        TrainConfig())
+    fresh.load_state_dict(svi.state_dict())
+    assert fresh.step_count == 1
+    assert fresh.optimizer.state_dict()["state"].keys() == svi.optimizer.state_dict()[
+        "state"].keys()
+
+
+def test_residual_projections_start_smaller():
+    """Init N(0, 0.02), output projections of each residual branch N(0, 0.02 / sqrt(2L))."""
+    config = micro_config(d_model=256, n_layers=8, n_heads=4)
+    decoder = Decoder(config)
+    wo = torch.cat([b.self_attention.wo.weight.flatten() for b in decoder.layers])
+    wq = torch.cat([b.self_attention.wq.weight.flatten() for b in decoder.layers])
+    assert float(wo.std()) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert float(wq.std()) == pytest.approx(0.02, rel=0.05)

@@ -34,6 +34,7 @@ def test_fast_lr_schedule_runs_from_max_to_min():
     lrs = [fast_lr(t, 16, config) for t in range(16)]
     assert lrs[0] == pytest.approx(0.34) and lrs[-1] == pytest.approx(0.034)
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert fast_lr(0, 1, config) == pytest.approx(0.34)  # one inner step: the peak rate
 
 
 def test_initial_posterior_as_released(ltm):

@@ -1,7 +1,7 @@
 """Per-module mutation score from a finished ``mutmut run`` (``make mutation`` runs both).
 
     .venv/bin/python tests/mutants/score.py --mutants mutants \
-        --json experiments/results/mutation/core.json
+        --json experiments/results/mutation/core.json [--notes NOTES.md]
 
 Reads mutmut's verdicts (``mutants/**/*.py.meta``) and counts, per core module: killed (a test
 failed, or the mutant hung or crashed the run), survived (every test passed), no tests (no
@@ -50,7 +50,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mutants", type=Path, default=Path("mutants"), help="mutmut's folder")
     p.add_argument("--json", type=Path, help="write the scores (and a .md beside) here")
+    p.add_argument("--notes", type=Path, help="Markdown file added to the page: what was run")
     args = p.parse_args()
+    notes = args.notes.read_text() if args.notes else ""
     rows = []
     for meta in sorted(args.mutants.glob("**/*.py.meta")):
         counts = verdicts(meta)
@@ -66,11 +68,11 @@ def main() -> int:
     print(table)
     if args.json:
         write_results(args.json, "Mutation score of the core modules", "cpu",
-                      {"goal": GOAL, "rows": rows},
+                      {"goal": GOAL, "notes": notes, "rows": rows},
                       f"mutmut over the core modules with their fast tests (`make mutation`).\n\n"
                       f"{table}\n\nScore = killed / (killed + survived + no tests); goal "
                       f"{GOAL:.0%} per module. The JSON lists every unkilled mutant by name "
-                      "(`mutmut show NAME` prints its change).\n")
+                      "(`mutmut show NAME` prints its change).\n\n" + notes)
     return 0
 
 
