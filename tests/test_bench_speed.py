@@ -35,6 +35,7 @@ def test_plain_reference_matches_the_pyro_inner_loss_and_gradients(batch, valida
         torch.testing.assert_close(plain, from_pyro, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_speed_benchmark_runs_at_ci_size(tmp_path):
     out = tmp_path / "speed.json"
     result = subprocess.run(

@@ -128,6 +128,7 @@ def test_flops_count_every_inner_step():
     assert training_flops_per_token(ar, 16) == pytest.approx(3 * forward_flops_per_token(ar))
 
 
+@pytest.mark.slow
 def test_bench_quality_scores_every_requested_split(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "bench_quality.py"), "--max-steps", "3",
@@ -145,6 +146,7 @@ def test_bench_quality_scores_every_requested_split(tmp_path):
     assert (tmp_path / "results" / "micro.png").is_file()
 
 
+@pytest.mark.slow
 def test_generate_continues_a_prompt_reproducibly(trained, tmp_path):
     outputs = []
     for name in ("a.json", "b.json"):
@@ -159,6 +161,7 @@ def test_generate_continues_a_prompt_reproducibly(trained, tmp_path):
     assert outputs[0]["settings"]["top_k"] == 4 and outputs[0]["start"] == "prompt"
 
 
+@pytest.mark.slow
 def test_generate_without_prompt_and_with_an_unknown_one(trained):
     result = script("generate.py", "--checkpoint", str(trained / "run"), "--num-samples", "2",
                     "--max-new-tokens", "4", "--prior-scale", "0.5")
@@ -175,6 +178,7 @@ def _qa_file(path, questions):
     return path
 
 
+@pytest.mark.slow
 def test_gsm8k_harness_draws_exemplars_from_train_only(trained, tmp_path):
     train = _qa_file(tmp_path / "train.jsonl", [f"alpha gamma {i}" for i in range(6)])
     test = _qa_file(tmp_path / "test.jsonl", [f"beta delta {i}" for i in range(3)])
@@ -193,6 +197,7 @@ def test_gsm8k_harness_draws_exemplars_from_train_only(trained, tmp_path):
     assert leaky.returncode == 2 and "also appear" in leaky.stderr
 
 
+@pytest.mark.slow
 def test_generation_benchmark_compares_ltm_ar_and_data(trained, tmp_path):
     ar = tmp_path / "ar"
     result = script("run_svi.py", "--out", str(ar), "--data", str(trained / "corpus"),

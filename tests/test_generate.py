@@ -102,6 +102,7 @@ def test_generation_refuses_a_too_long_request():
         sample_tokens(ltm, torch.zeros(1, 10, dtype=torch.long), 12, prior_latents(ltm, 1))
 
 
+@pytest.mark.slow
 def test_decoding_benchmark_runs_at_ci_size(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "bench_decoding.py"), "--preset", "tiny",
