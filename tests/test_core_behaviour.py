@@ -360,7 +360,7 @@ def test_residual_projections_start_smaller():
     """Init N(0, 0.02), output projections of each residual branch N(0, 0.02 / sqrt(2L))."""
     config = micro_config(d_model=256, n_layers=8, n_heads=4)
     decoder = Decoder(config)
-    wo = torch.cat([b.self_attention.wo.weight.flatten() for b in decoder.layers])
-    wq = torch.cat([b.self_attention.wq.weight.flatten() for b in decoder.layers])
+    wo = torch.cat([b.self_attention.wo.weight.detach().flatten() for b in decoder.layers])
+    wq = torch.cat([b.self_attention.wq.weight.detach().flatten() for b in decoder.layers])
     assert float(wo.std()) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert float(wq.std()) == pytest.approx(0.02, rel=0.05)
