@@ -31,6 +31,7 @@ from .config import InferenceConfig
 from .inference import fit_local_posterior
 from .latent_use import latent_use_summary
 from .model import LatentThoughtModel, LocalPosterior
+from .modes import evaluating
 
 # Offsets of the seeds of the latent statistics' and prior control's generators from the
 # evaluation seed: their draws never shift the bounds' own draws.
@@ -181,31 +182,29 @@ def evaluate_windows(
     prior_generator = torch.Generator(device=device).manual_seed(seed + PRIOR_SEED_OFFSET)
     posteriors: list[LocalPosterior] = []
     steps = inference.steps if steps is None else steps
-    was_training = ltm.decoder.training
-    ltm.decoder.eval()
     totals = BoundTotals()
-    for start in range(0, len(windows), batch_size):
-        tokens = windows[start:start + batch_size].to(device)
-        mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1, device=device)
-        posterior, noise = None, None
-        if ltm.has_latents:
-            fit = fit_local_posterior(ltm, tokens, mask, inference, generator, steps=steps)
-            posterior, noise = fit.posterior, fit.noise
-        with torch.no_grad():
-            recon, _ = ltm.elbo_terms(tokens, mask, posterior, noise)
-        nll, kl = expected_nll_and_kl(ltm, tokens, mask, posterior, elbo_samples, generator)
-        log_px = iwae_log_likelihood(ltm, tokens, mask, posterior, iw_samples, generator)
-        totals.add(mask, nll, kl, -log_px, recon)
-        if prior_samples:
-            prior = None if posterior is None else LocalPosterior(
-                torch.zeros_like(posterior.loc), torch.zeros_like(posterior.log_var))
-            totals.add_prior(-iwae_log_likelihood(ltm, tokens, mask, prior, prior_samples,
-                                                  prior_generator))
-        if latent_stats and posterior is not None:
-            posteriors.append(posterior)
-        if on_batch is not None:
-            on_batch(totals)
-    ltm.decoder.train(was_training)
+    with evaluating(ltm.decoder):
+        for start in range(0, len(windows), batch_size):
+            tokens = windows[start:start + batch_size].to(device)
+            mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1, device=device)
+            posterior, noise = None, None
+            if ltm.has_latents:
+                fit = fit_local_posterior(ltm, tokens, mask, inference, generator, steps=steps)
+                posterior, noise = fit.posterior, fit.noise
+            with torch.no_grad():
+                recon, _ = ltm.elbo_terms(tokens, mask, posterior, noise)
+            nll, kl = expected_nll_and_kl(ltm, tokens, mask, posterior, elbo_samples, generator)
+            log_px = iwae_log_likelihood(ltm, tokens, mask, posterior, iw_samples, generator)
+            totals.add(mask, nll, kl, -log_px, recon)
+            if prior_samples:
+                prior = None if posterior is None else LocalPosterior(
+                    torch.zeros_like(posterior.loc), torch.zeros_like(posterior.log_var))
+                totals.add_prior(-iwae_log_likelihood(ltm, tokens, mask, prior, prior_samples,
+                                                      prior_generator))
+            if latent_stats and posterior is not None:
+                posteriors.append(posterior)
+            if on_batch is not None:
+                on_batch(totals)
     summary = totals.summary()
     summary.update(inference_steps=steps if ltm.has_latents else 0,
                    elbo_samples=elbo_samples, iw_samples=iw_samples)

@@ -16,6 +16,7 @@ from torch import Tensor
 from .config import InferenceConfig
 from .inference import fit_local_posterior
 from .model import LatentThoughtModel
+from .modes import autocast, evaluating
 
 
 @dataclass
@@ -82,11 +83,8 @@ def posterior_latents(ltm: LatentThoughtModel, prompt: Tensor, inference: Infere
         return None
     mask = torch.ones(prompt.shape[0], prompt.shape[1] - 1, device=prompt.device)
     steps = 0 if mask.shape[1] == 0 else steps
-    was_training = ltm.decoder.training
-    ltm.decoder.eval()
-    with torch.enable_grad():
+    with evaluating(ltm.decoder), torch.enable_grad():
         fit = fit_local_posterior(ltm, prompt, mask, inference, generator, steps=steps)
-    ltm.decoder.train(was_training)
     posterior = fit.posterior
     if not sample:
         return posterior.loc
@@ -122,14 +120,11 @@ def sample_tokens(
     if ltm.has_latents and z is None:
         raise ValueError("an LTM samples given z: use prior_latents or posterior_latents")
     decoder = ltm.decoder
-    was_training = decoder.training
-    decoder.eval()
     tokens, cache, pending = prompt, decoder.new_cache() if use_cache else None, prompt
-    with ltm._autocast(prompt.device):
+    with evaluating(decoder), autocast(prompt.device):
         for _ in range(max_new_tokens):
             logits = decoder(pending if use_cache else tokens, z, cache)[:, -1].float()
             nxt = next_tokens(logits, sampling, generator)
             tokens = torch.cat([tokens, nxt], dim=1)
             pending = nxt
-    decoder.train(was_training)
     return tokens

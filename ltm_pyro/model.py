@@ -25,6 +25,7 @@ from pyro.distributions import constraints
 from torch import Tensor
 
 from .decoder import Decoder
+from .modes import autocast
 
 
 def masked_token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -150,11 +151,8 @@ class LatentThoughtModel:
     def latent_shape(self) -> tuple[int, int]:
         return (self.config.n_latents, self.config.z_dim)
 
-    def _autocast(self, device: torch.device):  # noqa: ANN202 - a context manager
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
     def logits(self, inputs: Tensor, z: Tensor | None) -> Tensor:
-        with self._autocast(inputs.device):
+        with autocast(inputs.device):
             return self._network(inputs, z)
 
     def prior(self, batch: int, device: torch.device) -> dist.TorchDistribution:

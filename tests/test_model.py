@@ -113,3 +113,16 @@ def test_ar_model_has_only_the_observation(batch):
     expected = -(F.log_softmax(ar.decoder(tokens[:, :-1]), -1).gather(
         -1, tokens[:, 1:, None]).squeeze(-1) * mask).sum(-1)
     assert torch.allclose(nll, expected, atol=1e-4) and torch.all(kl == 0)
+
+
+def test_evaluating_restores_the_mode_even_when_the_work_fails():
+    from ltm_pyro.modes import evaluating
+
+    decoder = Decoder(micro_config()).train()
+    with pytest.raises(RuntimeError), evaluating(decoder):
+        assert not decoder.training
+        raise RuntimeError("the work inside failed")
+    assert decoder.training
+    with evaluating(decoder.eval()):
+        pass
+    assert not decoder.training
