@@ -1,9 +1,13 @@
 """ltm-pyro: Latent-Thought Language Models as a Pyro probabilistic program.
 
-The pieces, each in its own module: ``decoder`` (the Transformer), ``model`` (the Pyro model
-and guide), ``inference`` (the fast loop), ``svi`` (dual-rate SVI), ``bounds`` (honest
-metrics), ``data`` / ``synthetic`` / ``tokenizers`` (corpora), ``runner`` (a training run in a
-folder), ``checkpoint`` and ``viz``.
+Modules by layer (docs/design.md §3); a layer imports from itself, the ones above and plumbing:
+
+- core: ``decoder``, ``model`` (Pyro model + guide), ``inference`` (fast loop), ``svi`` (dual rate)
+- evaluation: ``bounds`` (three figures), ``latent_use``, ``diagnostics``, ``sample_quality``,
+  ``fewshot``
+- runs and files: ``runner``, ``checkpoint``, ``files``, ``data``, ``synthetic``, ``tokenizers``,
+  ``report``, ``viz``, ``generate``
+- plumbing: ``config`` (presets, recipes), ``cli``, ``errors``, ``distributed``, ``flops``
 """
 
 from .config import InferenceConfig, ModelConfig, RunConfig, TrainConfig, preset

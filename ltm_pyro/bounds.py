@@ -2,7 +2,7 @@
 
 All three are computed per sequence from one fitted local posterior and aggregated as
 exp(total nats / total predicted tokens) over a split, never as a mean of per-sequence
-perplexities (DESIGN.md §2):
+perplexities (docs/design.md §2):
 
 - ``elbo_ppl``:  exp(-ELBO / tokens), ELBO with S fresh draws from q and analytic KL; a valid
   upper bound on the model's perplexity in expectation.

@@ -7,7 +7,7 @@ guide:  z ~ N(loc, exp(log_var / 2)), with loc and log_var *local* parameters: p
 The decoder is a plain ``nn.Module`` (not a ``PyroModule``), so Pyro never registers or
 un-freezes its weights; only the slow optimizer owns them. The observed tokens are a Pyro
 site whose ``log_prob`` is a fused, masked cross-entropy: no normalised [B, T, V] logits are
-materialised, which matters in the inner loop (DESIGN.md §5).
+materialised, which matters in the inner loop (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def masked_token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     Always in float32 (bf16 log-softmax costs ~0.02 nats of accuracy). Eagerly that copies
     the [B, T, V] logits to float32; compiled (``LatentThoughtModel.compile``) the upcast is
     fused into the reduction, which matters on GPUs where the LM head and cross-entropy are
-    half of a compiled inner step (DESIGN.md §5).
+    half of a compiled inner step (docs/design.md §5).
     """
     nll = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none")
     return (nll.view(targets.shape) * mask).sum(-1)

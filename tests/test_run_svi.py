@@ -1,4 +1,4 @@
-"""End-to-end: the command-line contract of experiments/run_svi.py (DESIGN.md §4)."""
+"""End-to-end: the command-line contract of experiments/run_svi.py (docs/design.md §4)."""
 
 import json
 import subprocess
