@@ -1,0 +1,315 @@
+"""Levers against posterior collapse on the built-in corpus, at a fixed budget (issue 13).
+
+    python experiments/latents_study.py --label window4 --window 4 \
+        --variants ar-window,ar-full,ltm,ltm-fb --eval-steps 4,16,64
+    python experiments/latents_study.py --label window4 --window 4 --report
+
+Each variant is the run flags given here plus its own flags (``VARIANTS``), trained into
+--runs/LABEL/NAME with the same tokens and seed (a finished run with the same config is
+reused). Each is scored on valid and test (all windows: 256 each by default, so the MI cap
+log N = 5.5 nats is not binding below it) at every --eval-steps, with what the latents carry
+(KL, mutual information, active units, slot correlation; docs/latent-diagnostics.md) and,
+at the variant's training T, the prior-proposal control. Two extra views at the training T:
+
+- ``eval_start="prior"``: the same model fitted from q_0 = the prior's log-variance 0 instead
+  of the training start (a fit that never starts with a KL above the prior's);
+- a linear probe (sklearn LogisticRegression) of the true topic and style from the posterior
+  means: fitted on the first half of the split, scored on the other half, as in
+  notebooks/02_latent_structure.ipynb; and fitted on --probe-train-windows windows of the
+  train split, scored on the whole split.
+
+Per-variant figures are kept in the run folder (study.json, so variants may be trained by
+separate invocations); --report gathers them into experiments/results/latents/LABEL.{json,md}
+and LABEL.png (iwae_ppl and MI against T_eval) and LABEL-slots.png (slot-correlation
+heatmaps of each layer's posterior means).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+import torch  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+
+from ltm_pyro.bounds import evaluate_windows  # noqa: E402
+from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from ltm_pyro.cli import (  # noqa: E402
+    OneLineParser,
+    add_run_arguments,
+    config_from_args,
+    int_list,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
+from ltm_pyro.data import load_corpus  # noqa: E402
+from ltm_pyro.files import write_json  # noqa: E402
+from ltm_pyro.inference import fit_local_posterior  # noqa: E402
+from ltm_pyro.report import markdown_table, write_results  # noqa: E402
+from ltm_pyro.runner import prior_as_posterior, train  # noqa: E402
+from ltm_pyro.viz import save_figure  # noqa: E402
+
+# Each variant: flags added to the study's own run flags (same tokens, seed and data).
+VARIANTS: dict[str, list[str]] = {
+    "ar-window": ["--model", "ar", "--match-params"],
+    "ar-full": ["--model", "ar", "--match-params", "--window", "0"],
+    "ltm": [],
+    "ltm-no-inference": ["--inference-steps", "0", "--init-log-var", "0"],
+    "ltm-klwarm": ["--kl-warmup-steps", "200"],
+    "ltm-fb": ["--free-bits", "1"],
+    "ltm-fb2": ["--free-bits", "2"],
+    "ltm-fb-sym": ["--free-bits", "1", "--init-loc-scale", "0.5"],
+    "ltm-sym": ["--init-loc-scale", "0.5"],
+    "ltm-fb-layer": ["--free-bits", "2", "--free-bits-group", "layer"],
+    "ltm-fb-klwarm": ["--free-bits", "1", "--kl-warmup-steps", "200"],
+    "ltm-fb-fixed": ["--free-bits", "1", "--noise", "fixed"],
+    # The fit starts at the prior (KL 0), so the free-bits floor binds from the first step.
+    "ltm-prior-fb": ["--init-log-var", "0", "--free-bits", "1"],
+    "ltm-prior-fb-sym": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale", "0.5"],
+}
+
+COLUMNS = ["variant", "eval_start", "split", "T_eval", "iwae_ppl", "elbo_ppl", "recon_ppl",
+           "prior_iwae_ppl", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
+           "active_units", "slot_correlation", "slot_effective_rank", "probe_topic_half",
+           "probe_style_half", "probe_topic_train", "probe_style_train"]
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser.from_doc(__doc__)
+    add_run_arguments(p)
+    p.add_argument("--label", required=True)
+    p.add_argument("--variants", default="", help=f"comma-separated, among {', '.join(VARIANTS)}")
+    p.add_argument("--runs", type=Path, default=Path("runs/latents"))
+    p.add_argument("--results", type=Path, default=Path("experiments/results/latents"))
+    p.add_argument("--eval-steps", type=int_list, help="T_eval values (default: training T)")
+    p.add_argument("--iw-samples", type=positive_int, default=16)
+    p.add_argument("--elbo-samples", type=positive_int, default=4)
+    p.add_argument("--prior-samples", type=non_negative_int, default=64)
+    p.add_argument("--mi-samples", type=positive_int, default=4)
+    p.add_argument("--probe-train-windows", type=non_negative_int, default=1024)
+    p.add_argument("--report", action="store_true", help="gather the variants into results")
+    return p
+
+
+def variant_config(argv_base: list[str], name: str):  # noqa: ANN201 - a RunConfig
+    """The study's run flags plus the variant's (the variant's win)."""
+    args = parser().parse_args([*argv_base, *VARIANTS[name], "--label", "x"])
+    return config_from_args(args)
+
+
+def posterior_means(ltm, windows: torch.Tensor, inference, steps: int, batch_size: int,
+                    seed: int) -> torch.Tensor:  # noqa: ANN001
+    """Fitted loc [N, N_z, d] of every window (the evaluation's fit, same seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    locs = []
+    ltm.decoder.eval()
+    for start in range(0, len(windows), batch_size):
+        tokens = windows[start:start + batch_size]
+        mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1)
+        locs.append(fit_local_posterior(ltm, tokens, mask, inference, generator,
+                                        steps=steps).posterior.loc)
+    return torch.cat(locs)
+
+
+def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+          test_y: np.ndarray) -> float:
+    model = LogisticRegression(max_iter=3000).fit(train_x, train_y)
+    return float(model.score(test_x, test_y))
+
+
+def slot_correlation_matrices(loc: torch.Tensor, n_layers: int) -> list[list[list[float]]]:
+    """Per layer, |correlation| between its slots' centred posterior means ([S, S])."""
+    out = []
+    for layer in loc.double().unflatten(1, (n_layers, -1)).unbind(1):
+        rows = (layer - layer.mean(0)).transpose(0, 1).flatten(1)
+        unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        out.append((unit @ unit.T).abs().tolist())
+    return out
+
+
+def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> dict:
+    config = variant_config(argv_base, name)
+    run_dir = args.runs / args.label / name
+    started = time.perf_counter()
+    train(config, run_dir, force=True, progress=False)
+    wall = time.perf_counter() - started
+    ltm, trained, tokenizer = model_from_checkpoint(load_checkpoint(run_dir), "cpu")
+    corpus = load_corpus(trained.data, trained.model.context, tokenizer)
+    seed, batch = trained.train.seed, trained.train.batch_size
+    has_latents = ltm.has_latents
+    # The no-inference ablation is fitted like the LTM at evaluation (from the LTM's start)
+    # except at T_eval 0, where q is the prior exactly.
+    base_inference = config_from_args(parser().parse_args([*argv_base, "--label", "x"])).inference
+    train_steps = base_inference.steps if name == "ltm-no-inference" else trained.inference.steps
+    eval_steps = sorted({*(args.eval_steps or []), train_steps}) if has_latents else [0]
+    if name == "ltm-no-inference":
+        eval_steps = sorted({0, *eval_steps})
+    rows, extra = [], {"slot_matrices": {}}
+    for split in ("valid", "test"):
+        windows = corpus.windows[split]
+        for steps in eval_steps:
+            starts = [("trained", trained.inference)]
+            if name == "ltm-no-inference":
+                starts = [("trained", prior_as_posterior(base_inference) if steps == 0
+                           else base_inference)]
+            already_prior = (trained.inference.init_log_var == 0.0
+                             and not trained.inference.init_log_var_jitter)
+            if (has_latents and steps == train_steps and name != "ltm-no-inference"
+                    and not already_prior):
+                starts.append(("prior", replace(trained.inference, init_log_var=0.0,
+                                                init_log_var_jitter=0.0)))
+            for start_name, inference in starts:
+                summary = evaluate_windows(
+                    ltm, windows, inference, steps=steps, batch_size=batch,
+                    elbo_samples=args.elbo_samples, iw_samples=args.iw_samples, seed=seed,
+                    latent_stats=True, mi_samples=args.mi_samples,
+                    prior_samples=args.prior_samples if steps == train_steps else 0)
+                row = {"variant": name, "eval_start": start_name, "split": split,
+                       "T_eval": steps, "train_wall_s": round(wall, 1),
+                       "tokens_seen": trained.train.max_steps * batch * trained.model.context,
+                       **summary}
+                if has_latents and steps == train_steps and start_name == "trained":
+                    loc = posterior_means(ltm, windows, inference, steps, batch, seed)
+                    x = loc.flatten(1).numpy()
+                    factors = corpus.factors[split]
+                    half = len(x) // 2
+                    for factor, column in (("topic", 0), ("style", 1)):
+                        y = factors[:, column]
+                        row[f"probe_{factor}_half"] = probe(x[:half], y[:half], x[half:], y[half:])
+                    if args.probe_train_windows:
+                        if "train_x" not in extra:
+                            tw = corpus.windows["train"][: args.probe_train_windows]
+                            extra["train_x"] = posterior_means(ltm, tw, inference, steps, batch,
+                                                               seed).flatten(1).numpy()
+                        tx = extra["train_x"]
+                        tf = corpus.factors["train"][: len(tx)]
+                        for factor, column in (("topic", 0), ("style", 1)):
+                            row[f"probe_{factor}_train"] = probe(tx, tf[:, column], x,
+                                                                 factors[:, column])
+                    extra["slot_matrices"][split] = slot_correlation_matrices(
+                        loc, trained.model.n_layers)
+                rows.append(row)
+                print(markdown_table([row], COLUMNS), flush=True)
+    result = {"variant": name, "flags": VARIANTS[name], "rows": rows,
+              "slot_matrices": extra["slot_matrices"], "config": trained.to_dict(),
+              "references": corpus.references}
+    write_json(run_dir / "study.json", result)
+    return result
+
+
+def bounds_mi_figure(results: list[dict]):  # noqa: ANN201 - a Figure
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for result in results:
+        rows = [r for r in result["rows"] if r["split"] == "valid" and r["eval_start"] == "trained"]
+        rows.sort(key=lambda r: r["T_eval"])
+        if not rows:
+            continue
+        t = [max(r["T_eval"], 0.5) for r in rows]
+        if result["variant"].startswith("ar"):  # exact perplexity: no inference steps
+            axes[0].axhline(rows[0]["iwae_ppl"], ls="--", lw=1, label=result["variant"],
+                            color="grey" if result["variant"] == "ar-full" else "black")
+        else:
+            axes[0].plot(t, [r["iwae_ppl"] for r in rows], "o-", label=result["variant"])
+            axes[1].errorbar(t, [r["mutual_info_per_window"] for r in rows],
+                             yerr=[r["mutual_info_stderr"] for r in rows], fmt="o-", capsize=3,
+                             label=result["variant"])
+    cap = next((r["mutual_info_cap"] for res in results for r in res["rows"]), math.log(256))
+    axes[1].axhline(cap, ls="--", color="grey", lw=1, label="cap log N")
+    axes[1].axhline(3.0, ls=":", color="black", lw=1, label="goal 3 nats")
+    for ax, label in ((axes[0], "valid iwae_ppl"), (axes[1], "valid MI per window (nats)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("T_eval (inference steps at evaluation; 0 drawn at 0.5)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def slots_figure(results: list[dict]):  # noqa: ANN201 - a Figure
+    with_slots = [r for r in results if r["slot_matrices"].get("test")]
+    layers = len(with_slots[0]["slot_matrices"]["test"]) if with_slots else 1
+    fig, axes = plt.subplots(layers, max(1, len(with_slots)), squeeze=False,
+                             figsize=(3.2 * max(2, len(with_slots)), 3 * layers),
+                             constrained_layout=True)
+    for column, result in enumerate(with_slots):
+        for layer, matrix in enumerate(result["slot_matrices"]["test"]):
+            ax = axes[layer][column]
+            sns.heatmap(np.array(matrix), vmin=0, vmax=1, annot=True, fmt=".2f", cmap="mako",
+                        cbar=False, ax=ax)
+            ax.set_title(f"{result['variant']}, layer {layer}", fontsize=9)
+    fig.suptitle("|correlation| of slots' posterior means (test, training T)", fontsize=10)
+    return fig
+
+
+def report(argv_base: list[str], args: argparse.Namespace) -> None:
+    results = []
+    for folder in sorted((args.runs / args.label).iterdir()):
+        if (folder / "study.json").exists():
+            results.append(json.loads((folder / "study.json").read_text()))
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    results.sort(key=lambda r: order.get(r["variant"], 99))
+    rows = [r for res in results for r in res["rows"]]
+    rows.sort(key=lambda r: (r["split"] != "valid", order.get(r["variant"], 99), r["T_eval"],
+                             r["eval_start"]))
+    notes_path = args.results / f"{args.label}-notes.md"
+    notes = notes_path.read_text() if notes_path.exists() else ""
+    flags = "\n".join(f"- `{r['variant']}`: `{' '.join(r['flags']) or '(none)'}`" for r in results)
+    references = results[0]["references"] if results else {}
+    write_results(args.results / f"{args.label}.json", f"Latent levers: {args.label}", "cpu",
+                  {"rows": rows, "variants": {r["variant"]: r["flags"] for r in results},
+                   "slot_matrices": {r["variant"]: r["slot_matrices"] for r in results},
+                   "configs": {r["variant"]: r["config"] for r in results},
+                   "references": references},
+                  f"Variants (each adds these flags to the command's; same tokens and seed):\n\n"
+                  f"{flags}\n\nAll windows of each split (N = 256: MI cap log N = 5.55 nats). "
+                  "Perplexities per predicted token; `iwae_ppl`/`elbo_ppl` are valid bounds; "
+                  "`recon_ppl` is not. `eval_start` prior: the fit starts at log-variance 0. "
+                  "Probes: topic (32 classes, chance ~0.03) and style (8) from posterior means; "
+                  "`_half` fitted on the first half of the split, `_train` on train windows."
+                  f"\n\n{markdown_table(rows, COLUMNS)}\n\nReferences (nats/token): "
+                  f"{references}\n\n{notes}")
+    save_figure(bounds_mi_figure(results), args.results / f"{args.label}.png")
+    save_figure(slots_figure(results), args.results / f"{args.label}-slots.png")
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    args = parser().parse_args(argv)
+    # The run flags alone (without the study's own options), for each variant's config.
+    study_only = {"--label": 1, "--variants": 1, "--runs": 1, "--results": 1,
+                  "--eval-steps": 1, "--iw-samples": 1, "--elbo-samples": 1,
+                  "--prior-samples": 1, "--mi-samples": 1, "--probe-train-windows": 1,
+                  "--report": 0}
+    argv_base, skip = [], 0
+    for item in argv:
+        if skip:
+            skip -= 1
+            continue
+        key = item.split("=")[0]
+        if key in study_only:
+            skip = 0 if "=" in item else study_only[key]
+            continue
+        argv_base.append(item)
+    if args.report:
+        report(argv_base, args)
+        return 0
+    for name in [v for v in args.variants.split(",") if v]:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; choose among {', '.join(VARIANTS)}")
+        study_variant(argv_base, name, args)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
