@@ -30,7 +30,9 @@ from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.files import write_json  # noqa: E402
 from ltm_pyro.report import markdown_table  # noqa: E402
 from ltm_pyro.runner import resolve_device  # noqa: E402
-from ltm_pyro.tokenizers import known_token_count  # noqa: E402
+from ltm_pyro.tokenizers import known_token_count, unk_rate  # noqa: E402
+
+UNK_WARNING = 0.05  # above this share of <unk> among scored tokens, say so on stderr
 
 METRICS = ["tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"]
 LATENT_METRICS = ["windows", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
@@ -70,6 +72,11 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
     if known_token_count(tokenizer, windows) == 0:
         raise UsageError(f"no token of {data.path} is in the checkpoint's vocabulary; "
                          "evaluate on a corpus in the training language and tokenization")
+    unknown = unk_rate(tokenizer, windows[:, 1:])  # the predicted tokens
+    if unknown > UNK_WARNING:
+        print(f"warning: {unknown:.1%} of the scored tokens of {corpus.name} are <unk> under the "
+              "checkpoint's vocabulary; its perplexities are not comparable with a model that "
+              "knows those words", file=sys.stderr)
     bar = tqdm(total=len(windows), disable=args.no_progress, desc=f"eval {args.split}")
 
     def progress(totals) -> None:  # noqa: ANN001 - BoundTotals
@@ -94,6 +101,7 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
         "zero_shot": args.data is not None and corpus.name != payload.get("corpus"),
         "split": args.split,
         "windows": len(windows),
+        "unk_rate": unknown,
         "references": corpus.references,
         "seed": args.seed,
     }
@@ -102,7 +110,8 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
 def main() -> int:
     args = parser().parse_args()
     results = evaluate(args)
-    print(markdown_table([results], ["split", "inference_steps", "iw_samples", *METRICS]))
+    print(markdown_table([results], ["split", "inference_steps", "iw_samples", "unk_rate",
+                                      *METRICS]))
     print()
     print(markdown_table([results], LATENT_METRICS))
     if args.json:

@@ -176,6 +176,14 @@ def known_token_count(tokenizer: Tokenizer, ids: torch.Tensor) -> int:
     return int((~torch.isin(ids, torch.tensor(excluded))).sum())
 
 
+def unk_rate(tokenizer: Tokenizer, ids: torch.Tensor) -> float:
+    """Share of ``ids`` that are ``<unk>``: scored unknowns make a perplexity easier than the
+    text is (every unseen word becomes one frequent token), so zero-shot figures need it."""
+    if tokenizer.unk_id is None or ids.numel() == 0:
+        return 0.0
+    return float((ids == tokenizer.unk_id).sum()) / ids.numel()
+
+
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """Ids of a prompt to be continued: the word tokenizer's end-of-line ``<eos>`` is kept only
     when the text itself ends with a newline, so "the cat" continues the line it starts."""

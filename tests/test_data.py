@@ -90,3 +90,11 @@ def test_too_short_corpus_is_a_usage_error(tmp_path):
     path.write_text("".join(f"w{i}\n" for i in range(40)))
     with pytest.raises(UsageError, match="shorter than one window"):
         text_corpus(path, DataConfig(), 64)
+
+
+def test_unk_rate_counts_unknown_words_only():
+    from ltm_pyro.tokenizers import unk_rate
+
+    tokenizer = WordTokenizer.fit("a b c\n")
+    ids = torch.tensor(tokenizer.encode("a x b y\n"))
+    assert unk_rate(tokenizer, ids) == pytest.approx(2 / 5)  # a <unk> b <unk> <eos>

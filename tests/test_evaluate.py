@@ -80,6 +80,9 @@ def test_zero_shot_on_an_unseen_corpus(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())
     assert results["zero_shot"] and results["tokens"] > 0
+    # "unseen", "words", "here" are not in the training vocabulary: about 3 of 5 words
+    assert 0.3 < results["unk_rate"] < 0.7
+    assert "<unk>" in result.stderr and "not comparable" in result.stderr
 
 
 @pytest.mark.slow
