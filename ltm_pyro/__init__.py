@@ -6,18 +6,20 @@ Modules by layer (docs/design.md §3); a layer imports from itself, the ones abo
 - evaluation: ``bounds`` (three figures), ``latent_use``, ``diagnostics``, ``sample_quality``,
   ``fewshot``
 - runs and files: ``runner``, ``checkpoint``, ``files``, ``data``, ``synthetic``, ``tokenizers``,
-  ``report``, ``viz``, ``generate``
+  ``report``, ``viz``, ``generate``, ``explore`` (``load_run``: encode, score, generate)
 - plumbing: ``config`` (presets, recipes), ``cli``, ``errors``, ``distributed``, ``flops``
 """
 
 from .config import InferenceConfig, ModelConfig, RunConfig, TrainConfig, preset
 from .decoder import Decoder
+from .explore import TextPosterior, TrainedRun, load_run
 from .inference import fit_local_posterior
 from .model import LatentThoughtModel, LocalPosterior
 from .svi import DualRateSVI
 
 __all__ = [
     "Decoder", "DualRateSVI", "InferenceConfig", "LatentThoughtModel", "LocalPosterior",
-    "ModelConfig", "RunConfig", "TrainConfig", "fit_local_posterior", "preset",
+    "ModelConfig", "RunConfig", "TextPosterior", "TrainConfig", "TrainedRun",
+    "fit_local_posterior", "load_run", "preset",
 ]
 __version__ = "0.1.0"

@@ -31,13 +31,12 @@ from .bounds import evaluate_windows
 from .checkpoint import (
     checkpoint_path,
     load_checkpoint,
-    model_from_checkpoint,
     restore_rng_states,
     rng_states,
     save_checkpoint,
 )
 from .config import InferenceConfig, RunConfig
-from .data import BatchSampler, Corpus, load_corpus
+from .data import BatchSampler, load_corpus
 from .decoder import Decoder, matched_ar_config
 from .distributed import Shard, process_group, shard_from_environment
 from .errors import UsageError
@@ -407,11 +406,3 @@ def _train(config: RunConfig, out: Path, force: bool, progress: bool, shard: Sha
     if shard.is_main:
         save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
     return last_valid
-
-
-def load_run(out: Path, device: str | torch.device = "cpu") -> tuple[LatentThoughtModel,
-                                                                      RunConfig, Corpus]:
-    """A finished (or interrupted) run's model, config and corpus, for notebooks and scripts."""
-    ltm, config, tokenizer = model_from_checkpoint(load_checkpoint(out, map_location=device),
-                                                   device)
-    return ltm, config, load_corpus(config.data, config.model.context, tokenizer)

@@ -32,8 +32,8 @@ from ltm_pyro.checkpoint import (
     save_checkpoint,
 )
 from ltm_pyro.errors import UsageError
+from ltm_pyro.explore import load_run
 from ltm_pyro.files import WriteFailed, append_jsonl, folder_lock, read_jsonl, write_json
-from ltm_pyro.runner import load_run
 
 from .conftest import REPO
 
