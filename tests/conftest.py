@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -58,6 +59,14 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def train_in_process(out: Path, *args: str) -> Path:
+    """``python experiments/run_svi.py --out OUT ARGS`` in this process; returns OUT."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["run_svi.py", "--out", str(out), *args])
+        assert load_script("run_svi").main() == 0
+    return out
 
 
 def shared_data(name: str) -> Path:

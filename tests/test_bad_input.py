@@ -11,7 +11,7 @@ import torch
 
 from ltm_pyro.checkpoint import FORMAT, VERSION, load_checkpoint
 
-from .conftest import load_script
+from .conftest import load_script, train_in_process
 
 RUN = ["--seq-len", "32", "--batch-size", "4", "--inference-steps", "2", "--eval-every", "3",
        "--eval-windows", "4", "--checkpoint-every", "3", "--max-steps", "12", "--no-progress"]
@@ -30,11 +30,7 @@ def run_in_process(script: str, args: list[str], capsys, monkeypatch) -> tuple[i
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["run_svi.py", "--out", str(out), *RUN])
-        assert load_script("run_svi").main() == 0
-    return out
+    return train_in_process(tmp_path_factory.mktemp("finished") / "run", *RUN)
 
 
 def _bad_inputs(root, finished):

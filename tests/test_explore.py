@@ -1,6 +1,5 @@
 """The exploration API: load a run, fit z to a text, score it, generate from it."""
 
-import sys
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import ltm_pyro
 from ltm_pyro.bounds import evaluate_windows
 from ltm_pyro.errors import UsageError
 
-from .conftest import load_script
+from .conftest import train_in_process
 
 RUN = ["--seq-len", "16", "--batch-size", "4", "--inference-steps", "2", "--eval-every", "4",
        "--eval-windows", "4", "--checkpoint-every", "4", "--max-steps", "4", "--no-progress"]
@@ -17,11 +16,7 @@ RUN = ["--seq-len", "16", "--batch-size", "4", "--inference-steps", "2", "--eval
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("explore") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["run_svi.py", "--out", str(out), *RUN])
-        assert load_script("run_svi").main() == 0
-    return ltm_pyro.load_run(out)
+    return ltm_pyro.load_run(train_in_process(tmp_path_factory.mktemp("explore") / "run", *RUN))
 
 
 def _text(run, index: int = 0) -> str:
