@@ -217,7 +217,7 @@ def test_evaluation_matches_the_bounds_written_out(noise):
     settings = dict(steps=3, batch_size=4, elbo_samples=11, iw_samples=13, seed=7)
     summary = evaluate_windows(ltm, windows, inference, **settings)
     expected = _reference_evaluation(ltm, windows, inference, **settings)
-    assert summary["inference_steps"] == 3
+    assert summary["inference_steps"] == 3 and summary["sequences"] == len(windows)
     for key, value in expected.items():
         assert summary[key] == pytest.approx(value, rel=1e-5), key
     # T_eval matters for this model: the same call at the training T gives other figures.
@@ -341,6 +341,19 @@ def test_slow_schedule_passes_the_cosine_midpoint_and_reaches_the_optimizer(batc
         assert all(g["lr"] == stats.slow_lr for g in svi.optimizer.param_groups)
     assert svi.step_count == 2
     assert float(stats.elbo) == pytest.approx(-float(stats.nll + stats.kl))
+
+
+def test_logged_kl_is_the_fitted_posteriors_per_token(batch):
+    """The training log's KL is KL(q || p) of the posterior the slow step used, per token."""
+    tokens, mask = batch
+    ltm = LatentThoughtModel(Decoder(micro_config()))
+    inference = InferenceConfig(steps=3, init_log_var=-1.0)
+    fit = fit_local_posterior(LatentThoughtModel(copy.deepcopy(ltm.decoder)), tokens, mask,
+                              inference, torch.Generator().manual_seed(4))
+    expected = _kl_to_standard_normal(fit.posterior.loc, fit.posterior.scale).sum() / mask.sum()
+    stats = DualRateSVI(ltm, inference, TrainConfig(), torch.Generator().manual_seed(4)).step(
+        tokens, mask)
+    assert float(stats.kl) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_slow_state_round_trips(batch):
