@@ -7,7 +7,8 @@ Modules by layer (docs/design.md §3); a layer imports from itself, the ones abo
   ``fewshot``
 - runs and files: ``runner``, ``checkpoint``, ``files``, ``data``, ``synthetic``, ``tokenizers``,
   ``report``, ``viz``, ``generate``, ``explore`` (``load_run``: encode, score, generate)
-- plumbing: ``config`` (presets, recipes), ``cli``, ``errors``, ``distributed``, ``flops``
+- plumbing: ``config`` (presets, recipes), ``cli``, ``errors``, ``modes``, ``distributed``,
+  ``flops``
 """
 
 from .config import InferenceConfig, ModelConfig, RunConfig, TrainConfig, preset
