@@ -126,3 +126,16 @@ def test_evaluating_restores_the_mode_even_when_the_work_fails():
     with evaluating(decoder.eval()):
         pass
     assert not decoder.training
+
+
+def test_compile_compiles_the_decoder_in_place_and_the_token_nll(monkeypatch):
+    """What ``--compile`` does, without paying for a compilation (compiled and eager values
+    are compared in test_decoder's slow test)."""
+    from ltm_pyro.model import masked_token_nll
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    ltm = LatentThoughtModel(Decoder(micro_config()))
+    monkeypatch.setattr(ltm.decoder, "compile", lambda: compiled.append("decoder"))
+    ltm.compile()
+    assert compiled == ["decoder", masked_token_nll] and ltm.token_nll is masked_token_nll
