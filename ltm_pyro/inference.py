@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +18,17 @@ from pyro.infer.util import is_validation_enabled
 from torch import Tensor
 
 from .config import InferenceConfig
-from .distributed import Shard
 from .model import LatentThoughtModel, LocalPosterior
+
+# Draws standard-normal noise of a shape from a generator on a device. Single-process code
+# uses ``standard_normal``; under torchrun each rank passes its ``Shard.randn`` (its slice of
+# the global batch's draw), so the fast loop itself needs no communication.
+NoiseSource = Callable[[tuple[int, ...], "torch.Generator | None", torch.device], Tensor]
+
+
+def standard_normal(shape: tuple[int, ...], generator: torch.Generator | None,
+                    device: torch.device) -> Tensor:
+    return torch.randn(shape, generator=generator, device=device)
 
 
 class SyncFreeMeanFieldELBO(TraceMeanField_ELBO):
@@ -137,7 +146,7 @@ def slot_offsets(shape: tuple[int, int], device: torch.device | str = "cpu") -> 
 
 def initial_posterior(
     ltm: LatentThoughtModel, batch: int, device: torch.device, config: InferenceConfig,
-    generator: torch.Generator | None = None, shard: Shard | None = None,
+    generator: torch.Generator | None = None, draw: NoiseSource = standard_normal,
 ) -> LocalPosterior:
     """loc at 0 and log-variance at ``init_log_var`` (-5 as released, sigma about 0.08),
     plus ``init_log_var_jitter`` * N(0, 1) drawn from ``generator`` when the jitter is not 0
@@ -148,7 +157,7 @@ def initial_posterior(
         loc = loc + config.init_loc_scale * slot_offsets(ltm.latent_shape, device)
     log_var = torch.full_like(loc, config.init_log_var)
     if config.init_log_var_jitter:
-        jitter = (shard or Shard()).randn(loc.shape, generator, device)
+        jitter = draw(loc.shape, generator, device)
         log_var = log_var + config.init_log_var_jitter * jitter
     return LocalPosterior(loc, log_var)
 
@@ -169,8 +178,8 @@ def fit_local_posterior(
     generator: torch.Generator | None = None,
     steps: int | None = None,
     accumulate_decoder_grads: bool = False,
-    shard: Shard | None = None,
-    tokens_total: Tensor | None = None,
+    draw: NoiseSource = standard_normal,
+    normaliser: Tensor | None = None,
     training: bool = False,
 ) -> FitResult:
     """Run ``steps`` (default ``config.steps``) inner steps of AdamW on (loc, log_var).
@@ -182,23 +191,20 @@ def fit_local_posterior(
     ``fast_lr``; AdamW's weight decay on (loc, log_var) is ``config.weight_decay``.
     ``noise="fixed"`` draws one standard-normal noise for all steps (as released);
     ``"fresh"`` draws a new one at each step. Draws come from ``generator`` so that
-    evaluation never moves the training RNG. Under data parallelism (``shard``) the noise is
-    this rank's slice of the global batch's and the loss is divided by the global token count
-    (``tokens_total``), so each rank fits exactly what a single process would.
+    evaluation never moves the training RNG, through ``draw`` (under data parallelism: this
+    rank's slice of the global batch's draw); a per-token loss is divided by ``normaliser``
+    (default: this batch's token count; under data parallelism the global batch's), so each
+    rank fits exactly what a single process would.
     ``training`` (the slow loop's fits) applies ``config.free_bits`` to the fit's objective;
     evaluation fits the full ELBO.
     """
     steps = config.steps if steps is None else steps
-    shard = shard or Shard()
-    start = initial_posterior(ltm, tokens.shape[0], tokens.device, config, generator, shard)
+    start = initial_posterior(ltm, tokens.shape[0], tokens.device, config, generator, draw)
     loc = start.loc.requires_grad_()
     log_var = start.log_var.requires_grad_()
     local = LocalPosterior(loc, log_var)
 
-    def draw() -> Tensor:
-        return shard.randn(loc.shape, generator, loc.device)
-
-    noise = draw()
+    noise = draw(loc.shape, generator, loc.device)
     if steps == 0:
         return FitResult(local.detach(), noise)
 
@@ -210,15 +216,15 @@ def fit_local_posterior(
     optimizer = torch.optim.AdamW([loc, log_var], lr=config.lr_max, betas=config.betas,
                                   weight_decay=config.weight_decay)
     # "per-token" divides by the (global) token count; "sum" (released) keeps the sum.
-    normaliser = 1.0 if config.inner_loss == "sum" else (
-        mask.sum() if tokens_total is None else tokens_total)
+    divisor = 1.0 if config.inner_loss == "sum" else (
+        mask.sum() if normaliser is None else normaliser)
     # "final" mode freezes the decoder: no weight-gradient work or activations kept for it.
     with contextlib.nullcontext() if accumulate_decoder_grads else frozen(ltm.decoder):
         for step in range(steps):
             if step > 0 and config.noise == "fresh":
-                noise = draw()
+                noise = draw(loc.shape, generator, loc.device)
             loss = elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask, local, noise)
-            loss = loss / normaliser
+            loss = loss / divisor
             optimizer.zero_grad(set_to_none=True)
             if accumulate_decoder_grads:
                 loss.backward()

@@ -93,7 +93,7 @@ class DualRateSVI:
             fit = fit_local_posterior(
                 self.ltm, tokens, mask, self.inference, generator=self.generator,
                 accumulate_decoder_grads=self.train.decoder_grads == "trajectory",
-                shard=self.shard, tokens_total=tokens_in_batch, training=True,
+                draw=self.shard.randn, normaliser=tokens_in_batch, training=True,
             )
             posterior, noise = fit.posterior, fit.noise
             if self.inference.noise == "fresh":
