@@ -77,6 +77,10 @@ VARIANTS: dict[str, list[str]] = {
     # The fit starts at the prior (KL 0), so the free-bits floor binds from the first step.
     "ltm-prior-fb": ["--init-log-var", "0", "--free-bits", "1"],
     "ltm-prior-fb-sym": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale", "0.5"],
+    # The same three levers with a KL warm-up over half of the 400 steps, or offsets of scale 1.
+    "ltm-prior-fb-sym-klwarm": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                                "0.5", "--kl-warmup-steps", "200"],
+    "ltm-prior-fb-sym1": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale", "1.0"],
 }
 
 COLUMNS = ["variant", "eval_start", "split", "T_eval", "iwae_ppl", "elbo_ppl", "recon_ppl",
