@@ -24,7 +24,7 @@ NOTEBOOK_CI_SIZE := LTM_NB_TRAIN_STEPS=150 LTM_NB_WINDOWS=32 LTM_NB_IW_SAMPLES=3
 	LTM_NB_NUTS_SAMPLES=60 LTM_NB_DOCS=128 LTM_NB_INFERENCE_STEPS=32 LTM_NB_RUN_DIR=../runs/notebook-ci
 
 test: setup
-	$(NOTEBOOK_CI_SIZE) $(PY) -m pytest -q tests --nbmake notebooks
+	$(NOTEBOOK_CI_SIZE) $(PY) -m pytest -q tests --nbmake --nbmake-timeout=900 notebooks
 
 # Ruff, then the library's size and layering targets (printed; a missed one is reported, and
 # make's "ignored" note follows, without failing the target).
