@@ -23,10 +23,9 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import RunConfig
 from .data import Corpus, load_corpus, to_windows
 from .errors import UsageError
-from .generate import posterior_latents, prior_latents, sample_tokens
-from .inference import fit_local_posterior
+from .generate import posterior_latents, prior_latents, prompt_posterior, sample_tokens
+from .latent_use import kl_per_window
 from .model import LatentThoughtModel, LocalPosterior
-from .modes import evaluating
 from .tokenizers import Tokenizer, encode_prompt, known_token_count
 
 
@@ -44,8 +43,7 @@ class TextPosterior:
 
     def kl(self) -> float:
         """KL(q || prior) in nats: what this text's latents cost the bound."""
-        p = self.posterior
-        return float((0.5 * (p.log_var.exp() + p.loc**2 - 1 - p.log_var)).sum())
+        return float(kl_per_window(self.posterior).sum())
 
 
 @dataclass
@@ -78,12 +76,9 @@ class TrainedRun:
             raise UsageError("the text needs at least two tokens: one to condition on, one to "
                              "predict")
         tokens = torch.tensor([ids], device=self.device)
-        mask = torch.ones(1, len(ids) - 1, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        with evaluating(self.ltm.decoder), torch.enable_grad():
-            fit = fit_local_posterior(self.ltm, tokens, mask, self.config.inference, generator,
-                                      steps=steps)
-        return TextPosterior(text, tokens, fit.posterior)
+        return TextPosterior(text, tokens, prompt_posterior(
+            self.ltm, tokens, self.config.inference, steps, generator))
 
     def score(self, text: str, steps: int | None = None, iw_samples: int = 16,
               elbo_samples: int = 4, seed: int = 0) -> dict[str, float]:

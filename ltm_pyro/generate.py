@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .config import InferenceConfig
 from .inference import fit_local_posterior
-from .model import LatentThoughtModel
+from .model import LatentThoughtModel, LocalPosterior
 from .modes import autocast, evaluating
 
 
@@ -72,20 +72,27 @@ def prior_latents(ltm: LatentThoughtModel, batch: int, scale: float = 1.0,
     return scale * torch.randn(batch, *ltm.latent_shape, generator=generator, device=device)
 
 
-def posterior_latents(ltm: LatentThoughtModel, prompt: Tensor, inference: InferenceConfig,
-                      steps: int | None = None, generator: torch.Generator | None = None,
-                      sample: bool = False) -> Tensor | None:
-    """z fitted to the prompt [B, P] with ``steps`` inner steps: the posterior mean, or a draw.
+def prompt_posterior(ltm: LatentThoughtModel, prompt: Tensor, inference: InferenceConfig,
+                     steps: int | None = None, generator: torch.Generator | None = None
+                     ) -> LocalPosterior:
+    """q(z | prompt) for a prompt [B, P], fitted with ``steps`` inner steps (default: the
+    training T) in eval mode, as evaluation fits it, also when called under ``no_grad``.
 
     A prompt of one token has nothing to predict, so its posterior is the initial guide.
     """
-    if not ltm.has_latents:
-        return None
     mask = torch.ones(prompt.shape[0], prompt.shape[1] - 1, device=prompt.device)
     steps = 0 if mask.shape[1] == 0 else steps
     with evaluating(ltm.decoder), torch.enable_grad():
-        fit = fit_local_posterior(ltm, prompt, mask, inference, generator, steps=steps)
-    posterior = fit.posterior
+        return fit_local_posterior(ltm, prompt, mask, inference, generator, steps=steps).posterior
+
+
+def posterior_latents(ltm: LatentThoughtModel, prompt: Tensor, inference: InferenceConfig,
+                      steps: int | None = None, generator: torch.Generator | None = None,
+                      sample: bool = False) -> Tensor | None:
+    """z fitted to the prompt [B, P] with ``steps`` inner steps: the posterior mean, or a draw."""
+    if not ltm.has_latents:
+        return None
+    posterior = prompt_posterior(ltm, prompt, inference, steps, generator)
     if not sample:
         return posterior.loc
     noise = torch.randn(posterior.loc.shape, generator=generator, device=prompt.device)
