@@ -40,16 +40,26 @@ PICKLE_VERSION = 1  # the last format that needed a full unpickle (weights_only=
 CONVERTER = "experiments/convert_checkpoint.py"
 
 
+def _python_rng_state(state: tuple) -> dict:
+    """``random.getstate()`` as tensors and plain data."""
+    version, keys, gauss = state
+    return {"version": int(version), "keys": torch.tensor(list(keys), dtype=torch.int64),
+            "gauss": None if gauss is None else float(gauss)}
+
+
+def _numpy_rng_state(state: tuple) -> dict:
+    """``np.random.get_state()`` as tensors and plain data."""
+    kind, keys, pos, has_gauss, cached_gaussian = state
+    return {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian)}
+
+
 def rng_states(generator: torch.Generator) -> dict:
     """Every RNG state as tensors and integers (loadable with ``weights_only=True``)."""
-    version, python_keys, gauss = random.getstate()
-    kind, numpy_keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
-        "python": {"version": int(version), "keys": torch.tensor(python_keys, dtype=torch.int64),
-                   "gauss": None if gauss is None else float(gauss)},
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(numpy_keys.astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)},
+        "python": _python_rng_state(random.getstate()),
+        "numpy": _numpy_rng_state(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "noise": generator.get_state(),
     }
@@ -123,17 +133,9 @@ def upgrade_pickled_payload(payload: dict) -> dict:
     if payload.get("format") != FORMAT or payload.get("version") != PICKLE_VERSION:
         raise UsageError(f"not an ltm-pyro checkpoint of format version {PICKLE_VERSION}")
     upgraded = {k: v for k, v in payload.items() if k not in ("format", "version")}
-    rng = dict(payload["rng"])
-    version, python_keys, gauss = rng["python"]
-    kind, numpy_keys, pos, has_gauss, cached_gaussian = rng["numpy"]
-    rng["python"] = {"version": int(version),
-                     "keys": torch.tensor(list(python_keys), dtype=torch.int64),
-                     "gauss": None if gauss is None else float(gauss)}
-    rng["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(np.asarray(numpy_keys,
-                                                                          dtype=np.int64)),
-                    "pos": int(pos), "has_gauss": int(has_gauss),
-                    "cached_gaussian": float(cached_gaussian)}
-    upgraded["rng"] = rng
+    rng = payload["rng"]
+    upgraded["rng"] = {**rng, "python": _python_rng_state(rng["python"]),
+                       "numpy": _numpy_rng_state(rng["numpy"])}
     return upgraded
 
 
