@@ -56,6 +56,7 @@ from ltm_pyro.cli import (  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.files import write_json  # noqa: E402
 from ltm_pyro.inference import fit_local_posterior  # noqa: E402
+from ltm_pyro.modes import evaluating  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import prior_as_posterior, train  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
@@ -114,15 +115,17 @@ def variant_config(argv_base: list[str], name: str):  # noqa: ANN201 - a RunConf
 
 def posterior_means(ltm, windows: torch.Tensor, inference, steps: int, batch_size: int,
                     seed: int) -> torch.Tensor:  # noqa: ANN001
-    """Fitted loc [N, N_z, d] of every window (the evaluation's fit, same seed)."""
+    """Fitted loc [N, N_z, d] of every window: fitted as evaluation fits (eval mode, same
+    seed), but with no bound draws between batches, so from the second batch on the fits'
+    draws are not those of ``evaluate_windows``."""
     generator = torch.Generator().manual_seed(seed)
     locs = []
-    ltm.decoder.eval()
-    for start in range(0, len(windows), batch_size):
-        tokens = windows[start:start + batch_size]
-        mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1)
-        locs.append(fit_local_posterior(ltm, tokens, mask, inference, generator,
-                                        steps=steps).posterior.loc)
+    with evaluating(ltm.decoder):
+        for start in range(0, len(windows), batch_size):
+            tokens = windows[start:start + batch_size]
+            mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1)
+            locs.append(fit_local_posterior(ltm, tokens, mask, inference, generator,
+                                            steps=steps).posterior.loc)
     return torch.cat(locs)
 
 
