@@ -63,7 +63,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def _comparable(config: dict) -> dict:
-    """The parts of a config that must match to resume (vocab size comes from the data)."""
+    """The parts of a config that must match to resume (vocab size comes from the data).
+    Fields added to the config since a checkpoint was written take their defaults."""
+    config = RunConfig.from_dict(config).to_dict()
     model = {k: v for k, v in config["model"].items() if k != "vocab_size"}
     return {**config, "model": model}
 
