@@ -14,6 +14,7 @@ import pyro
 from .config import PRESETS, RECIPES, RunConfig, apply_recipe, preset
 from .decoder import matched_ar_config
 from .errors import UsageError
+from .files import written_files
 from .tokenizers import TOKENIZERS
 
 
@@ -119,7 +120,17 @@ def run_main(main: Callable[[], int | None]) -> None:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    print_written_files()
     sys.exit(status or 0)
+
+
+def print_written_files() -> None:
+    """One stderr line per folder the script wrote into, naming its files."""
+    by_folder: dict[Path, list[str]] = {}
+    for path in written_files():
+        by_folder.setdefault(path.parent, []).append(path.name)
+    for folder, names in by_folder.items():
+        print(f"wrote {folder}/: {', '.join(names)}", file=sys.stderr)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
