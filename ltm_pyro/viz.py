@@ -106,13 +106,21 @@ def guide_against_reference(guide_draws, reference_draws, names: list[str]) -> F
     return grid.figure
 
 
-def latent_projection(points, labels, title: str) -> Figure:
-    """2-D projection of posterior means, coloured by a known factor."""
+def latent_projection(points, labels, title: str, label_name: str = "class",
+                      axis_name: str = "component") -> Figure:
+    """2-D projection of posterior means, coloured by a known factor: one distinct colour per
+    class (evenly spaced hues beyond 10 classes, where qualitative palettes repeat), and a
+    legend beside the axes."""
     sns.set_theme(style="white")
-    fig, ax = plt.subplots(figsize=(5.5, 5), constrained_layout=True)
-    sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=labels, palette="tab20", s=14, ax=ax,
-                    legend=len(set(labels)) <= 10)
-    ax.set_title(title)
+    classes = sorted(set(labels.tolist() if hasattr(labels, "tolist") else labels))
+    palette = (sns.color_palette("tab10", len(classes)) if len(classes) <= 10
+               else sns.color_palette("husl", len(classes)))
+    fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=labels, hue_order=classes,
+                    palette=palette, s=14, ax=ax)
+    ax.legend(title=label_name, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=6,
+              title_fontsize=7, ncol=1 if len(classes) <= 16 else 2, markerscale=0.8)
+    ax.set(title=title, xlabel=f"{axis_name} 1", ylabel=f"{axis_name} 2")
     return fig
 
 
