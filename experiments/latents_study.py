@@ -56,6 +56,11 @@ from ltm_pyro.cli import (  # noqa: E402
 from ltm_pyro.comparisons import prior_as_posterior  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.files import write_json  # noqa: E402
+from ltm_pyro.flops import (  # noqa: E402
+    fit_flops_per_token,
+    forward_flops_per_token,
+    training_flops_per_token,
+)
 from ltm_pyro.inference import fit_local_posterior  # noqa: E402
 from ltm_pyro.modes import evaluating  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
@@ -83,9 +88,25 @@ VARIANTS: dict[str, list[str]] = {
     "ltm-prior-fb-sym-klwarm": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
                                 "0.5", "--kl-warmup-steps", "200"],
     "ltm-prior-fb-sym1": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale", "1.0"],
+    # Semi-amortised inference (ltm_pyro/amortised.py): the three levers, an encoder of 2
+    # blocks proposing the fit's start, refined with T inner steps (16, 4 or 2); "-fit": the
+    # encoder trained to match the fitted q instead of on the ELBO at its proposal.
+    # "-T4": the three levers at T = 4 without an encoder (the control at equal T).
+    "ltm-prior-fb-sym-T4": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                            "0.5", "--inference-steps", "4"],
+    "ltm-prior-fb-sym-enc": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                             "0.5", "--encoder-layers", "2"],
+    "ltm-prior-fb-sym-enc-T4": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                                "0.5", "--encoder-layers", "2", "--inference-steps", "4"],
+    "ltm-prior-fb-sym-enc-T2": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                                "0.5", "--encoder-layers", "2", "--inference-steps", "2"],
+    "ltm-prior-fb-sym-encfit-T4": ["--init-log-var", "0", "--free-bits", "1",
+                                   "--init-loc-scale", "0.5", "--encoder-layers", "2",
+                                   "--encoder-loss", "fit", "--inference-steps", "4"],
 }
 
-COLUMNS = ["variant", "eval_start", "split", "T_eval", "iwae_ppl", "elbo_ppl", "recon_ppl",
+COLUMNS = ["variant", "eval_start", "split", "T_eval", "train_passes", "fit_passes",
+           "iwae_ppl", "elbo_ppl", "recon_ppl",
            "prior_iwae_ppl", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
            "active_units", "slot_correlation", "slot_effective_rank", "probe_topic_half",
            "probe_style_half", "probe_topic_train", "probe_style_train"]
@@ -146,6 +167,17 @@ def slot_correlation_matrices(loc: torch.Tensor, n_layers: int) -> list[list[lis
     return out
 
 
+def costs(trained, steps: int) -> dict:  # noqa: ANN001 - a RunConfig
+    """Decoder-forward equivalents (FLOPs / one decoder forward, ``ltm_pyro/flops.py``, the
+    encoder included): per training iteration, and per scored window for the fit at T_eval
+    ``steps`` (scoring the bounds' draws is extra and the same for every variant)."""
+    forward = forward_flops_per_token(trained.model)
+    train = training_flops_per_token(trained.model, trained.inference.steps,
+                                     trained.train.decoder_grads, trained.inference)
+    fit = fit_flops_per_token(trained.model, steps, trained.inference)
+    return {"train_passes": round(train / forward, 2), "fit_passes": round(fit / forward, 2)}
+
+
 def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> dict:
     config = variant_config(argv_base, name)
     run_dir = args.runs / args.label / name
@@ -174,7 +206,7 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
             already_prior = (trained.inference.init_log_var == 0.0
                              and not trained.inference.init_log_var_jitter)
             if (has_latents and steps == train_steps and name != "ltm-no-inference"
-                    and not already_prior):
+                    and not already_prior and ltm.encoder is None):
                 starts.append(("prior", replace(trained.inference, init_log_var=0.0,
                                                 init_log_var_jitter=0.0)))
             for start_name, inference in starts:
@@ -185,6 +217,7 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
                     prior_samples=args.prior_samples if steps == train_steps else 0)
                 row = {"variant": name, "eval_start": start_name, "split": split,
                        "T_eval": steps, "train_wall_s": round(wall, 1),
+                       **costs(trained, steps),
                        "tokens_seen": trained.train.max_steps * batch * trained.model.context,
                        **summary}
                 if has_latents and steps == train_steps and start_name == "trained":
@@ -284,7 +317,10 @@ def report(argv_base: list[str], args: argparse.Namespace) -> None:
                   "Perplexities per predicted token; `iwae_ppl`/`elbo_ppl` are valid bounds; "
                   "`recon_ppl` is not. `eval_start` prior: the fit starts at log-variance 0. "
                   "Probes: topic (32 classes, chance ~0.03) and style (8) from posterior means; "
-                  "`_half` fitted on the first half of the split, `_train` on train windows."
+                  "`_half` fitted on the first half of the split, `_train` on train windows. "
+                  "`train_passes`: FLOPs per training iteration in decoder forwards; "
+                  "`fit_passes`: FLOPs of a window's fit at T_eval in decoder forwards "
+                  "(encoder included)."
                   f"\n\n{markdown_table(rows, COLUMNS)}\n\nReferences (nats/token): "
                   f"{references}\n\n{notes}")
     save_figure(bounds_mi_figure(results), args.results / f"{args.label}.png")

@@ -197,6 +197,13 @@ def _inference_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--init-loc-scale", type=non_negative_float,
                    help="start the guide's loc at this times fixed per-slot offsets (breaks "
                    "the symmetry between a layer's slots; default 0)")
+    g.add_argument("--encoder-layers", type=non_negative_int,
+                   help="semi-amortised inference: an encoder of this many bidirectional "
+                   "blocks proposes q's start from x, the fast loop refines it (0: none)")
+    g.add_argument("--encoder-lr", type=positive_float, help="the encoder's peak learning rate")
+    g.add_argument("--encoder-loss", choices=("elbo", "fit"),
+                   help="train the encoder on the ELBO at its proposal, or to match the "
+                   "fitted q (KL(q_fitted || q_proposed))")
     g.add_argument("--kl-weight", type=positive_float,
                    help="weight of the KL in the fits' objective (1 = the ELBO)")
 
@@ -252,6 +259,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (inference, "free_bits", args.free_bits),
         (inference, "free_bits_group", args.free_bits_group),
         (inference, "init_loc_scale", args.init_loc_scale),
+        (inference, "encoder_layers", args.encoder_layers),
+        (inference, "encoder_lr", args.encoder_lr),
+        (inference, "encoder_loss", args.encoder_loss),
         (train_cfg, "max_steps", args.max_steps),
         (train_cfg, "batch_size", args.batch_size),
         (train_cfg, "warmup_steps", args.warmup_steps),

@@ -26,6 +26,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from .amortised import build_encoder
 from .bounds import evaluate_windows
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -209,6 +210,9 @@ def _build_state(config: RunConfig, shard: Shard, device: torch.device,
     """The seeded model and optimizers, restored from ``resume`` when there is one."""
     generator = seed_everything(config.train.seed)
     ltm = LatentThoughtModel(Decoder(config.model).to(device))
+    encoder = build_encoder(config.model, config.inference)  # None unless asked for
+    if encoder is not None and ltm.has_latents:
+        ltm.encoder = encoder.to(device)
     if config.train.compile:
         ltm.compile()
     svi = DualRateSVI(ltm, config.inference, config.train, generator, shard)
