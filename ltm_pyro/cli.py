@@ -14,6 +14,7 @@ import pyro
 from .config import PRESETS, RECIPES, RunConfig, apply_recipe, preset
 from .decoder import matched_ar_config
 from .errors import UsageError
+from .mdlm import mdlm_model_config
 from .tokenizers import TOKENIZERS
 
 
@@ -128,9 +129,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: the built-in topic-style corpus)")
     p.add_argument("--tokenizer", choices=TOKENIZERS, default="word")
     p.add_argument("--bpe-vocab-size", type=positive_int)
-    p.add_argument("--model", choices=("ltm", "ar"), default="ltm")
+    p.add_argument("--model", choices=("ltm", "ar", "mdlm"), default="ltm",
+                   help="mdlm: the masked-diffusion baseline (bidirectional, no latents)")
     p.add_argument("--match-params", action="store_true",
-                   help="with --model ar: widen the MLP to the LTM's parameter count")
+                   help="with --model ar or mdlm: widen the MLP to the LTM's parameter count")
     p.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
     p.add_argument("--recipe", choices=tuple(RECIPES), default="honest",
                    help="a named bundle of inner-loop choices set on top of the preset; "
@@ -234,9 +236,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         train_cfg.lr, train_cfg.min_lr = args.slow_lr, args.slow_lr / 10
     train_cfg.device = args.device
     train_cfg.compile = args.compile
-    if args.match_params and args.model != "ar":
-        raise UsageError("--match-params applies to --model ar only")
+    if args.match_params and args.model == "ltm":
+        raise UsageError("--match-params applies to --model ar or mdlm only")
     if args.model == "ar":
         config.model = matched_ar_config(model) if args.match_params else replace(
             model, latents_per_layer=0)
+    if args.model == "mdlm":
+        if args.window:
+            raise UsageError("--model mdlm attends to the whole window: drop --window")
+        config.model = mdlm_model_config(model, args.match_params)
     return config

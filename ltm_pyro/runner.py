@@ -49,6 +49,7 @@ from .files import (
     rewrite_jsonl,
     write_json,
 )
+from .mdlm import MaskedDiffusionTrainer, mdlm_model_config, validation_record
 from .model import LatentThoughtModel
 from .svi import DualRateSVI, StepStats
 from .tokenizers import tokenizer_from_dict
@@ -148,9 +149,10 @@ def prior_as_posterior(inference: InferenceConfig) -> InferenceConfig:
 
 
 def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None,
-                       with_ar: bool = True, with_no_inference: bool = False
-                       ) -> dict[str, RunConfig]:
-    """The LTM (one per training T), its size-matched AR baselines, windowed and full, and
+                       with_ar: bool = True, with_no_inference: bool = False,
+                       with_mdlm: bool = False) -> dict[str, RunConfig]:
+    """The LTM (one per training T), its size-matched AR baselines, windowed and full,
+    (``with_mdlm``) the size-matched masked-diffusion baseline ``mdlm``, and
     (``with_no_inference``) the LTM recipe trained with no inference, ``ltm-no-inference``:
     T = 0 and q = the prior exactly, so z is noise to the decoder.
 
@@ -161,7 +163,8 @@ def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None
     against the ARs is the architecture and training noise, not latent use.
     """
     if base.model_kind != "ltm":
-        raise UsageError("a comparison trains the LTM and its baselines: drop --model ar")
+        raise UsageError("a comparison trains the LTM and its baselines: drop --model "
+                         f"{base.model_kind}")
     found: dict[str, RunConfig] = {}
     for steps in inference_steps or [base.inference.steps]:
         found[f"ltm-T{steps}"] = replace(base, inference=replace(base.inference, steps=steps))
@@ -171,6 +174,9 @@ def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None
         for name, window in (("ar-window", base.model.window), ("ar-full", None)):
             ar_model = matched_ar_config(replace(base.model, window=window))
             found[name] = replace(base, model_kind="ar", model=ar_model)
+    if with_mdlm:
+        found["mdlm"] = replace(base, model_kind="mdlm",
+                                model=mdlm_model_config(base.model, match_params=True))
     return found
 
 
@@ -183,6 +189,9 @@ def kl_weight_at(step: int, config: RunConfig) -> float:
 def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,
               device: torch.device) -> dict:
     """Validation figures, with what the latents carry (``latent_use``; no prior control)."""
+    if config.model_kind == "mdlm":
+        return validation_record(ltm.decoder, windows[: config.train.eval_windows],
+                                 config.train, device)
     ltm.kl_weight = config.inference.kl_weight  # the bound is scored at the full weight
     summary = evaluate_windows(
         ltm, windows[: config.train.eval_windows], config.inference,
@@ -294,7 +303,9 @@ def _train(config: RunConfig, out: Path, force: bool, progress: bool, shard: Sha
     ltm = LatentThoughtModel(decoder, kl_weight=config.inference.kl_weight)
     if config.train.compile:
         ltm.compile()
-    svi = DualRateSVI(ltm, config.inference, config.train, generator, shard)
+    svi = MaskedDiffusionTrainer(decoder, config.train, generator, shard) if (
+        config.model_kind == "mdlm") else DualRateSVI(ltm, config.inference, config.train,
+                                                      generator, shard)
     sampler = BatchSampler(len(corpus.windows["train"]), config.train.batch_size * shard.world,
                            config.train.seed)
     start_step, window, bad_in_a_row, skipped_total = 0, LogWindow(), 0, 0
