@@ -1,14 +1,19 @@
 """The masked-diffusion baseline (ltm_pyro/mdlm.py) against exact computations."""
 
 import itertools
+import json
 import math
+import signal
 
 import numpy as np
 import pytest
 import torch
 
+from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
+from ltm_pyro.cli import config_from_args
 from ltm_pyro.config import ModelConfig, TrainConfig, preset
 from ltm_pyro.decoder import Decoder, count_parameters
+from ltm_pyro.files import read_jsonl
 from ltm_pyro.flops import forward_flops_per_token, mean_keys_attended, training_flops_per_token
 from ltm_pyro.generate import Sampling
 from ltm_pyro.mdlm import (
@@ -21,6 +26,10 @@ from ltm_pyro.mdlm import (
     scorable_positions,
     window_bounds,
 )
+from ltm_pyro.runner import Interrupted, comparison_configs, train
+
+from .conftest import load_script, train_in_process
+from .test_bad_input import run_in_process
 
 VOCAB, LENGTH = 3, 3  # the tiny case: 3 words, windows of 1 given + 3 predicted tokens
 
@@ -254,3 +263,93 @@ def test_matched_mdlm_has_the_ltms_parameter_count_and_whole_window_flops():
         4 * mdlm.d_model * mdlm.n_layers * keys_gained + 2 * mdlm.d_model)  # + the mask row
     assert training_flops_per_token(mdlm, 16) == pytest.approx(
         3 * forward_flops_per_token(mdlm) * (mdlm.context + 1) / mdlm.context)
+
+
+RUN = ["--model", "mdlm", "--match-params", "--seq-len", "16", "--batch-size", "4",
+       "--max-steps", "4", "--eval-every", "2", "--eval-windows", "4", "--checkpoint-every", "2",
+       "--no-progress"]
+
+
+def _config(*extra: str):  # noqa: ANN202 - a RunConfig
+    args = load_script("run_svi").parser().parse_args(["--out", "unused", *RUN, *extra])
+    return config_from_args(args)
+
+
+def test_mdlm_configs_from_the_command_line_and_in_comparisons():
+    config = _config()
+    assert config.model_kind == "mdlm" and config.model.bidirectional
+    assert config.model.window is None and config.model.latents_per_layer == 0
+    runs = comparison_configs(_config_ltm(), with_mdlm=True)
+    assert list(runs)[-1] == "mdlm" and runs["mdlm"].model == config.model
+    assert "mdlm" not in comparison_configs(_config_ltm())  # other callers keep their variants
+
+
+def _config_ltm():  # noqa: ANN202 - a RunConfig
+    args = load_script("run_svi").parser().parse_args(["--out", "unused", "--seq-len", "16"])
+    return config_from_args(args)
+
+
+@pytest.mark.slow
+def test_interrupted_mdlm_run_resumes_exactly(tmp_path, monkeypatch):
+    straight = train_in_process(tmp_path / "straight", *RUN)
+    stepped = MaskedDiffusionTrainer.step
+
+    def step_then_stop(self, tokens, mask):  # noqa: ANN001, ANN202
+        stats = stepped(self, tokens, mask)
+        if self.step_count == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return stats
+
+    monkeypatch.setattr(MaskedDiffusionTrainer, "step", step_then_stop)
+    with pytest.raises(Interrupted):
+        train(_config(), tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(MaskedDiffusionTrainer, "step", stepped)
+    train(_config(), tmp_path / "resumed", progress=False)
+
+    def records(run):  # noqa: ANN001, ANN202
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"}
+                for r in read_jsonl(run / "metrics.jsonl")]
+
+    assert records(straight) == records(tmp_path / "resumed")
+    assert [r["step"] for r in records(straight) if r["split"] == "valid"] == [2, 4]
+    assert all(r["kl"] == 0 and r["bound_stderr_per_token"] > 0
+               for r in records(straight) if r["split"] == "valid")
+    weights = [load_checkpoint(run)["decoder"] for run in (straight, tmp_path / "resumed")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_evaluate_and_generate_an_mdlm_checkpoint(tmp_path, capsys, monkeypatch):
+    run = train_in_process(tmp_path / "run", *RUN)
+    status, _ = run_in_process("evaluate.py", ["--checkpoint", str(run), "--split", "test",
+                                               "--max-windows", "8", "--bound-samples", "8",
+                                               "--json", str(tmp_path / "e.json"),
+                                               "--no-progress"], capsys, monkeypatch)
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert status == 0 and report["model_kind"] == "mdlm" and report["recon_ppl"] is None
+    assert report["elbo_ppl"] == report["iwae_ppl"] > 1 and report["tokens"] == 8 * 16
+    assert 0 < report["bound_ppl_rel_stderr"] and report["bound_samples"] == 8
+    ltm, _, tokenizer = model_from_checkpoint(load_checkpoint(run))
+    assert report["params"] == ltm.decoder.num_parameters()
+    samples = []
+    for name in ("a.json", "b.json"):
+        status, _ = run_in_process("generate.py", ["--checkpoint", str(run), "--num-samples", "3",
+                                                   "--max-new-tokens", "6", "--denoising-steps",
+                                                   "5", "--seed", "4", "--json",
+                                                   str(tmp_path / name)], capsys, monkeypatch)
+        assert status == 0
+        samples.append(json.loads((tmp_path / name).read_text()))
+    assert samples[0]["token_ids"] == samples[1]["token_ids"]
+    assert all(len(row) == 7 and max(row) < tokenizer.vocab_size
+               for row in samples[0]["token_ids"])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "mdlm", "--window", "8"], "drop --window"),
+    (["--model", "ltm", "--match-params"], "ar or mdlm only"),
+])
+def test_bad_mdlm_flags_are_one_line(tmp_path, capsys, monkeypatch, args, words):
+    status, stderr = run_in_process("run_svi.py", ["--out", str(tmp_path / "r"), *args], capsys,
+                                    monkeypatch)
+    assert status == 2 and len(stderr.strip().splitlines()) == 1 and words in stderr
+    assert not (tmp_path / "r").exists()
