@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .config import InferenceConfig
+from .errors import UsageError
 from .inference import fit_local_posterior
 from .latent_use import latent_use_summary
 from .model import LatentThoughtModel, LocalPosterior
@@ -177,6 +178,8 @@ def evaluate_windows(
     windows' fitted posteriors (MI with ``mi_samples`` draws a window); ``prior_samples`` K > 0
     adds ``prior_iwae_ppl``, the IWAE with K draws from the prior as proposal.
     """
+    if ltm.config.bidirectional:  # next-token figures of a model that sees the next token
+        raise UsageError("an MDLM is scored by its NELBO bound (ltm_pyro.mdlm.evaluate_bound)")
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     prior_generator = torch.Generator(device=device).manual_seed(seed + PRIOR_SEED_OFFSET)

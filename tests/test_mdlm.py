@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from ltm_pyro.bounds import evaluate_windows
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
 from ltm_pyro.cli import config_from_args
-from ltm_pyro.config import ModelConfig, TrainConfig, preset
+from ltm_pyro.config import InferenceConfig, ModelConfig, TrainConfig, preset
 from ltm_pyro.decoder import Decoder, count_parameters
+from ltm_pyro.errors import UsageError
 from ltm_pyro.files import read_jsonl
 from ltm_pyro.flops import forward_flops_per_token, mean_keys_attended, training_flops_per_token
-from ltm_pyro.generate import Sampling
+from ltm_pyro.generate import Sampling, sample_tokens
 from ltm_pyro.mdlm import (
     MaskedDiffusionTrainer,
     continuous_nelbo,
@@ -26,6 +28,7 @@ from ltm_pyro.mdlm import (
     scorable_positions,
     window_bounds,
 )
+from ltm_pyro.model import LatentThoughtModel
 from ltm_pyro.runner import Interrupted, comparison_configs, train
 
 from .conftest import load_script, train_in_process
@@ -189,6 +192,17 @@ def test_the_first_token_is_never_masked_and_later_tokens_are_seen_both_ways():
         draws = window_bounds(decoder, tokens, 16, torch.Generator().manual_seed(7))
     assert draws.shape == (2, 16) and seen
     assert all(torch.equal(batch[:, 0], tokens[:, 0].repeat(len(batch) // 2)) for batch in seen)
+
+
+def test_next_token_scoring_and_decoding_refuse_an_mdlm():
+    """A bidirectional decoder sees the token it would predict next: its next-token figures
+    would be meaningless, so the LTM/AR paths refuse it."""
+    ltm = LatentThoughtModel(_sharp_denoiser())
+    windows = _windows(2, seed=10)
+    with pytest.raises(UsageError, match="NELBO bound"):
+        evaluate_windows(ltm, windows, InferenceConfig())
+    with pytest.raises(UsageError, match="ancestral"):
+        sample_tokens(ltm, windows[:, :1], 2, use_cache=False)
 
 
 def test_trained_bound_never_falls_below_the_markov_chain_entropy():
