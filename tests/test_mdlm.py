@@ -358,6 +358,23 @@ def test_evaluate_and_generate_an_mdlm_checkpoint(tmp_path, capsys, monkeypatch)
                for row in samples[0]["token_ids"])
 
 
+@pytest.mark.slow
+def test_generation_benchmark_has_an_mdlm_row(tmp_path, capsys, monkeypatch):
+    small = ["--seq-len", "16", "--batch-size", "4", "--max-steps", "2", "--eval-windows", "4",
+             "--inference-steps", "1", "--no-progress"]
+    ltm = train_in_process(tmp_path / "ltm", *small)
+    ar = train_in_process(tmp_path / "ar", *small, "--model", "ar")
+    mdlm = train_in_process(tmp_path / "mdlm", *small, "--model", "mdlm")
+    status, stderr = run_in_process("bench_generation.py", [
+        "--ltm", str(ltm), "--ar", str(ar), "--mdlm", str(mdlm), "--scorer", str(ar),
+        "--label", "g", "--results", str(tmp_path / "res"), "--num-samples", "3",
+        "--prior-scales", "1", "--denoising-steps", "4"], capsys, monkeypatch)
+    assert status == 0, stderr
+    rows = json.loads((tmp_path / "res" / "g.json").read_text())["rows"]
+    assert [r["source"] for r in rows] == ["test data", "ltm", "ar", "mdlm"]
+    assert rows[-1]["tokens"] == rows[0]["tokens"] and rows[-1]["scorer_ppl"] > 1
+
+
 @pytest.mark.parametrize("args, words", [
     (["--model", "mdlm", "--window", "8"], "drop --window"),
     (["--model", "ltm", "--match-params"], "ar or mdlm only"),
