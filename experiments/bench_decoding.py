@@ -33,8 +33,8 @@ from ltm_pyro.decoder import Decoder  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.generate import prior_latents, sample_tokens  # noqa: E402
 from ltm_pyro.model import LatentThoughtModel  # noqa: E402
+from ltm_pyro.modes import resolve_device  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import resolve_device  # noqa: E402
 
 COLUMNS = ["model", "batch", "new_tokens", "cached_s", "uncached_s", "cached_tokens_per_s",
            "uncached_tokens_per_s", "speedup", "identical"]

@@ -55,12 +55,13 @@ def parser() -> OneLineParser:
     p.add_argument("--denoising-steps", type=positive_int,
                    help="MDLM: ancestral sampling steps (default: the context length)")
     p.add_argument("--scorer", type=Path, required=True, help="separately trained AR checkpoint")
-    p.add_argument("--label", required=True)
+    p.add_argument("--label", required=True, help="name of this comparison (file names)")
     p.add_argument("--results", type=Path, default=Path("experiments/results/generation"))
     p.add_argument("--prior-scales", type=scales, default=[0.5, 1.0, 1.5])
     p.add_argument("--num-samples", type=positive_int, default=64)
     p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--top-p", type=probability)
+    p.add_argument("--top-p", type=probability,
+                   help="sample from the smallest set of tokens holding this probability")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu")
     return p

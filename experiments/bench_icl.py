@@ -30,6 +30,7 @@ from ltm_pyro.cli import (  # noqa: E402
     positive_int,
     run_main,
 )
+from ltm_pyro.comparisons import comparison_configs  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.fewshot import (  # noqa: E402
@@ -41,7 +42,7 @@ from ltm_pyro.fewshot import (  # noqa: E402
 from ltm_pyro.generate import posterior_latents, sample_tokens  # noqa: E402
 from ltm_pyro.model import LatentThoughtModel  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import comparison_configs, train  # noqa: E402
+from ltm_pyro.runner import train  # noqa: E402
 from ltm_pyro.tokenizers import EOS, Tokenizer, encode_prompt  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
@@ -61,7 +62,7 @@ def parser() -> OneLineParser:
     p.add_argument("--shots", type=int_list, default=[0, 1, 2, 4, 8])
     p.add_argument("--items", type=positive_int, default=256, help="evaluation items per k")
     p.add_argument("--eval-inference-steps", type=int_list, default=[0, 16, 64])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
 

@@ -46,6 +46,7 @@ from ltm_pyro.cli import (  # noqa: E402
     positive_int,
     run_main,
 )
+from ltm_pyro.comparisons import NO_INFERENCE, comparison_configs, prior_as_posterior  # noqa: E402
 from ltm_pyro.config import InferenceConfig, RunConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
@@ -53,13 +54,7 @@ from ltm_pyro.files import read_jsonl  # noqa: E402
 from ltm_pyro.flops import training_flops_per_token  # noqa: E402
 from ltm_pyro.mdlm import evaluate_bound  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import (  # noqa: E402
-    METRICS_NAME,
-    NO_INFERENCE,
-    comparison_configs,
-    prior_as_posterior,
-    train,
-)
+from ltm_pyro.runner import METRICS_NAME, train  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
 COLUMNS = ["variant", "params", "tokens_seen", "train_pflops", "train_wall_s", "split", "T_eval",
@@ -95,7 +90,7 @@ def parser() -> OneLineParser:
     p.add_argument("--splits", type=split_list, default=["test"],
                    help="comma-separated splits to score, e.g. valid,test (choose settings on "
                    "valid, report test)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
 

@@ -35,8 +35,8 @@ from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.files import write_json  # noqa: E402
 from ltm_pyro.mdlm import evaluate_bound  # noqa: E402
+from ltm_pyro.modes import resolve_device  # noqa: E402
 from ltm_pyro.report import markdown_table  # noqa: E402
-from ltm_pyro.runner import resolve_device  # noqa: E402
 from ltm_pyro.tokenizers import known_token_count, unk_rate  # noqa: E402
 
 UNK_WARNING = 0.05  # above this share of <unk> among scored tokens, say so on stderr
@@ -68,7 +68,7 @@ def parser() -> OneLineParser:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
 

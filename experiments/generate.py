@@ -40,7 +40,7 @@ from ltm_pyro.generate import (  # noqa: E402
     sample_tokens,
 )
 from ltm_pyro.mdlm import sample_window  # noqa: E402
-from ltm_pyro.runner import resolve_device  # noqa: E402
+from ltm_pyro.modes import resolve_device  # noqa: E402
 from ltm_pyro.tokenizers import encode_prompt, known_token_count  # noqa: E402
 
 
@@ -53,8 +53,9 @@ def parser() -> OneLineParser:
     p.add_argument("--num-samples", type=positive_int, default=4)
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--top-k", type=positive_int)
-    p.add_argument("--top-p", type=probability)
+    p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=probability,
+                   help="sample from the smallest set of tokens holding this probability")
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
     p.add_argument("--inference-steps", type=non_negative_int,
                    help="steps fitting z to the prompt (default: the training T)")

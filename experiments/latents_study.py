@@ -53,12 +53,13 @@ from ltm_pyro.cli import (  # noqa: E402
     positive_int,
     run_main,
 )
+from ltm_pyro.comparisons import prior_as_posterior  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.files import write_json  # noqa: E402
 from ltm_pyro.inference import fit_local_posterior  # noqa: E402
 from ltm_pyro.modes import evaluating  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import prior_as_posterior, train  # noqa: E402
+from ltm_pyro.runner import train  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
 # Each variant: flags added to the study's own run flags (same tokens, seed and data).
@@ -93,7 +94,7 @@ COLUMNS = ["variant", "eval_start", "split", "T_eval", "iwae_ppl", "elbo_ppl", "
 def parser() -> OneLineParser:
     p = OneLineParser.from_doc(__doc__)
     add_run_arguments(p)
-    p.add_argument("--label", required=True)
+    p.add_argument("--label", required=True, help="name of this study (file names)")
     p.add_argument("--variants", default="", help=f"comma-separated, among {', '.join(VARIANTS)}")
     p.add_argument("--runs", type=Path, default=Path("runs/latents"))
     p.add_argument("--results", type=Path, default=Path("experiments/results/latents"))

@@ -27,7 +27,7 @@ def parser() -> OneLineParser:
     p.add_argument("--out", type=Path, default=Path("runs/default"), help="run folder")
     add_run_arguments(p)
     p.add_argument("--force", action="store_true", help="start over in an --out of another run")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
 

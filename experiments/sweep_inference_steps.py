@@ -19,8 +19,8 @@ from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: 
 from ltm_pyro.cli import OneLineParser, int_list, non_negative_int, positive_int, run_main  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
+from ltm_pyro.modes import resolve_device  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import resolve_device  # noqa: E402
 from ltm_pyro.viz import bounds_against_steps, save_figure  # noqa: E402
 
 COLUMNS = ["inference_steps", "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl",
@@ -29,7 +29,7 @@ COLUMNS = ["inference_steps", "tokens", "nll_per_token", "kl_per_token", "elbo_p
 
 def parser() -> OneLineParser:
     p = OneLineParser.from_doc(__doc__)
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True, help="run folder or checkpoint.pt")
     p.add_argument("--steps", type=int_list, default=[0, 1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     p.add_argument("--max-windows", type=positive_int, default=128)

@@ -2,11 +2,13 @@
 
 Modules by layer (docs/design.md §3); a layer imports from itself, the ones above and plumbing:
 
-- core: ``decoder``, ``model`` (Pyro model + guide), ``inference`` (fast loop), ``svi`` (dual rate)
+- core: ``decoder``, ``model`` (Pyro model + guide), ``objective`` (terms from the traces),
+  ``inference`` (fast loop), ``svi`` (dual rate)
 - evaluation: ``bounds`` (three figures), ``latent_use``, ``diagnostics``, ``sample_quality``,
   ``fewshot``
-- runs and files: ``runner``, ``checkpoint``, ``files``, ``data``, ``synthetic``, ``tokenizers``,
-  ``report``, ``viz``, ``generate``, ``explore`` (``load_run``: encode, score, generate)
+- runs and files: ``runner``, ``training_state``, ``comparisons``, ``checkpoint``, ``files``,
+  ``data``, ``synthetic``, ``tokenizers``, ``report``, ``viz``, ``generate``, ``explore``
+  (``load_run``: encode, score, generate)
 - plumbing: ``config`` (presets, recipes), ``cli``, ``errors``, ``modes``, ``distributed``,
   ``flops``
 """

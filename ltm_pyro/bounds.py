@@ -156,6 +156,13 @@ class BoundTotals:
         }
 
 
+def _prior_of(posterior: LocalPosterior | None) -> LocalPosterior | None:
+    """N(0, I) in the shape of ``posterior``: the prior as importance proposal."""
+    if posterior is None:
+        return None
+    return LocalPosterior(torch.zeros_like(posterior.loc), torch.zeros_like(posterior.log_var))
+
+
 def evaluate_windows(
     ltm: LatentThoughtModel,
     windows: Tensor,
@@ -200,10 +207,8 @@ def evaluate_windows(
             log_px = iwae_log_likelihood(ltm, tokens, mask, posterior, iw_samples, generator)
             totals.add(mask, nll, kl, -log_px, recon)
             if prior_samples:
-                prior = None if posterior is None else LocalPosterior(
-                    torch.zeros_like(posterior.loc), torch.zeros_like(posterior.log_var))
-                totals.add_prior(-iwae_log_likelihood(ltm, tokens, mask, prior, prior_samples,
-                                                      prior_generator))
+                totals.add_prior(-iwae_log_likelihood(ltm, tokens, mask, _prior_of(posterior),
+                                                      prior_samples, prior_generator))
             if latent_stats and posterior is not None:
                 posteriors.append(posterior)
             if on_batch is not None:
@@ -214,9 +219,7 @@ def evaluate_windows(
     if prior_samples:
         summary.update(totals.prior_summary(prior_samples))
     if latent_stats:
-        everything = LocalPosterior(torch.cat([q.loc for q in posteriors]),
-                                    torch.cat([q.log_var for q in posteriors])) if (
-            posteriors) else None
+        everything = LocalPosterior.concatenate(posteriors) if posteriors else None
         mi_generator = torch.Generator(device=device).manual_seed(seed + MI_SEED_OFFSET)
         summary.update(latent_use_summary(everything, ltm.config.n_layers, len(windows),
                                           mi_samples, mi_generator))

@@ -208,5 +208,5 @@ def model_from_checkpoint(
     decoder = Decoder(config.model)
     decoder.load_state_dict(payload["decoder"])
     decoder.to(device).eval()
-    ltm = LatentThoughtModel(decoder, kl_weight=config.inference.kl_weight)
+    ltm = LatentThoughtModel(decoder)
     return ltm, config, tokenizer_from_dict(payload["tokenizer"])

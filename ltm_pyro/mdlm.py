@@ -48,6 +48,7 @@ from .decoder import Decoder, matched_ar_config
 from .distributed import Shard
 from .errors import UsageError
 from .generate import Sampling, next_tokens
+from .model import LatentThoughtModel
 from .modes import autocast, evaluating
 from .svi import StepStats, slow_optimizer, warmup_cosine
 
@@ -202,16 +203,18 @@ def validation_record(decoder: Decoder, windows: Tensor, train: TrainConfig,
 
 class MaskedDiffusionTrainer:
     """One AdamW step per batch on the per-token continuous-time NELBO: DualRateSVI's slow
-    step (optimizer, schedule, clipping, non-finite guard) with no fast loop."""
+    step (optimizer, schedule, clipping, non-finite guard) with no fast loop. Takes the
+    wrapped model, as DualRateSVI does, so a run's training state treats both alike."""
 
-    def __init__(self, decoder: Decoder, train: TrainConfig,
+    def __init__(self, ltm: LatentThoughtModel, train: TrainConfig,
                  generator: torch.Generator | None = None, shard: Shard | None = None) -> None:
         if shard is not None and shard.distributed:
             raise UsageError("--model mdlm trains in one process: run it without torchrun")
-        self.decoder = decoder
+        self.ltm = ltm
+        self.decoder = ltm.decoder
         self.train = train
         self.generator = generator
-        self.optimizer = slow_optimizer(decoder, train)
+        self.optimizer = slow_optimizer(ltm.decoder, train)
         self.step_count = 0
 
     def step(self, tokens: Tensor, mask: Tensor) -> StepStats:
@@ -230,8 +233,9 @@ class MaskedDiffusionTrainer:
                 group["lr"] = slow_lr
             self.optimizer.step()
         self.step_count += 1
-        loss = loss.detach()
-        return StepStats(-loss, loss, torch.zeros_like(loss), grad_norm, 0.0, slow_lr, skipped)
+        loss = loss.detach()  # no KL term: the KL weight is logged as 1, as for the AR
+        return StepStats(-loss, loss, torch.zeros_like(loss), grad_norm, 0.0, slow_lr, 1.0,
+                         skipped)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "step_count": self.step_count}

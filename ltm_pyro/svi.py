@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pyro.infer import ELBO
 from torch import Tensor
 
 from .config import InferenceConfig, TrainConfig
@@ -31,6 +32,13 @@ def warmup_cosine(step: int, config: TrainConfig) -> float:
     span = max(1, config.max_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def kl_weight_at(step: int, inference: InferenceConfig, train: TrainConfig) -> float:
+    """The KL weight of slow step ``step`` (0-based): a linear ramp over ``kl_warmup_steps``
+    to ``inference.kl_weight`` (the full weight, at which every bound is scored)."""
+    ramp = train.kl_warmup_steps
+    return inference.kl_weight * (min(1.0, (step + 1) / ramp) if ramp else 1.0)
 
 
 def slow_optimizer(decoder: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -54,13 +62,17 @@ class StepStats:
     grad_norm: Tensor
     fast_lr: float
     slow_lr: float
+    kl_weight: float
     skipped: bool  # the loss or a gradient was not finite, so no update was applied
 
 
 class DualRateSVI:
     """Fast local + slow global optimisation of a latent-thought model.
 
-    For a model without latents (the AR baseline) a step is a plain language-model step.
+    Owns everything that changes with the step: both learning-rate schedules, the KL warm-up
+    and, under torchrun, the DDP view the slow step runs through. ``elbo`` is the fast loop's
+    objective (default: ``inference.fit_objective``). For a model without latents (the AR
+    baseline) a step is a plain language-model step.
     """
 
     def __init__(
@@ -70,40 +82,43 @@ class DualRateSVI:
         train: TrainConfig,
         generator: torch.Generator | None = None,
         shard: Shard | None = None,
+        elbo: ELBO | None = None,
     ) -> None:
         self.ltm = ltm
         self.inference = inference
         self.train = train
         self.generator = generator
+        self.elbo = elbo
         self.optimizer = slow_optimizer(ltm.decoder, train)
         self.step_count = 0
         self.shard = shard or Shard()
         device = next(ltm.decoder.parameters()).device
         # Under torchrun the slow step runs through DDP; the fast loop needs no communication.
-        self.network = data_parallel(ltm.decoder, self.shard, device) if (
-            self.shard.distributed) else ltm.decoder
+        self.slow_view = ltm.through(data_parallel(ltm.decoder, self.shard, device)) if (
+            self.shard.distributed) else ltm
 
     def step(self, tokens: Tensor, mask: Tensor) -> StepStats:
         decoder = self.ltm.decoder
         decoder.train()
         self.optimizer.zero_grad(set_to_none=True)
         tokens_in_batch = self.shard.total(mask.sum())  # the global batch's, under torchrun
+        kl_weight = kl_weight_at(self.step_count, self.inference, self.train)
         posterior, noise = None, None
         if self.ltm.has_latents:
             fit = fit_local_posterior(
                 self.ltm, tokens, mask, self.inference, generator=self.generator,
                 accumulate_decoder_grads=self.train.decoder_grads == "trajectory",
                 draw=self.shard.randn, normaliser=tokens_in_batch, training=True,
+                kl_weight=kl_weight, elbo=self.elbo,
             )
             posterior, noise = fit.posterior, fit.noise
             if self.inference.noise == "fresh":
                 noise = self.shard.randn(noise.shape, self.generator, noise.device)
-        with self.ltm.running_through(self.network):
-            nll, kl = self.ltm.elbo_terms(tokens, mask, posterior, noise)
+        nll, kl = self.slow_view.elbo_terms(tokens, mask, posterior, noise)
         nll, kl = nll.sum() / tokens_in_batch, kl.sum() / tokens_in_batch
         # The KL of the fixed, fitted q carries no decoder gradient: free bits and the KL
         # weight act through the fit only, and the reported KL stays the full one.
-        loss = nll + self.ltm.kl_weight * kl
+        loss = nll + kl_weight * kl
         loss.backward()  # under DDP: gradients summed over ranks = the global batch's
         grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), self.train.grad_clip)
         slow_lr = warmup_cosine(self.step_count, self.train)
@@ -118,7 +133,7 @@ class DualRateSVI:
         self.step_count += 1
         fast_lr = self.inference.lr_max if self.ltm.has_latents else 0.0
         nll, kl = self.shard.total(nll.detach()), self.shard.total(kl.detach())
-        return StepStats(-(nll + kl), nll, kl, grad_norm, fast_lr, slow_lr, skipped)
+        return StepStats(-(nll + kl), nll, kl, grad_norm, fast_lr, slow_lr, kl_weight, skipped)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "step_count": self.step_count}

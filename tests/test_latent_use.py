@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.comparisons import NO_INFERENCE, comparison_configs, prior_as_posterior
 from ltm_pyro.config import DataConfig, InferenceConfig, RunConfig, TrainConfig
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.files import read_jsonl
@@ -25,15 +26,7 @@ from ltm_pyro.latent_use import (
     slot_similarity,
 )
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior
-from ltm_pyro.runner import (
-    LATENT_KEYS,
-    METRICS_NAME,
-    NO_INFERENCE,
-    _evaluate,
-    comparison_configs,
-    prior_as_posterior,
-    train,
-)
+from ltm_pyro.runner import LATENT_KEYS, METRICS_NAME, _evaluate, train
 from ltm_pyro.svi import DualRateSVI
 from ltm_pyro.viz import training_curves
 

@@ -12,6 +12,7 @@ import torch
 from ltm_pyro.bounds import evaluate_windows
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
 from ltm_pyro.cli import config_from_args
+from ltm_pyro.comparisons import comparison_configs
 from ltm_pyro.config import InferenceConfig, ModelConfig, TrainConfig, preset
 from ltm_pyro.decoder import Decoder, count_parameters
 from ltm_pyro.errors import UsageError
@@ -29,7 +30,7 @@ from ltm_pyro.mdlm import (
     window_bounds,
 )
 from ltm_pyro.model import LatentThoughtModel
-from ltm_pyro.runner import Interrupted, comparison_configs, train
+from ltm_pyro.runner import Interrupted, train
 
 from .conftest import load_script, train_in_process
 from .test_bad_input import run_in_process
@@ -227,7 +228,8 @@ def test_trained_bound_never_falls_below_the_markov_chain_entropy():
                                   n_heads=2, latents_per_layer=0, window=None,
                                   bidirectional=True))
     config = TrainConfig(max_steps=300, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=20)
-    trainer = MaskedDiffusionTrainer(decoder, config, torch.Generator().manual_seed(0))
+    trainer = MaskedDiffusionTrainer(LatentThoughtModel(decoder), config,
+                                     torch.Generator().manual_seed(0))
     batches = torch.Generator().manual_seed(1)
     for _ in range(config.max_steps):
         rows = train[torch.randint(0, len(train), (config.batch_size,), generator=batches)]
