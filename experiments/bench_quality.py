@@ -75,7 +75,7 @@ def parser() -> OneLineParser:
                    help=f"do not train {NO_INFERENCE} (T = 0, q = the prior)")
     p.add_argument("--no-mdlm", action="store_true",
                    help="do not train the masked-diffusion baseline mdlm")
-    p.add_argument("--bound-samples", type=positive_int, default=32,
+    p.add_argument("--bound-samples", type=positive_int, default=64,
                    help="mdlm: masked-count draws per window for its bound")
     p.add_argument("--train-inference-steps", type=int_list, help="e.g. 4,16,64")
     p.add_argument("--eval-inference-steps", type=int_list, help="default: the training T")

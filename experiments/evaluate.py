@@ -61,7 +61,7 @@ def parser() -> OneLineParser:
                    help="draws from the prior for prior_iwae_ppl (0: skip it)")
     p.add_argument("--mi-samples", type=positive_int, default=4,
                    help="draws from each window's q for the mutual information")
-    p.add_argument("--bound-samples", type=positive_int, default=32,
+    p.add_argument("--bound-samples", type=positive_int, default=64,
                    help="MDLM only: masked-count draws per window for its bound")
     p.add_argument("--max-windows", type=positive_int, help="score only the first N windows")
     p.add_argument("--batch-size", type=positive_int, default=16)
