@@ -8,7 +8,11 @@ baselines with the LTM's parameter count (wider MLP): one with the LTM's sliding
 one with full causal context (the released comparison gave its GPT the full context, which
 confounds what the latents add), and the ablation ltm-no-inference (unless --no-ablation):
 the LTM recipe trained with T = 0 and q = the prior exactly, which separates what training
-with inference does from what z does at test time; it costs about what an AR does.
+with inference does from what z does at test time; it costs about what an AR does. Unless
+--no-mdlm (or --no-ar), also the masked-diffusion baseline mdlm (MDLM, ltm_pyro/mdlm.py) with
+the LTM's parameter count, trained with the ARs' slow loop, budget and seed and scored by its
+continuous-time NELBO bound (elbo_ppl = iwae_ppl, with its standard error from
+--bound-samples draws a window; recon_ppl null).
 --train-inference-steps 4,16,64 trains one LTM per T instead of one.
 Each model is scored on the test split (elbo_ppl, iwae_ppl, recon_ppl; an LTM at each
 --eval-inference-steps; the ablation also at T_eval 0 with q = the prior), with what the
@@ -48,6 +52,7 @@ from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.files import read_jsonl  # noqa: E402
 from ltm_pyro.flops import training_flops_per_token  # noqa: E402
+from ltm_pyro.mdlm import evaluate_bound  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import METRICS_NAME, train  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
@@ -55,7 +60,7 @@ from ltm_pyro.viz import save_figure  # noqa: E402
 COLUMNS = ["variant", "params", "tokens_seen", "train_pflops", "train_wall_s", "split", "T_eval",
            "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl",
            "prior_iwae_ppl", "kl_per_window", "mutual_info_per_window", "active_units",
-           "slot_correlation"]
+           "slot_correlation", "bound_ppl_rel_stderr"]
 
 
 def parser() -> OneLineParser:
@@ -68,6 +73,10 @@ def parser() -> OneLineParser:
                    help="train only the LTM variant(s): no AR baselines and no ablation")
     p.add_argument("--no-ablation", action="store_true",
                    help=f"do not train {NO_INFERENCE} (T = 0, q = the prior)")
+    p.add_argument("--no-mdlm", action="store_true",
+                   help="do not train the masked-diffusion baseline mdlm")
+    p.add_argument("--bound-samples", type=positive_int, default=64,
+                   help="mdlm: masked-count draws per window for its bound")
     p.add_argument("--train-inference-steps", type=int_list, help="e.g. 4,16,64")
     p.add_argument("--eval-inference-steps", type=int_list, help="default: the training T")
     p.add_argument("--iw-samples", type=positive_int, default=16)
@@ -133,7 +142,8 @@ def main() -> int:
     args = parser().parse_args()
     base = config_from_args(args)
     runs = comparison_configs(base, args.train_inference_steps, with_ar=not args.no_ar,
-                              with_no_inference=not (args.no_ar or args.no_ablation))
+                              with_no_inference=not (args.no_ar or args.no_ablation),
+                              with_mdlm=not (args.no_ar or args.no_mdlm))
     rows, curves, configs = [], {}, {}
     corpus, scored = None, {}
     for name, config in runs.items():
@@ -156,7 +166,10 @@ def main() -> int:
         if name == NO_INFERENCE:  # also q = the prior, whatever the LTM's T_eval
             eval_steps = sorted({0, *eval_steps})
         for (split, windows), steps in itertools.product(scored.items(), eval_steps):
-            summary = evaluate_windows(
+            summary = evaluate_bound(
+                ltm.decoder, windows, args.bound_samples, config.train.batch_size,
+                config.train.seed, config.train.device) if (
+                trained_config.model_kind == "mdlm") else evaluate_windows(
                 ltm, windows, eval_inference(name, steps, trained_config, base), steps=steps,
                 batch_size=config.train.batch_size, elbo_samples=args.elbo_samples,
                 iw_samples=args.iw_samples, seed=config.train.seed, device=config.train.device,
@@ -175,7 +188,10 @@ def main() -> int:
         f"Splits {', '.join(args.splits)} of `{corpus.name}` (first {args.test_windows or 'all'} "
         "windows each); perplexities per predicted token. `elbo_ppl` and "
         "`iwae_ppl` are valid bounds; `recon_ppl` leaves the KL out (paper-style, not a bound)."
-        f"\n\n{table}\n\nReferences (nats/token): {corpus.references}\n")
+        + (" For `mdlm` both are its continuous-time NELBO bound, over the same tokens (each "
+           "window's first is given), `bound_ppl_rel_stderr` its Monte-Carlo standard error "
+           "relative to the perplexity." if "mdlm" in runs else "")
+        + f"\n\n{table}\n\nReferences (nats/token): {corpus.references}\n")
     save_figure(curves_figure(curves, corpus.references), results_dir / f"{args.label}.png")
     print(table)
     return 0

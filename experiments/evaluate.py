@@ -10,6 +10,12 @@ KL and mutual information per window (MI over all scored windows, capped by log 
 active units, slot correlation and effective rank, and prior_iwae_ppl, the IWAE with
 --prior-samples draws from the prior as proposal (0 skips it). Prints two tables; --json
 writes the figures with their settings.
+
+An MDLM checkpoint (--model mdlm) has no latents: elbo_ppl and iwae_ppl are both its
+continuous-time NELBO bound, exp(NELBO / tokens), over the same predicted tokens as the LTM
+and AR (every token of a window but the first, which is given); nll_per_token is the NELBO,
+recon_ppl is null, and bound_stderr_per_token / bound_ppl_rel_stderr are its Monte-Carlo
+standard errors from --bound-samples draws a window (a warning when above 0.5%).
 """
 
 from __future__ import annotations
@@ -28,16 +34,19 @@ from ltm_pyro.config import DataConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.files import write_json  # noqa: E402
+from ltm_pyro.mdlm import evaluate_bound  # noqa: E402
 from ltm_pyro.modes import resolve_device  # noqa: E402
 from ltm_pyro.report import markdown_table  # noqa: E402
 from ltm_pyro.tokenizers import known_token_count, unk_rate  # noqa: E402
 
 UNK_WARNING = 0.05  # above this share of <unk> among scored tokens, say so on stderr
+MDLM_STDERR_WARNING = 0.005  # above this relative stderr of an MDLM's bound, say so
 
 METRICS = ["tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"]
 LATENT_METRICS = ["windows", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
                   "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
                   "slot_effective_rank", "prior_samples", "iwae_ppl", "prior_iwae_ppl"]
+MDLM_METRICS = ["bound_samples", "bound_stderr_per_token", "bound_ppl_rel_stderr"]
 
 
 def parser() -> OneLineParser:
@@ -52,6 +61,8 @@ def parser() -> OneLineParser:
                    help="draws from the prior for prior_iwae_ppl (0: skip it)")
     p.add_argument("--mi-samples", type=positive_int, default=4,
                    help="draws from each window's q for the mutual information")
+    p.add_argument("--bound-samples", type=positive_int, default=64,
+                   help="MDLM only: masked-count draws per window for its bound")
     p.add_argument("--max-windows", type=positive_int, help="score only the first N windows")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=non_negative_int, default=0)
@@ -84,7 +95,8 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
         bar.set_postfix(nll=f"{totals.nll / totals.tokens:.3f}",
                         kl=f"{totals.kl / totals.tokens:.3f}")
 
-    summary = evaluate_windows(
+    summary = mdlm_bound(ltm.decoder, windows, args, device, bar) if (
+        config.model_kind == "mdlm") else evaluate_windows(
         ltm, windows, config.inference, steps=args.inference_steps,
         batch_size=args.batch_size, elbo_samples=args.elbo_samples,
         iw_samples=args.iw_samples, seed=args.seed, device=device, on_batch=progress,
@@ -107,13 +119,33 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
     }
 
 
+def mdlm_bound(decoder, windows, args, device, bar) -> dict:  # noqa: ANN001
+    """An MDLM's NELBO bound with its standard error; a warning when the error is above
+    MDLM_STDERR_WARNING of the perplexity (more --bound-samples, or windows, lower it)."""
+
+    def progress(sequences: int, nelbo_per_token: float) -> None:
+        bar.update(sequences - bar.n)
+        bar.set_postfix(nelbo=f"{nelbo_per_token:.3f}")
+
+    summary = evaluate_bound(decoder, windows, args.bound_samples, args.batch_size, args.seed,
+                             device, on_batch=progress)
+    error = summary["bound_ppl_rel_stderr"]
+    if error is None or error > MDLM_STDERR_WARNING:
+        size = "unknown (one draw a window)" if error is None else f"{error:.2%}"
+        print(f"warning: the bound's Monte-Carlo standard error is {size} of the perplexity "
+              f"(target: under {MDLM_STDERR_WARNING:.1%}); raise --bound-samples",
+              file=sys.stderr)
+    return summary
+
+
 def main() -> int:
     args = parser().parse_args()
     results = evaluate(args)
     print(markdown_table([results], ["split", "inference_steps", "iw_samples", "unk_rate",
                                       *METRICS]))
     print()
-    print(markdown_table([results], LATENT_METRICS))
+    extra = MDLM_METRICS if results["model_kind"] == "mdlm" else LATENT_METRICS
+    print(markdown_table([results], extra))
     if args.json:
         write_json(args.json, results)
     return 0

@@ -1,4 +1,4 @@
-"""Sample continuations from a trained checkpoint (LTM or AR baseline).
+"""Sample continuations from a trained checkpoint (LTM, AR or MDLM baseline).
 
     python experiments/generate.py --checkpoint runs/default --num-samples 4
     python experiments/generate.py --checkpoint runs/ptb --prompt "the company said" \
@@ -7,6 +7,8 @@
 With a prompt, an LTM first fits its local posterior to the prompt (--inference-steps, default
 the training T) and continues from the posterior mean; without one, each sample starts from the
 first token of a validation window and z is drawn from the prior, scaled by --prior-scale.
+An MDLM checkpoint samples its whole window by ancestral sampling in --denoising-steps steps
+(default: the context length), the prompt given, and prints the tokens after the prompt.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from ltm_pyro.cli import (  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.files import write_json  # noqa: E402
-from ltm_pyro.generate import posterior_latents, prior_latents, sample_tokens  # noqa: E402
+from ltm_pyro.generate import (  # noqa: E402
+    Sampling,
+    posterior_latents,
+    prior_latents,
+    sample_tokens,
+)
+from ltm_pyro.mdlm import sample_window  # noqa: E402
 from ltm_pyro.modes import resolve_device  # noqa: E402
 from ltm_pyro.tokenizers import encode_prompt, known_token_count  # noqa: E402
 
@@ -53,6 +61,8 @@ def parser() -> OneLineParser:
                    help="steps fitting z to the prompt (default: the training T)")
     p.add_argument("--prior-scale", type=positive_float, default=1.0,
                    help="without a prompt: z ~ N(0, scale^2 I)")
+    p.add_argument("--denoising-steps", type=positive_int,
+                   help="MDLM: ancestral sampling steps (default: the context length)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="write the samples and their settings here")
@@ -91,8 +101,14 @@ def main() -> int:
         z = prior_latents(ltm, len(prompt), args.prior_scale, generator, device)
         start = "first token of validation windows"
     new_tokens = min(args.max_new_tokens, config.model.context + 1 - prompt.shape[1])
-    tokens = sample_tokens(ltm, prompt, new_tokens, z, args.temperature, args.greedy, generator,
-                           args.top_k, args.top_p)
+    if config.model_kind == "mdlm":
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.greedy)
+        window = sample_window(ltm.decoder, prompt, args.denoising_steps or config.model.context,
+                               generator, sampling)
+        tokens = window[:, :prompt.shape[1] + new_tokens]
+    else:
+        tokens = sample_tokens(ltm, prompt, new_tokens, z, args.temperature, args.greedy,
+                               generator, args.top_k, args.top_p)
     samples = [tokenizer.decode(row[prompt.shape[1]:].tolist()) for row in tokens.cpu()]
     for i, sample in enumerate(samples):
         head = tokenizer.decode(prompt[i].tolist()) if text is None else text

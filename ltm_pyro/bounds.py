@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .config import InferenceConfig
+from .errors import UsageError
 from .inference import fit_local_posterior
 from .latent_use import latent_use_summary
 from .model import LatentThoughtModel, LocalPosterior
@@ -167,6 +168,12 @@ def _prior_of(posterior: LocalPosterior | None) -> LocalPosterior | None:
     return LocalPosterior(torch.zeros_like(posterior.loc), torch.zeros_like(posterior.log_var))
 
 
+def _refuse_bidirectional(ltm: LatentThoughtModel) -> None:
+    """Next-token figures of a model that sees the next token would mean nothing."""
+    if ltm.config.bidirectional:
+        raise UsageError("an MDLM is scored by its NELBO bound (ltm_pyro.mdlm.evaluate_bound)")
+
+
 def evaluate_windows(
     ltm: LatentThoughtModel,
     windows: Tensor,
@@ -185,12 +192,12 @@ def evaluate_windows(
 ) -> dict[str, float]:
     """Fit each batch's posterior with ``steps`` inner steps and total the three bounds.
 
-    Draws come from a generator seeded with ``seed``: the same call gives the same figures
-    and never moves the global RNG. ``latent_stats`` adds ``latent_use_summary`` of all the
-    windows' fitted posteriors (MI with ``mi_samples`` draws a window); ``prior_samples`` K > 0
-    adds ``prior_iwae_ppl``, the IWAE with K draws from the prior as proposal; ``per_window``
-    adds each window's tokens, -ELBO and -IWAE in nats (for paired intervals, ``uncertainty``).
-    """
+    Draws come from a generator seeded with ``seed``: the same call gives the same figures,
+    never moving the global RNG. ``latent_stats`` adds ``latent_use_summary`` of the fitted
+    posteriors (MI from ``mi_samples`` draws a window); ``prior_samples`` K > 0 adds
+    ``prior_iwae_ppl`` (K draws from the prior as proposal); ``per_window`` each window's
+    tokens, -ELBO and -IWAE in nats (for paired intervals, ``uncertainty``)."""
+    _refuse_bidirectional(ltm)
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     prior_generator = torch.Generator(device=device).manual_seed(seed + PRIOR_SEED_OFFSET)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pyro
 
-from .config import PRESETS, RECIPES, RunConfig, apply_recipe, preset
+from .config import PRESETS, RECIPES, ModelConfig, RunConfig, apply_recipe, preset
 from .decoder import matched_ar_config
 from .errors import UsageError
 from .files import written_files
+from .mdlm import mdlm_model_config
 from .tokenizers import TOKENIZERS
 
 
@@ -153,10 +154,11 @@ def _data_arguments(g: argparse._ArgumentGroup) -> None:
 
 
 def _model_arguments(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--model", choices=("ltm", "ar"), default="ltm",
-                   help="the latent-thought model, or the autoregressive baseline (no z)")
+    g.add_argument("--model", choices=("ltm", "ar", "mdlm"), default="ltm",
+                   help="the latent-thought model, the autoregressive baseline (no z), or the "
+                   "masked-diffusion baseline (MDLM: bidirectional, no z)")
     g.add_argument("--match-params", action="store_true",
-                   help="with --model ar: widen the MLP to the LTM's parameter count")
+                   help="with --model ar or mdlm: widen the MLP to the LTM's parameter count")
     g.add_argument("--preset", choices=tuple(PRESETS), default="tiny",
                    help="model size and training budget (docs/design.md)")
     g.add_argument("--window", type=non_negative_int, help="sliding window; 0 = full causal")
@@ -284,9 +286,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         train_cfg.lr, train_cfg.min_lr = args.slow_lr, args.slow_lr / 10
     train_cfg.device = args.device
     train_cfg.compile = args.compile
-    if args.match_params and args.model != "ar":
-        raise UsageError("--match-params applies to --model ar only")
-    if args.model == "ar":
-        config.model = matched_ar_config(model) if args.match_params else replace(
-            model, latents_per_layer=0)
+    config.model = _model_of_kind(args, model)
     return config
+
+
+def _model_of_kind(args: argparse.Namespace, model: ModelConfig) -> ModelConfig:
+    """The LTM's shape, or a baseline's made from it (``--model``, ``--match-params``)."""
+    if args.match_params and args.model == "ltm":
+        raise UsageError("--match-params applies to --model ar or mdlm only")
+    if args.model == "ar":
+        return matched_ar_config(model) if args.match_params else replace(
+            model, latents_per_layer=0)
+    if args.model == "mdlm":
+        if args.window:
+            raise UsageError("--model mdlm attends to the whole window: drop --window")
+        return mdlm_model_config(model, args.match_params)
+    return model

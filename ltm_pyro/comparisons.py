@@ -1,5 +1,6 @@
-"""The runs a fair comparison trains: the LTM, its size-matched AR baselines, and the LTM
-recipe trained with no inference. Shared by ``bench_quality`` and ``bench_icl``."""
+"""The runs a fair comparison trains: the LTM, its size-matched AR baselines, the
+size-matched masked-diffusion baseline, and the LTM recipe trained with no inference. Shared
+by ``bench_quality`` and ``bench_icl``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import replace
 from .config import InferenceConfig, RunConfig
 from .decoder import matched_ar_config
 from .errors import UsageError
+from .mdlm import mdlm_model_config
 
 NO_INFERENCE = "ltm-no-inference"
 
@@ -21,9 +23,10 @@ def prior_as_posterior(inference: InferenceConfig) -> InferenceConfig:
 
 
 def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None,
-                       with_ar: bool = True, with_no_inference: bool = False
-                       ) -> dict[str, RunConfig]:
-    """The LTM (one per training T), its size-matched AR baselines, windowed and full, and
+                       with_ar: bool = True, with_no_inference: bool = False,
+                       with_mdlm: bool = False) -> dict[str, RunConfig]:
+    """The LTM (one per training T), its size-matched AR baselines, windowed and full,
+    (``with_mdlm``) the size-matched masked-diffusion baseline ``mdlm``, and
     (``with_no_inference``) the LTM recipe trained with no inference, ``ltm-no-inference``:
     T = 0 and q = the prior exactly, so z is noise to the decoder.
 
@@ -34,7 +37,8 @@ def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None
     against the ARs is the architecture and training noise, not latent use.
     """
     if base.model_kind != "ltm":
-        raise UsageError("a comparison trains the LTM and its baselines: drop --model ar")
+        raise UsageError("a comparison trains the LTM and its baselines: drop --model "
+                         f"{base.model_kind}")
     found: dict[str, RunConfig] = {}
     for steps in inference_steps or [base.inference.steps]:
         found[f"ltm-T{steps}"] = replace(base, inference=replace(base.inference, steps=steps))
@@ -44,4 +48,7 @@ def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None
         for name, window in (("ar-window", base.model.window), ("ar-full", None)):
             ar_model = matched_ar_config(replace(base.model, window=window))
             found[name] = replace(base, model_kind="ar", model=ar_model)
+    if with_mdlm:
+        found["mdlm"] = replace(base, model_kind="mdlm",
+                                model=mdlm_model_config(base.model, match_params=True))
     return found

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 NoiseMode = Literal["fixed", "fresh"]
 DecoderGrads = Literal["final", "trajectory"]
-ModelKind = Literal["ltm", "ar"]
+ModelKind = Literal["ltm", "ar", "mdlm"]
 FastSchedule = Literal["cosine-to-min", "released"]
 InnerLoss = Literal["per-token", "sum"]
 FreeBitsGroup = Literal["slot", "layer"]
@@ -22,7 +22,8 @@ EncoderLoss = Literal["elbo", "fit"]
 
 @dataclass
 class ModelConfig:
-    """Decoder shape. ``latents_per_layer = 0`` gives the autoregressive baseline."""
+    """Decoder shape. ``latents_per_layer = 0`` gives the autoregressive baseline;
+    ``bidirectional`` (no latents, no window) the masked-diffusion baseline (``mdlm.py``)."""
 
     vocab_size: int = 0  # set from the tokenizer
     context: int = 64  # tokens per window (the decoder's maximum sequence length)
@@ -35,6 +36,9 @@ class ModelConfig:
     mlp_hidden: int | None = None  # None: llama rule, int(2 * 4d / 3) rounded up to 32
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    # MDLM: no causal mask, one extra embedding row (the mask token, id vocab_size) and
+    # context + 1 positions, since it reads the whole window, its given first token included.
+    bidirectional: bool = False
 
     @property
     def n_latents(self) -> int:

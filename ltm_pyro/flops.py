@@ -12,6 +12,8 @@ So an AR training step is 3 forwards; an LTM iteration is T x 2 + 3 forwards wit
 With an encoder (semi-amortised inference, ``InferenceConfig.encoder_layers``) an iteration
 adds the encoder's forward and backward (3 encoder forwards) and, for ``encoder_loss="elbo"``,
 a decoder forward and input-gradient backward (2 forwards); a fit adds one encoder forward.
+An MDLM step is 3 forwards of the whole window, context + 1 positions each seeing every key,
+for its context predicted tokens.
 """
 
 from __future__ import annotations
@@ -28,21 +30,25 @@ def mean_keys_attended(context: int, window: int | None) -> float:
 def forward_flops_per_token(config: ModelConfig) -> float:
     d, hidden, layers = config.d_model, config.hidden_dim, config.n_layers
     per_layer = 2 * (4 * d * d) + 2 * (3 * d * hidden)  # self-attention projections + MLP
-    per_layer += 4 * d * mean_keys_attended(config.context, config.window)
+    keys = config.context + 1 if config.bidirectional else mean_keys_attended(config.context,
+                                                                              config.window)
+    per_layer += 4 * d * keys
     if config.latents_per_layer:
         per_layer += 2 * (2 * d * d)  # cross-attention query and output projections
         per_layer += 4 * d * config.latents_per_layer
         kv = 2 * (2 * d * config.z_dim * config.latents_per_layer)  # once per sequence
         per_layer += kv / config.context
-    return layers * per_layer + 2 * d * config.vocab_size
+    return layers * per_layer + 2 * d * (config.vocab_size + int(config.bidirectional))
 
 
 def training_flops_per_token(config: ModelConfig, inference_steps: int,
                              decoder_grads: str = "final",
                              inference: InferenceConfig | None = None) -> float:
-    """FLOPs per training token for one iteration (AR: one step; LTM: T inner + slow, plus
+    """FLOPs per training token for one iteration (AR, MDLM: one step; LTM: T inner + slow, plus
     the encoder's step when ``inference`` asks for one)."""
     forward = forward_flops_per_token(config)
+    if config.bidirectional:  # MDLM: context + 1 positions per context predicted tokens
+        return 3 * forward * (config.context + 1) / config.context
     if not config.latents_per_layer:
         return 3 * forward
     if decoder_grads == "trajectory":

@@ -43,6 +43,7 @@ from .files import (
     rewrite_jsonl,
     write_json,
 )
+from .mdlm import MaskedDiffusionTrainer, validation_record
 from .model import LatentThoughtModel
 from .modes import resolve_device
 from .svi import DualRateSVI, StepStats
@@ -132,6 +133,9 @@ def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,
               device: torch.device) -> dict:
     """Validation figures at the full KL weight, with what the latents carry (``latent_use``;
     no prior control)."""
+    if config.model_kind == "mdlm":
+        return validation_record(ltm.decoder, windows[: config.train.eval_windows],
+                                 config.train, device)
     summary = evaluate_windows(
         ltm, windows[: config.train.eval_windows], config.inference,
         batch_size=config.train.batch_size, elbo_samples=config.train.eval_samples,
@@ -215,7 +219,9 @@ def _build_state(config: RunConfig, shard: Shard, device: torch.device,
         ltm.encoder = encoder.to(device)
     if config.train.compile:
         ltm.compile()
-    svi = DualRateSVI(ltm, config.inference, config.train, generator, shard)
+    svi = MaskedDiffusionTrainer(ltm, config.train, generator, shard) if (
+        config.model_kind == "mdlm") else DualRateSVI(ltm, config.inference, config.train,
+                                                      generator, shard)
     if resume:
         return TrainingState.from_dict(resume, svi, generator)
     return TrainingState(svi, generator)
