@@ -51,16 +51,23 @@ from ltm_pyro.config import InferenceConfig, RunConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.files import read_jsonl  # noqa: E402
-from ltm_pyro.flops import training_flops_per_token  # noqa: E402
+from ltm_pyro.flops import (  # noqa: E402
+    fit_flops_per_token,
+    forward_flops_per_token,
+    training_flops_per_token,
+)
 from ltm_pyro.mdlm import evaluate_bound  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import METRICS_NAME, train  # noqa: E402
+from ltm_pyro.uncertainty import paired_bootstrap  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
 COLUMNS = ["variant", "params", "tokens_seen", "train_pflops", "train_wall_s", "split", "T_eval",
+           "eval_passes",
            "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl",
            "prior_iwae_ppl", "kl_per_window", "mutual_info_per_window", "active_units",
-           "slot_correlation", "bound_ppl_rel_stderr"]
+           "slot_correlation", "bound_ppl_rel_stderr", "ltm_vs_this", "ltm_vs_this_low",
+           "ltm_vs_this_high"]
 
 
 def parser() -> OneLineParser:
@@ -138,13 +145,41 @@ def curves_figure(curves: dict[str, list[dict]], references: dict[str, float]): 
     return fig
 
 
+def eval_passes(config: RunConfig, steps: int, iw_samples: int, bound_samples: int) -> float:
+    """What the row's iwae figure cost, in decoder forward passes per scored window: the fit
+    (T x 2: a forward and an input-gradient backward per inner step; the encoder's proposal,
+    if any) and K importance draws. AR: one pass; MDLM: its bound's draws."""
+    if config.model_kind == "mdlm":
+        return float(bound_samples)
+    if not config.model.latents_per_layer:
+        return 1.0
+    fit = fit_flops_per_token(config.model, steps, config.inference)
+    return round(fit / forward_flops_per_token(config.model) + iw_samples, 2)
+
+
+def add_paired_intervals(rows: list[dict], per_window: dict[tuple, dict], ltm: str,
+                         ltm_steps: int) -> None:
+    """``ltm_vs_this`` on each row scored window by window: the LTM's iwae_ppl (at its
+    training T) relative to the row's, ppl_LTM / ppl_row - 1 (negative: the LTM is better),
+    with a paired bootstrap 95% interval over the same windows (``uncertainty``)."""
+    for row in rows:
+        mine = per_window.get((row["variant"], row["split"], row["T_eval"]))
+        reference = per_window.get((ltm, row["split"], ltm_steps))
+        if mine is None or reference is None or row["variant"] == ltm:
+            continue
+        result = paired_bootstrap(reference["neg_iwae"], mine["neg_iwae"], mine["tokens"],
+                                  seed=row["T_eval"])
+        row.update(ltm_vs_this=result["difference"], ltm_vs_this_low=result["low"],
+                   ltm_vs_this_high=result["high"])
+
+
 def main() -> int:
     args = parser().parse_args()
     base = config_from_args(args)
     runs = comparison_configs(base, args.train_inference_steps, with_ar=not args.no_ar,
                               with_no_inference=not (args.no_ar or args.no_ablation),
                               with_mdlm=not (args.no_ar or args.no_mdlm))
-    rows, curves, configs = [], {}, {}
+    rows, curves, configs, per_window = [], {}, {}, {}
     corpus, scored = None, {}
     for name, config in runs.items():
         run_dir = args.runs / args.label / name
@@ -173,12 +208,17 @@ def main() -> int:
                 ltm, windows, eval_inference(name, steps, trained_config, base), steps=steps,
                 batch_size=config.train.batch_size, elbo_samples=args.elbo_samples,
                 iw_samples=args.iw_samples, seed=config.train.seed, device=config.train.device,
-                latent_stats=True, mi_samples=args.mi_samples, prior_samples=args.prior_samples)
+                latent_stats=True, mi_samples=args.mi_samples, prior_samples=args.prior_samples,
+                per_window=True)
+            if "per_window" in summary:
+                per_window[(name, split, steps)] = summary.pop("per_window")
             rows.append({"variant": name, "params": count_parameters(trained_config.model),
                          "tokens_seen": tokens_seen, "train_pflops": tokens_seen * per_token / 1e15,
                          "train_wall_s": round(wall, 1), "split": split, "T_eval": steps,
-                         **summary})
+                         "eval_passes": eval_passes(trained_config, steps, args.iw_samples,
+                                                    args.bound_samples), **summary})
             print(markdown_table(rows[-1:], COLUMNS), flush=True)
+    add_paired_intervals(rows, per_window, f"ltm-T{base.inference.steps}", base.inference.steps)
     results_dir = args.results or Path("experiments/results") / corpus.name
     table = markdown_table(rows, COLUMNS)
     write_results(results_dir / f"{args.label}.json", args.label, base.train.device, {
@@ -187,7 +227,12 @@ def main() -> int:
     },
         f"Splits {', '.join(args.splits)} of `{corpus.name}` (first {args.test_windows or 'all'} "
         "windows each); perplexities per predicted token. `elbo_ppl` and "
-        "`iwae_ppl` are valid bounds; `recon_ppl` leaves the KL out (paper-style, not a bound)."
+        "`iwae_ppl` are valid bounds; `recon_ppl` leaves the KL out (paper-style, not a bound). "
+        "`ltm_vs_this`: the LTM's iwae_ppl (at its training T) relative to the row's on the "
+        "same windows, ppl_LTM / ppl_row - 1 (negative: the LTM is better), with a paired "
+        "bootstrap 95% interval over windows (`_low`, `_high`; 2,000 resamples). "
+        "`eval_passes`: decoder forward passes per scored window behind `iwae_ppl` (the fit's "
+        "T x 2 plus the K importance draws; fitting q is not free)."
         + (" For `mdlm` both are its continuous-time NELBO bound, over the same tokens (each "
            "window's first is given), `bound_ppl_rel_stderr` its Monte-Carlo standard error "
            "relative to the perplexity." if "mdlm" in runs else "")

@@ -82,3 +82,27 @@ def test_per_window_figures_add_up_to_the_split_totals():
     assert sum(per["tokens"]) == summary["tokens"]
     assert -sum(per["neg_iwae"]) / sum(per["tokens"]) == pytest.approx(summary["iwae_per_token"])
     assert -sum(per["neg_elbo"]) / sum(per["tokens"]) == pytest.approx(summary["elbo_per_token"])
+
+
+def test_bench_quality_puts_a_paired_interval_on_each_baseline_row():
+    from ltm_pyro.config import RunConfig
+
+    from .conftest import load_script, micro_config
+
+    bench = load_script("bench_quality")
+    nll, tokens = _windows(50)
+    ltm_nll = nll - 0.03 * tokens + np.random.default_rng(4).normal(0, 1.0, size=50)
+    windows = {("ltm-T4", "test", 4): {"neg_iwae": list(ltm_nll), "tokens": list(tokens)},
+               ("ar-window", "test", 0): {"neg_iwae": list(nll), "tokens": list(tokens)}}
+    rows = [{"variant": "ltm-T4", "split": "test", "T_eval": 4},
+            {"variant": "ar-window", "split": "test", "T_eval": 0},
+            {"variant": "mdlm", "split": "test", "T_eval": 0}]
+    bench.add_paired_intervals(rows, windows, "ltm-T4", 4)
+    assert "ltm_vs_this" not in rows[0] and "ltm_vs_this" not in rows[2]
+    assert rows[1]["ltm_vs_this"] == pytest.approx(relative_ppl_difference(ltm_nll, nll, tokens))
+    assert rows[1]["ltm_vs_this_low"] < rows[1]["ltm_vs_this"] < rows[1]["ltm_vs_this_high"] < 0
+
+    ltm = RunConfig(model=micro_config())
+    assert bench.eval_passes(ltm, 16, 8, 64) == pytest.approx(2 * 16 + 8)
+    ar = RunConfig(model_kind="ar", model=micro_config(latents_per_layer=0))
+    assert bench.eval_passes(ar, 0, 8, 64) == 1.0
