@@ -8,7 +8,9 @@ training T). --data may be a corpus the model never saw (zero-shot): it is token
 checkpoint's own tokenizer. Also reports what the latents carry (docs/latent-diagnostics.md):
 KL and mutual information per window (MI over all scored windows, capped by log N),
 active units, slot correlation and effective rank, and prior_iwae_ppl, the IWAE with
---prior-samples draws from the prior as proposal (0 skips it). Prints two tables; --json
+--prior-samples draws from the prior as proposal (0 skips it), and bits_per_byte, the iwae
+bound per UTF-8 byte of the scored text, which compares across vocabularies and tokenizers
+(zero-shot on another corpus, or word against BPE). Prints two tables; --json
 writes the figures with their settings.
 
 An MDLM checkpoint (--model mdlm) has no latents: elbo_ppl and iwae_ppl are both its
@@ -20,6 +22,7 @@ standard errors from --bound-samples draws a window (a warning when above 0.5%).
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -40,7 +43,8 @@ from ..tokenizers import known_token_count, unk_rate
 UNK_WARNING = 0.05  # above this share of <unk> among scored tokens, say so on stderr
 MDLM_STDERR_WARNING = 0.005  # above this relative stderr of an MDLM's bound, say so
 
-METRICS = ["tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"]
+METRICS = ["tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl",
+           "bits_per_byte"]
 LATENT_METRICS = ["windows", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
                   "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
                   "slot_effective_rank", "prior_samples", "iwae_ppl", "prior_iwae_ppl"]
@@ -103,6 +107,7 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
     bar.close()
     return {
         **summary,
+        **per_byte(summary, tokenizer.text_bytes(windows[:, 1:].flatten().tolist())),
         "params": ltm.decoder.num_parameters(),
         "model_kind": config.model_kind,
         "checkpoint": str(args.checkpoint),
@@ -115,6 +120,13 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
         "references": corpus.references,
         "seed": args.seed,
     }
+
+
+def per_byte(summary: dict, text_bytes: int) -> dict:
+    """The iwae bound in bits per UTF-8 byte of the scored text: comparable across
+    tokenizers and vocabularies, where perplexity per token is not."""
+    nats = math.log(summary["iwae_ppl"]) * summary["tokens"]
+    return {"text_bytes": text_bytes, "bits_per_byte": nats / (math.log(2) * text_bytes)}
 
 
 def mdlm_bound(decoder, windows, args, device, bar) -> dict:  # noqa: ANN001
