@@ -92,13 +92,15 @@ def test_bench_quality_puts_a_paired_interval_on_each_baseline_row():
     bench = load_script("bench_quality")
     nll, tokens = _windows(50)
     ltm_nll = nll - 0.03 * tokens + np.random.default_rng(4).normal(0, 1.0, size=50)
-    windows = {("ltm-T4", "test", 4): {"neg_iwae": list(ltm_nll), "tokens": list(tokens)},
-               ("ar-window", "test", 0): {"neg_iwae": list(nll), "tokens": list(tokens)}}
-    rows = [{"variant": "ltm-T4", "split": "test", "T_eval": 4},
-            {"variant": "ar-window", "split": "test", "T_eval": 0},
-            {"variant": "mdlm", "split": "test", "T_eval": 0}]
+    windows = {("ltm-T4", 0, "test", 4): {"neg_iwae": list(ltm_nll), "tokens": list(tokens)},
+               ("ar-window", 0, "test", 0): {"neg_iwae": list(nll), "tokens": list(tokens)},
+               ("ar-window", 1, "test", 0): {"neg_iwae": list(nll), "tokens": list(tokens)}}
+    rows = [{"variant": "ltm-T4", "seed": 0, "split": "test", "T_eval": 4},
+            {"variant": "ar-window", "seed": 0, "split": "test", "T_eval": 0},
+            {"variant": "mdlm", "seed": 0, "split": "test", "T_eval": 0},
+            {"variant": "ar-window", "seed": 1, "split": "test", "T_eval": 0}]
     bench.add_paired_intervals(rows, windows, "ltm-T4", 4)
-    assert "ltm_vs_this" not in rows[0] and "ltm_vs_this" not in rows[2]
+    assert not any("ltm_vs_this" in rows[i] for i in (0, 2, 3))  # no LTM of seed 1 to pair
     assert rows[1]["ltm_vs_this"] == pytest.approx(relative_ppl_difference(ltm_nll, nll, tokens))
     assert rows[1]["ltm_vs_this_low"] < rows[1]["ltm_vs_this"] < rows[1]["ltm_vs_this_high"] < 0
 
@@ -106,3 +108,20 @@ def test_bench_quality_puts_a_paired_interval_on_each_baseline_row():
     assert bench.eval_passes(ltm, 16, 8, 64) == pytest.approx(2 * 16 + 8)
     ar = RunConfig(model_kind="ar", model=micro_config(latents_per_layer=0))
     assert bench.eval_passes(ar, 0, 8, 64) == 1.0
+
+
+def test_bench_quality_gives_mean_and_sd_over_seeds():
+    from .conftest import load_script
+
+    bench = load_script("bench_quality")
+    rows = [{"variant": "ar", "split": "test", "T_eval": 0, "iwae_ppl": v, "elbo_ppl": v,
+             "ltm_vs_this": d} for v, d in ((50.0, -0.04), (52.0, -0.05), (54.0, -0.06))]
+    rows.append({"variant": "ltm", "split": "test", "T_eval": 4, "iwae_ppl": 49.0,
+                 "elbo_ppl": 51.0})
+    summary = {(r["variant"], r["T_eval"]): r for r in bench.over_seeds(rows)}
+    ar = summary[("ar", 0)]
+    assert ar["seeds"] == 3 and ar["iwae_ppl_mean"] == pytest.approx(52.0)
+    assert ar["iwae_ppl_sd"] == pytest.approx(2.0)
+    assert ar["ltm_vs_this_mean"] == pytest.approx(-0.05)
+    ltm = summary[("ltm", 4)]
+    assert ltm["iwae_ppl_sd"] is None and "ltm_vs_this_mean" not in ltm
