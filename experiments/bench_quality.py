@@ -1,4 +1,4 @@
-"""LTM against matched AR baselines on the same data, token budget and seed, scored honestly.
+r"""LTM against matched AR baselines on the same data, token budget and seed, scored honestly.
 
     python experiments/bench_quality.py --data ../shared/data/ptb --preset small \
         --max-steps 600 --label ptb-released

@@ -1,4 +1,4 @@
-"""Levers against posterior collapse on the built-in corpus, at a fixed budget (issue 13).
+r"""Levers against posterior collapse on the built-in corpus, at a fixed budget (issue 13).
 
     python experiments/latents_study.py --label window4 --window 4 \
         --variants ar-window,ar-full,ltm,ltm-fb --eval-steps 4,16,64
