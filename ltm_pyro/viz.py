@@ -41,7 +41,8 @@ def _bound_panels(axes, records: list[dict], references: dict[str, float] | None
                     ax.axhline(value, ls="--" if "unigram" in ref else ":", lw=1, color="grey",
                                label=reference_label(ref))
         ax.set(title=f"{name} per token", xlabel="training step", ylabel=f"{name} (nats/token)")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
 
 
 def _latent_panels(axes, records: list[dict]) -> None:  # noqa: ANN001
