@@ -134,23 +134,36 @@ def validation_curve(run_dir: Path, config: RunConfig, flops_per_token: float) -
             for r in read_jsonl(run_dir / METRICS_NAME) if r["split"] == "valid"]
 
 
-def curves_figure(curves: dict[str, list[dict]], references: dict[str, float]):  # noqa: ANN201
+def curves_figure(curves: dict[str, list[dict]], references: dict[str, float],
+                  title: str | None = None, borrowed: tuple[str, ...] = ()):  # noqa: ANN201
+    """Validation -ELBO (AR: NLL) of each variant against training tokens and training FLOPs
+    (log axes with SI-prefixed ticks), with the corpus' valid references. Variants named in
+    ``borrowed`` (curves taken from another results file) are drawn dashed with open markers.
+    ``python experiments/replot.py LABEL.json`` redraws it from the results file."""
+    from ltm_pyro.viz import readable_log_ticks, reference_label
+
     sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for ax, x_key, label in ((axes[0], "tokens", "training tokens"),
-                             (axes[1], "flops", "training FLOPs (every inner step counted)")):
+    colours = dict(zip(curves, sns.color_palette("tab10" if len(curves) <= 10 else "husl",
+                                                  len(curves))))
+    for ax, x_key, label in ((axes[0], "tokens", "training tokens (k = 1e3, M = 1e6)"),
+                             (axes[1], "flops", "training FLOPs, every inner step counted "
+                                                "(G = 1e9, T = 1e12)")):
         for name, points in curves.items():
-            ax.plot([p[x_key] for p in points], [p["neg_elbo"] for p in points], "o-", label=name)
-        if "unigram_entropy_valid" in references:
-            ax.axhline(references["unigram_entropy_valid"], ls="--", color="grey", lw=1,
-                       label="unigram entropy")
-        if "entropy_floor_valid" in references:
-            ax.axhline(references["entropy_floor_valid"], ls=":", color="black", lw=1,
-                       label="entropy floor")
+            ax.plot([p[x_key] for p in points], [p["neg_elbo"] for p in points],
+                    "o--" if name in borrowed else "o-", color=colours[name], label=name,
+                    mfc="white" if name in borrowed else None)
+        for ref, style in (("unigram_entropy_valid", "--"), ("entropy_floor_valid", ":")):
+            if ref in references:
+                ax.axhline(references[ref], ls=style, lw=1, label=reference_label(ref),
+                           color="grey" if style == "--" else "black")
         ax.set_xscale("log")
+        readable_log_ticks(ax)
         ax.set_xlabel(label)
         ax.set_ylabel("validation -ELBO (nats/token; AR: NLL)")
+        ax.set_title(f"against training {'tokens' if x_key == 'tokens' else 'FLOPs'}")
         ax.legend(fontsize=8)
+    fig.suptitle(title or "Validation -ELBO against the training budget")
     return fig
 
 

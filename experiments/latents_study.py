@@ -249,7 +249,9 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
     return result
 
 
-def bounds_mi_figure(results: list[dict]):  # noqa: ANN201 - a Figure
+def bounds_mi_figure(results: list[dict], title: str | None = None):  # noqa: ANN201 - a Figure
+    """iwae_ppl and MI (from 0, with its standard error, cap and goal) against T_eval, per
+    variant; the ARs' exact perplexities as horizontal lines."""
     sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for result in results:
@@ -269,15 +271,21 @@ def bounds_mi_figure(results: list[dict]):  # noqa: ANN201 - a Figure
     cap = next((r["mutual_info_cap"] for res in results for r in res["rows"]), math.log(256))
     axes[1].axhline(cap, ls="--", color="grey", lw=1, label="cap log N")
     axes[1].axhline(3.0, ls=":", color="black", lw=1, label="goal 3 nats")
-    for ax, label in ((axes[0], "valid iwae_ppl"), (axes[1], "valid MI per window (nats)")):
+    axes[1].set_ylim(0, None)
+    for ax, label, heading in (
+            (axes[0], "valid iwae_ppl (perplexity per token)", "IWAE perplexity (lower is better)"),
+            (axes[1], "valid MI I(x; z) per window (nats, ±1 s.e.)",
+             "Mutual information between x and z")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("T_eval (inference steps at evaluation; 0 drawn at 0.5)")
         ax.set_ylabel(label)
+        ax.set_title(heading)
         ax.legend(fontsize=8)
+    fig.suptitle(title or "Latent levers against test-time inference steps (valid split)")
     return fig
 
 
-def slots_figure(results: list[dict]):  # noqa: ANN201 - a Figure
+def slots_figure(results: list[dict], title: str | None = None):  # noqa: ANN201 - a Figure
     with_slots = [r for r in results if r["slot_matrices"].get("test")]
     layers = len(with_slots[0]["slot_matrices"]["test"]) if with_slots else 1
     fig, axes = plt.subplots(layers, max(1, len(with_slots)), squeeze=False,
@@ -287,10 +295,21 @@ def slots_figure(results: list[dict]):  # noqa: ANN201 - a Figure
         for layer, matrix in enumerate(result["slot_matrices"]["test"]):
             ax = axes[layer][column]
             sns.heatmap(np.array(matrix), vmin=0, vmax=1, annot=True, fmt=".2f", cmap="mako",
-                        cbar=False, ax=ax)
+                        cbar=column == len(with_slots) - 1, cbar_kws={"label": "|correlation|"},
+                        ax=ax)
             ax.set_title(f"{result['variant']}, layer {layer}", fontsize=9)
-    fig.suptitle("|correlation| of slots' posterior means (test, training T)", fontsize=10)
+            ax.set(xlabel="slot", ylabel="slot")
+    fig.suptitle(title or "|correlation| of slots' posterior means (test split, training T; "
+                          "1 = copies)", fontsize=10)
     return fig
+
+
+def results_from_report(report_json: dict) -> list[dict]:
+    """The per-variant results of a LABEL.json written by ``report``, as the figures take
+    them (``python experiments/replot.py LABEL.json`` redraws both figures from it)."""
+    return [{"variant": name, "rows": [r for r in report_json["rows"] if r["variant"] == name],
+             "slot_matrices": report_json["slot_matrices"].get(name, {})}
+            for name in report_json["variants"]]
 
 
 def report(argv_base: list[str], args: argparse.Namespace) -> None:

@@ -126,7 +126,8 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
 
 
 LATENT_KEYS = ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-               "mutual_info_cap", "active_units", "slot_correlation", "slot_effective_rank")
+               "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
+               "slot_effective_rank")
 
 
 def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,
@@ -303,7 +304,8 @@ class TrainingRun:
 
     def save_curves(self) -> None:
         if self.shard.is_main:
-            save_figure(training_curves(self.records, self.corpus.references),
+            title = f"{self.config.model_kind.upper()} training curves: {self.out.name}"
+            save_figure(training_curves(self.records, self.corpus.references, title),
                         self.out / CURVES_NAME)
 
     def loop(self, progress: bool) -> dict:

@@ -5,12 +5,15 @@ r"""Test-time inference scaling: one checkpoint scored at several numbers of inf
     (or: python experiments/sweep_inference_steps.py with the same flags)
 
 Writes OUT.json (one row per T_eval: elbo_ppl, iwae_ppl, recon_ppl and per-token terms) and
-OUT.png (the three perplexities against T_eval, log-scaled, with the corpus' references).
+OUT.png (the three perplexities against T_eval, log-scaled, with the corpus' references of
+the split). `python experiments/replot.py OUT.json` redraws OUT.png from OUT.json.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from matplotlib.figure import Figure
 
 from ..bounds import evaluate_windows
 from ..checkpoint import load_checkpoint, model_from_checkpoint
@@ -40,6 +43,16 @@ def parser() -> OneLineParser:
     return p
 
 
+def figure(results: dict) -> Figure:
+    """The sweep's figure from its results (OUT.json): references of the swept split."""
+    corpus = results.get("corpus", "corpus")
+    return bounds_against_steps(
+        results["rows"], results.get("references"), results.get("split", "valid"),
+        f"{corpus}: bounds against T_eval ({results.get('windows', '?')} "
+        f"{results.get('split', 'valid')} windows, trained with T = "
+        f"{results.get('trained_inference_steps', '?')})")
+
+
 def main() -> int:
     args = parser().parse_args()
     device = resolve_device(args.device)
@@ -57,15 +70,18 @@ def main() -> int:
             device=device))
         print(markdown_table(rows[-1:], COLUMNS), flush=True)
     table = markdown_table(rows, COLUMNS)
-    write_results(args.out.with_suffix(".json"), "Test-time inference steps", device, {
-        "checkpoint_step": payload["step"], "split": args.split, "windows": len(windows),
+    results = {
+        "checkpoint_step": payload["step"], "corpus": corpus.name, "split": args.split,
+        "windows": len(windows),
         "trained_inference_steps": config.inference.steps, "references": corpus.references,
         "rows": rows, "config": config.to_dict(),
-    }, f"Bounds on the first {len(windows)} `{args.split}` windows of `{corpus.name}` against "
-       f"the inference steps T fitted per sequence (trained with T = {config.inference.steps}; "
-       f"checkpoint step {payload['step']}).\n\n{table}\n\n"
-       f"References (nats/token): {corpus.references}\n")
-    save_figure(bounds_against_steps(rows, corpus.references), args.out.with_suffix(".png"))
+    }
+    write_results(args.out.with_suffix(".json"), "Test-time inference steps", device, results,
+                  f"Bounds on the first {len(windows)} `{args.split}` windows of `{corpus.name}` "
+                  f"against the inference steps T fitted per sequence (trained with T = "
+                  f"{config.inference.steps}; checkpoint step {payload['step']}).\n\n{table}\n\n"
+                  f"References (nats/token): {corpus.references}\n")
+    save_figure(figure(results), args.out.with_suffix(".png"))
     print(table)
     return 0
 
