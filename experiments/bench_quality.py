@@ -309,7 +309,8 @@ def write_report(bench: Bench, with_mdlm: bool) -> None:
            "relative to the perplexity." if with_mdlm else "")
         + f"\n\n{table}\n\nOver seeds (mean and sample sd):\n\n{seed_table}\n\n"
         f"References (nats/token): {corpus.references}\n")
-    save_figure(curves_figure(bench.curves, corpus.references), results_dir / f"{args.label}.png")
+    save_figure(curves_figure(bench.curves, corpus.references, f"{args.label} ({corpus.name})"),
+                results_dir / f"{args.label}.png")
     print(table)
     print(seed_table)
 
