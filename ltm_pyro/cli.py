@@ -145,6 +145,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-heads", type=positive_int)
     p.add_argument("--latents-per-layer", type=positive_int)
     p.add_argument("--latent-dim", type=positive_int)
+    p.add_argument("--slot-roles", choices=("shared", "value", "key-value", "embedding"),
+                   help="how cross-attention tells a layer's slots apart: shared projections "
+                   "(as released), per-slot value or key and value projections, or a learned "
+                   "per-slot embedding added to z (default: the preset's, shared)")
     p.add_argument("--inference-steps", type=non_negative_int, help="fast steps T")
     p.add_argument("--fast-lr", type=positive_float,
                    help="peak fast lr; it decays to a tenth of it within the T steps")
@@ -201,6 +205,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (model, "n_heads", args.n_heads),
         (model, "latents_per_layer", args.latents_per_layer),
         (model, "latent_dim", args.latent_dim),
+        (model, "slot_roles", args.slot_roles),
         (inference, "steps", args.inference_steps),
         (inference, "init_log_var", args.init_log_var),
         (inference, "noise", args.noise),

@@ -17,11 +17,21 @@ ModelKind = Literal["ltm", "ar"]
 FastSchedule = Literal["cosine-to-min", "released"]
 InnerLoss = Literal["per-token", "sum"]
 FreeBitsGroup = Literal["slot", "layer"]
+SlotRoles = Literal["shared", "value", "key-value", "embedding"]
 
 
 @dataclass
 class ModelConfig:
-    """Decoder shape. ``latents_per_layer = 0`` gives the autoregressive baseline."""
+    """Decoder shape. ``latents_per_layer = 0`` gives the autoregressive baseline.
+
+    ``slot_roles`` says how cross-attention tells a layer's latent slots apart (issue 13,
+    docs/latent-diagnostics.md, "Levers"): ``"shared"`` (as released) projects every slot
+    with the same key and value weights, so only the latent RoPE positions differ;
+    ``"value"`` gives each slot its own value projection; ``"key-value"`` its own key and
+    value projections; ``"embedding"`` adds a learned per-slot vector to z before the shared
+    projections. The extra weights count in ``count_parameters`` (``matched_ar_config`` gives
+    them to the AR baseline as MLP width).
+    """
 
     vocab_size: int = 0  # set from the tokenizer
     context: int = 64  # tokens per window (the decoder's maximum sequence length)
@@ -34,6 +44,7 @@ class ModelConfig:
     mlp_hidden: int | None = None  # None: llama rule, int(2 * 4d / 3) rounded up to 32
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    slot_roles: SlotRoles = "shared"
 
     @property
     def n_latents(self) -> int:
