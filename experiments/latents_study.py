@@ -90,6 +90,9 @@ VARIANTS: dict[str, list[str]] = {
                             "0.5", "--slot-roles", "key-value"],
     "ltm-prior-fb-sym-embed": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
                                "0.5", "--slot-roles", "embedding"],
+    "ltm-prior-fb-sym-kv-klwarm": ["--init-log-var", "0", "--free-bits", "1",
+                                   "--init-loc-scale", "0.5", "--slot-roles", "key-value",
+                                   "--kl-warmup-steps", "200"],
     # The windowed AR matched to a slot-role LTM's parameter count (a wider MLP).
     "ar-window-value": ["--model", "ar", "--match-params", "--slot-roles", "value"],
     "ar-window-kv": ["--model", "ar", "--match-params", "--slot-roles", "key-value"],
