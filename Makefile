@@ -23,8 +23,13 @@ run: setup
 NOTEBOOK_CI_SIZE := LTM_NB_TRAIN_STEPS=150 LTM_NB_WINDOWS=32 LTM_NB_IW_SAMPLES=32 \
 	LTM_NB_NUTS_SAMPLES=60 LTM_NB_DOCS=128 LTM_NB_INFERENCE_STEPS=32 LTM_NB_RUN_DIR=../runs/notebook-ci
 
+# Two workers of one thread each (TEST_WORKERS=0 runs in this process): on a 2-core machine
+# that beats one process with two threads, and never oversubscribes the cores.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(NOTEBOOK_CI_SIZE) $(PY) -m pytest -q tests --nbmake --nbmake-timeout=900 notebooks
+	OMP_NUM_THREADS=1 $(NOTEBOOK_CI_SIZE) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup \
+		tests --nbmake --nbmake-timeout=900 notebooks
 
 # Ruff, then the library's size and layering targets (printed; a missed one is reported, and
 # make's "ignored" note follows, without failing the target).

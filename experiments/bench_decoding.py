@@ -1,4 +1,4 @@
-"""Decoding speed: KV-cached against uncached sampling, as a ratio measured in one run.
+r"""Decoding speed: KV-cached against uncached sampling, as a ratio measured in one run.
 
     python experiments/bench_decoding.py --preset small --seq-len 1024 --window 256 \
         --new-tokens 512 --json experiments/results/generation/decoding-speed.json
@@ -33,8 +33,8 @@ from ltm_pyro.decoder import Decoder  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.generate import prior_latents, sample_tokens  # noqa: E402
 from ltm_pyro.model import LatentThoughtModel  # noqa: E402
+from ltm_pyro.modes import resolve_device  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import resolve_device  # noqa: E402
 
 COLUMNS = ["model", "batch", "new_tokens", "cached_s", "uncached_s", "cached_tokens_per_s",
            "uncached_tokens_per_s", "speedup", "identical"]

@@ -1,4 +1,4 @@
-"""Unconditional sample quality: LTM (prior z at several scales) against the AR baseline.
+r"""Unconditional sample quality: LTM (prior z at several scales) against the AR and MDLM.
 
     python experiments/bench_generation.py --ltm runs/bench/ptb-d128/ltm-T16 \
         --ar runs/bench/ptb-d128/ar-window --scorer runs/bench/ptb-d128/ar-full --label ptb
@@ -6,8 +6,9 @@
 Every model continues the same first tokens (of test windows) to the context length. Reports
 the scorer's generative perplexity (a separately trained AR checkpoint), the samples' unigram
 entropy and distinct-1/2/3, the same measures on the real test windows, and on the built-in
-corpus the exact perplexity of the samples under the true generating process. Writes
-LABEL.json and LABEL.md into --results.
+corpus the exact perplexity of the samples under the true generating process. An MDLM
+(--mdlm) samples its whole window by ancestral sampling in --denoising-steps steps (default:
+the context length) from the same first tokens. Writes LABEL.json and LABEL.md into --results.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from ltm_pyro.cli import (  # noqa: E402
 )
 from ltm_pyro.data import BUILTIN_NAME, load_corpus  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
-from ltm_pyro.generate import prior_latents, sample_tokens  # noqa: E402
+from ltm_pyro.generate import Sampling, prior_latents, sample_tokens  # noqa: E402
+from ltm_pyro.mdlm import sample_window  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.sample_quality import distinct_n, scorer_nll_per_token, unigram_entropy  # noqa: E402
 from ltm_pyro.synthetic import TopicStyleProcess  # noqa: E402
@@ -49,13 +51,17 @@ def parser() -> OneLineParser:
     p = OneLineParser.from_doc(__doc__)
     p.add_argument("--ltm", type=Path, required=True, help="LTM run folder or checkpoint")
     p.add_argument("--ar", type=Path, help="AR baseline of matched size")
+    p.add_argument("--mdlm", type=Path, help="MDLM baseline of matched size")
+    p.add_argument("--denoising-steps", type=positive_int,
+                   help="MDLM: ancestral sampling steps (default: the context length)")
     p.add_argument("--scorer", type=Path, required=True, help="separately trained AR checkpoint")
-    p.add_argument("--label", required=True)
+    p.add_argument("--label", required=True, help="name of this comparison (file names)")
     p.add_argument("--results", type=Path, default=Path("experiments/results/generation"))
     p.add_argument("--prior-scales", type=scales, default=[0.5, 1.0, 1.5])
     p.add_argument("--num-samples", type=positive_int, default=64)
     p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--top-p", type=probability)
+    p.add_argument("--top-p", type=probability,
+                   help="sample from the smallest set of tokens holding this probability")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu")
     return p
@@ -97,6 +103,12 @@ def main() -> int:
         if ar_tokenizer.to_dict() != tokenizer.to_dict():
             raise UsageError("--ar uses another vocabulary than --ltm; pass models trained on "
                              "the same corpus and tokenizer")
+    if args.mdlm is not None:
+        models["mdlm"], mdlm_config, mdlm_tokenizer = load(args.mdlm, args.device)
+        if (mdlm_config.model_kind != "mdlm" or mdlm_tokenizer.to_dict() != tokenizer.to_dict()
+                or mdlm_config.model.context != config.model.context):
+            raise UsageError("--mdlm must be an MDLM checkpoint with --ltm's context, corpus "
+                             "and tokenizer")
     if not ltm.has_latents:
         raise UsageError(f"{args.ltm} is an AR model; pass the LTM as --ltm and the AR as --ar")
     if scorer.has_latents or scorer_tokenizer.to_dict() != tokenizer.to_dict():
@@ -114,8 +126,14 @@ def main() -> int:
         for scale in args.prior_scales if model.has_latents else [None]:
             draws = torch.Generator(device=args.device).manual_seed(args.seed)
             z = prior_latents(model, len(first), scale, draws, args.device)
-            samples = sample_tokens(model, first, new_tokens, z, args.temperature,
-                                    generator=draws, top_p=args.top_p).cpu()
+            if name == "mdlm":
+                window = sample_window(model.decoder, first,
+                                       args.denoising_steps or config.model.context, draws,
+                                       Sampling(args.temperature, top_p=args.top_p))
+                samples = window[:, :new_tokens + 1].cpu()
+            else:
+                samples = sample_tokens(model, first, new_tokens, z, args.temperature,
+                                        generator=draws, top_p=args.top_p).cpu()
             rows.append({"source": name, "prior_scale": scale,
                          **measures(samples, scorer, builtin)})
             print(markdown_table(rows[-1:], COLUMNS), flush=True)

@@ -1,4 +1,4 @@
-"""Speed of the hot path: the inner step, the slow step and the iteration, as ratios in one run.
+r"""Speed of the hot path: the inner step, the slow step and the iteration, as ratios in one run.
 
     python experiments/bench_speed.py --json experiments/results/speed/cpu.json
     python experiments/bench_speed.py --preset ltm-s --device cuda --compile \
@@ -34,10 +34,11 @@ from ltm_pyro.cli import OneLineParser, non_negative_int, positive_int, run_main
 from ltm_pyro.config import PRESETS, RunConfig, preset  # noqa: E402
 from ltm_pyro.decoder import Decoder, matched_ar_config  # noqa: E402
 from ltm_pyro.flops import forward_flops_per_token, training_flops_per_token  # noqa: E402
-from ltm_pyro.inference import SyncFreeMeanFieldELBO, frozen, initial_posterior  # noqa: E402
+from ltm_pyro.inference import frozen, initial_posterior  # noqa
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior  # noqa: E402
+from ltm_pyro.modes import resolve_device  # noqa: E402
+from ltm_pyro.objective import SyncFreeMeanFieldELBO  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import resolve_device  # noqa: E402
 from ltm_pyro.svi import DualRateSVI, slow_optimizer  # noqa: E402
 
 COLUMNS = ["preset", "params", "batch", "seq_len", "T", "pyro_vs_plain_inner",
@@ -47,7 +48,7 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, per
 
 
 def plain_inner_loss(ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor,
-                     local: LocalPosterior, noise: Tensor) -> Tensor:
+                     local: LocalPosterior, noise: Tensor, kl_weight: float = 1.0) -> Tensor:
     """The inner step's loss without Pyro: masked NLL (the model's own token NLL, compiled
     when the model is) at z = loc + scale * noise plus the analytic KL to N(0, I), per token.
     The reference Pyro's overhead is measured against."""
@@ -55,14 +56,15 @@ def plain_inner_loss(ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor,
     logits = ltm.logits(tokens[:, :-1], z)
     nll = ltm.token_nll(logits, tokens[:, 1:], mask)
     kl = 0.5 * (local.log_var.exp() + local.loc.pow(2) - 1 - local.log_var)
-    return (nll.sum() + ltm.kl_weight * kl.sum()) / mask.sum()
+    return (nll.sum() + kl_weight * kl.sum()) / mask.sum()
 
 
 def pyro_inner_loss(ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor,
-                    local: LocalPosterior, noise: Tensor) -> Tensor:
+                    local: LocalPosterior, noise: Tensor, kl_weight: float = 1.0) -> Tensor:
     """The inner step's loss exactly as ``fit_local_posterior`` computes it."""
     elbo = SyncFreeMeanFieldELBO(max_plate_nesting=1)
-    return elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask, local, noise) / mask.sum()
+    loss = elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask, local, noise, kl_weight)
+    return loss / mask.sum()
 
 
 def parser() -> OneLineParser:

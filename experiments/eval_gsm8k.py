@@ -1,4 +1,4 @@
-"""Few-shot GSM8K-style evaluation of a checkpoint from local JSONL files (nothing downloaded).
+r"""Few-shot GSM8K-style evaluation of a checkpoint from local JSONL files (nothing downloaded).
 
     python experiments/eval_gsm8k.py --checkpoint runs/big --train-file gsm8k/train.jsonl \
         --test-file gsm8k/test.jsonl --shots 8 --inference-steps 16 --json gsm8k.json
@@ -37,8 +37,8 @@ from ltm_pyro.fewshot import (  # noqa: E402
 )
 from ltm_pyro.files import write_json  # noqa: E402
 from ltm_pyro.generate import posterior_latents, sample_tokens  # noqa: E402
+from ltm_pyro.modes import resolve_device  # noqa: E402
 from ltm_pyro.report import markdown_table  # noqa: E402
-from ltm_pyro.runner import resolve_device  # noqa: E402
 from ltm_pyro.tokenizers import encode_prompt  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def parser() -> OneLineParser:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="write every prompt, answer and the score here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
 

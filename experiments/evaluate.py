@@ -1,123 +1,12 @@
-"""Evaluate a checkpoint with valid bounds: elbo_ppl, iwae_ppl, and the paper-style recon_ppl.
-
-    python experiments/evaluate.py --checkpoint runs/default --split test --iw-samples 32
-    python experiments/evaluate.py --checkpoint runs/ptb --data ../shared/data/wikitext-2
-
-Each batch's local posterior is fitted from scratch with --inference-steps (default: the
-training T). --data may be a corpus the model never saw (zero-shot): it is tokenized with the
-checkpoint's own tokenizer. Also reports what the latents carry (docs/latent-diagnostics.md):
-KL and mutual information per window (MI over all scored windows, capped by log N),
-active units, slot correlation and effective rank, and prior_iwae_ppl, the IWAE with
---prior-samples draws from the prior as proposal (0 skips it). Prints two tables; --json
-writes the figures with their settings.
-"""
-
-from __future__ import annotations
+"""``python experiments/evaluate.py``: the ``ltm-eval`` command (``ltm_pyro/commands/evaluate.py``),
+kept as a script so it runs from a checkout without installing."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tqdm.auto import tqdm  # noqa: E402
-
-from ltm_pyro.bounds import evaluate_windows  # noqa: E402
-from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from ltm_pyro.cli import OneLineParser, non_negative_int, positive_int, run_main  # noqa: E402
-from ltm_pyro.config import DataConfig  # noqa: E402
-from ltm_pyro.data import load_corpus  # noqa: E402
-from ltm_pyro.errors import UsageError  # noqa: E402
-from ltm_pyro.files import write_json  # noqa: E402
-from ltm_pyro.report import markdown_table  # noqa: E402
-from ltm_pyro.runner import resolve_device  # noqa: E402
-from ltm_pyro.tokenizers import known_token_count, unk_rate  # noqa: E402
-
-UNK_WARNING = 0.05  # above this share of <unk> among scored tokens, say so on stderr
-
-METRICS = ["tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"]
-LATENT_METRICS = ["windows", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-                  "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
-                  "slot_effective_rank", "prior_samples", "iwae_ppl", "prior_iwae_ppl"]
-
-
-def parser() -> OneLineParser:
-    p = OneLineParser.from_doc(__doc__)
-    p.add_argument("--checkpoint", type=Path, required=True, help="run folder or checkpoint.pt")
-    p.add_argument("--data", help="corpus to score (default: the one the model was trained on)")
-    p.add_argument("--split", choices=("valid", "test"), default="valid")
-    p.add_argument("--inference-steps", type=non_negative_int, help="default: training T")
-    p.add_argument("--iw-samples", type=positive_int, default=16, help="IWAE samples K")
-    p.add_argument("--elbo-samples", type=positive_int, default=4, help="fresh ELBO draws S")
-    p.add_argument("--prior-samples", type=non_negative_int, default=64,
-                   help="draws from the prior for prior_iwae_ppl (0: skip it)")
-    p.add_argument("--mi-samples", type=positive_int, default=4,
-                   help="draws from each window's q for the mutual information")
-    p.add_argument("--max-windows", type=positive_int, help="score only the first N windows")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
-    device = resolve_device(args.device)
-    payload = load_checkpoint(args.checkpoint, map_location=device)
-    ltm, config, tokenizer = model_from_checkpoint(payload, device)
-    data = config.data if args.data is None else DataConfig(path=args.data,
-                                                            tokenizer=tokenizer.kind)
-    corpus = load_corpus(data, config.model.context, tokenizer)
-    windows = corpus.windows[args.split][: args.max_windows]
-    if known_token_count(tokenizer, windows) == 0:
-        raise UsageError(f"no token of {data.path} is in the checkpoint's vocabulary; "
-                         "evaluate on a corpus in the training language and tokenization")
-    unknown = unk_rate(tokenizer, windows[:, 1:])  # the predicted tokens
-    if unknown > UNK_WARNING:
-        print(f"warning: {unknown:.1%} of the scored tokens of {corpus.name} are <unk> under the "
-              "checkpoint's vocabulary; its perplexities are not comparable with a model that "
-              "knows those words", file=sys.stderr)
-    bar = tqdm(total=len(windows), disable=args.no_progress, desc=f"eval {args.split}")
-
-    def progress(totals) -> None:  # noqa: ANN001 - BoundTotals
-        bar.update(totals.sequences - bar.n)
-        bar.set_postfix(nll=f"{totals.nll / totals.tokens:.3f}",
-                        kl=f"{totals.kl / totals.tokens:.3f}")
-
-    summary = evaluate_windows(
-        ltm, windows, config.inference, steps=args.inference_steps,
-        batch_size=args.batch_size, elbo_samples=args.elbo_samples,
-        iw_samples=args.iw_samples, seed=args.seed, device=device, on_batch=progress,
-        latent_stats=True, mi_samples=args.mi_samples, prior_samples=args.prior_samples,
-    )
-    bar.close()
-    return {
-        **summary,
-        "params": ltm.decoder.num_parameters(),
-        "model_kind": config.model_kind,
-        "checkpoint": str(args.checkpoint),
-        "checkpoint_step": payload["step"],
-        "corpus": corpus.name,
-        "zero_shot": args.data is not None and corpus.name != payload.get("corpus"),
-        "split": args.split,
-        "windows": len(windows),
-        "unk_rate": unknown,
-        "references": corpus.references,
-        "seed": args.seed,
-    }
-
-
-def main() -> int:
-    args = parser().parse_args()
-    results = evaluate(args)
-    print(markdown_table([results], ["split", "inference_steps", "iw_samples", "unk_rate",
-                                      *METRICS]))
-    print()
-    print(markdown_table([results], LATENT_METRICS))
-    if args.json:
-        write_json(args.json, results)
-    return 0
-
+from ltm_pyro.commands.evaluate import main, parser, run_main  # noqa: E402, F401
 
 if __name__ == "__main__":
     run_main(main)

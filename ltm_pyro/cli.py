@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pyro
 
-from .config import PRESETS, RECIPES, RunConfig, apply_recipe, preset
+from .config import PRESETS, RECIPES, ModelConfig, RunConfig, apply_recipe, preset
 from .decoder import matched_ar_config
 from .errors import UsageError
+from .files import written_files
+from .mdlm import mdlm_model_config
 from .tokenizers import TOKENIZERS
 
 
@@ -119,75 +121,122 @@ def run_main(main: Callable[[], int | None]) -> None:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    print_written_files()
     sys.exit(status or 0)
 
 
+def print_written_files() -> None:
+    """One stderr line per folder the script wrote into, naming its files."""
+    by_folder: dict[Path, list[str]] = {}
+    for path in written_files():
+        by_folder.setdefault(path.parent, []).append(path.name)
+    for folder, names in by_folder.items():
+        print(f"wrote {folder}/: {', '.join(names)}", file=sys.stderr)
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags that define a training run (preset plus overrides), shared by the scripts."""
-    p.add_argument("--data", help="text file or folder with train/valid/test files "
+    """The flags that define a training run (preset plus overrides), shared by the scripts,
+    in groups so that ``--help`` reads by topic. Unset flags keep the preset's value."""
+    _data_arguments(p.add_argument_group("data"))
+    _model_arguments(p.add_argument_group("model (unset: the preset's)"))
+    _inference_arguments(p.add_argument_group("fast loop: fitting q(z|x) (unset: the recipe's)"))
+    _training_arguments(p.add_argument_group("slow loop and run (unset: the preset's)"))
+
+
+def _data_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--data", help="text file or folder with train/valid/test files "
                    "(default: the built-in topic-style corpus)")
-    p.add_argument("--tokenizer", choices=TOKENIZERS, default="word")
-    p.add_argument("--bpe-vocab-size", type=positive_int)
-    p.add_argument("--model", choices=("ltm", "ar"), default="ltm")
-    p.add_argument("--match-params", action="store_true",
-                   help="with --model ar: widen the MLP to the LTM's parameter count")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
-    p.add_argument("--recipe", choices=tuple(RECIPES), default="honest",
-                   help="a named bundle of inner-loop choices set on top of the preset; "
-                   "'released' = the released code's inner loop (docs/recipes.md); "
-                   "explicit flags below win over it")
-    p.add_argument("--max-steps", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--seq-len", type=positive_int, help="tokens per window (the context)")
-    p.add_argument("--window", type=non_negative_int, help="sliding window; 0 = full causal")
-    p.add_argument("--d-model", type=positive_int)
-    p.add_argument("--n-layers", type=positive_int)
-    p.add_argument("--n-heads", type=positive_int)
-    p.add_argument("--latents-per-layer", type=positive_int)
-    p.add_argument("--latent-dim", type=positive_int)
-    p.add_argument("--slot-roles", choices=("shared", "value", "key-value", "embedding"),
+    g.add_argument("--tokenizer", choices=TOKENIZERS, default="word",
+                   help="how text becomes tokens")
+    g.add_argument("--bpe-vocab-size", type=positive_int,
+                   help="with --tokenizer bpe: vocabulary size learned from the train split")
+    g.add_argument("--seq-len", type=positive_int, help="tokens per window (the context)")
+
+
+def _model_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--model", choices=("ltm", "ar", "mdlm"), default="ltm",
+                   help="the latent-thought model, the autoregressive baseline (no z), or the "
+                   "masked-diffusion baseline (MDLM: bidirectional, no z)")
+    g.add_argument("--match-params", action="store_true",
+                   help="with --model ar or mdlm: widen the MLP to the LTM's parameter count")
+    g.add_argument("--preset", choices=tuple(PRESETS), default="tiny",
+                   help="model size and training budget (docs/design.md)")
+    g.add_argument("--window", type=non_negative_int, help="sliding window; 0 = full causal")
+    g.add_argument("--d-model", type=positive_int, help="model width")
+    g.add_argument("--n-layers", type=positive_int, help="decoder blocks")
+    g.add_argument("--n-heads", type=positive_int, help="attention heads per block")
+    g.add_argument("--latents-per-layer", type=positive_int,
+                   help="latent thought vectors (slots) each block cross-attends to")
+    g.add_argument("--latent-dim", type=positive_int,
+                   help="width of each latent vector (default: the model width, as released)")
+    g.add_argument("--slot-roles", choices=("shared", "value", "key-value", "embedding"),
                    help="how cross-attention tells a layer's slots apart: shared projections "
                    "(as released), per-slot value or key and value projections, or a learned "
                    "per-slot embedding added to z (default: the preset's, shared)")
-    p.add_argument("--inference-steps", type=non_negative_int, help="fast steps T")
-    p.add_argument("--fast-lr", type=positive_float,
+
+
+def _inference_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--recipe", choices=tuple(RECIPES), default="honest",
+                   help="a named bundle of inner-loop choices set on top of the preset; "
+                   "'released' = the released code's inner loop (docs/recipes.md); "
+                   "explicit flags below win over it")
+    g.add_argument("--inference-steps", type=non_negative_int, help="fast steps T")
+    g.add_argument("--fast-lr", type=positive_float,
                    help="peak fast lr; it decays to a tenth of it within the T steps")
-    p.add_argument("--init-log-var", type=finite_float, help="guide's initial log-variance")
-    p.add_argument("--init-log-var-jitter", type=non_negative_float,
+    g.add_argument("--init-log-var", type=finite_float, help="guide's initial log-variance")
+    g.add_argument("--init-log-var-jitter", type=non_negative_float,
                    help="add this times N(0, 1) to the initial log-variance (released: 0.1)")
-    p.add_argument("--fast-schedule", choices=("cosine-to-min", "released"),
+    g.add_argument("--fast-schedule", choices=("cosine-to-min", "released"),
                    help="inner cosine reaching lr_min at the last step, or the released one "
                    "(progress s/T: it never reaches lr_min)")
-    p.add_argument("--fast-weight-decay", type=non_negative_float,
+    g.add_argument("--fast-weight-decay", type=non_negative_float,
                    help="inner AdamW weight decay on (mu, log-var) (released: 0.01)")
-    p.add_argument("--inner-loss", choices=("per-token", "sum"),
+    g.add_argument("--inner-loss", choices=("per-token", "sum"),
                    help="inner loss per token, or summed over tokens and sequences (released)")
-    p.add_argument("--noise", choices=("fixed", "fresh"))
-    p.add_argument("--free-bits", type=non_negative_float,
+    g.add_argument("--noise", choices=("fixed", "fresh"),
+                   help="one noise draw for all inner steps (released), or a new one each step")
+    g.add_argument("--free-bits", type=non_negative_float,
                    help="training fits count each group's KL as at least this many nats "
                    "(free bits; evaluation always scores the full bound)")
-    p.add_argument("--free-bits-group", choices=("slot", "layer"),
+    g.add_argument("--free-bits-group", choices=("slot", "layer"),
                    help="free bits per latent vector (slot) or per layer's vectors")
-    p.add_argument("--init-loc-scale", type=non_negative_float,
+    g.add_argument("--init-loc-scale", type=non_negative_float,
                    help="start the guide's loc at this times fixed per-slot offsets (breaks "
                    "the symmetry between a layer's slots; default 0)")
-    p.add_argument("--kl-weight", type=positive_float)
-    p.add_argument("--slow-lr", type=positive_float,
+    g.add_argument("--encoder-layers", type=non_negative_int,
+                   help="semi-amortised inference: an encoder of this many bidirectional "
+                   "blocks proposes q's start from x, the fast loop refines it (0: none)")
+    g.add_argument("--encoder-lr", type=positive_float, help="the encoder's peak learning rate")
+    g.add_argument("--encoder-loss", choices=("elbo", "fit"),
+                   help="train the encoder on the ELBO at its proposal, or to match the "
+                   "fitted q (KL(q_fitted || q_proposed))")
+    g.add_argument("--kl-weight", type=positive_float,
+                   help="weight of the KL in the fits' objective (1 = the ELBO)")
+
+
+def _training_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--max-steps", type=positive_int, help="slow (decoder) steps")
+    g.add_argument("--batch-size", type=positive_int, help="windows per slow step")
+    g.add_argument("--slow-lr", type=positive_float,
                    help="peak slow lr; cosine-decays to a tenth of it")
-    p.add_argument("--warmup-steps", type=non_negative_int)
-    p.add_argument("--decoder-grads", choices=("final", "trajectory"))
-    p.add_argument("--kl-warmup-steps", type=non_negative_int,
+    g.add_argument("--warmup-steps", type=non_negative_int,
+                   help="slow steps of linear learning-rate warm-up")
+    g.add_argument("--decoder-grads", choices=("final", "trajectory"),
+                   help="decoder gradient from the final posterior only, or summed over the "
+                   "inner trajectory (released)")
+    g.add_argument("--kl-warmup-steps", type=non_negative_int,
                    help="ramp the KL weight from 0 over these steps (against posterior collapse;"
                    " validation always uses the full weight, so reported numbers stay bounds)")
-    p.add_argument("--eval-every", type=positive_int)
-    p.add_argument("--eval-windows", type=positive_int)
-    p.add_argument("--checkpoint-every", type=positive_int)
-    p.add_argument("--max-bad-steps", type=positive_int,
+    g.add_argument("--eval-every", type=positive_int, help="validate every this many steps")
+    g.add_argument("--eval-windows", type=positive_int, help="validation windows scored")
+    g.add_argument("--checkpoint-every", type=positive_int,
+                   help="write the checkpoint every this many steps")
+    g.add_argument("--max-bad-steps", type=positive_int,
                    help="stop after this many non-finite steps in a row (default 10)")
-    p.add_argument("--seed", type=non_negative_int)
-    p.add_argument("--compile", action="store_true",
+    g.add_argument("--seed", type=non_negative_int, help="seeds data order, noise and weights")
+    g.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder and token NLL (worth it on GPUs)")
-    p.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -217,6 +266,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (inference, "free_bits", args.free_bits),
         (inference, "free_bits_group", args.free_bits_group),
         (inference, "init_loc_scale", args.init_loc_scale),
+        (inference, "encoder_layers", args.encoder_layers),
+        (inference, "encoder_lr", args.encoder_lr),
+        (inference, "encoder_loss", args.encoder_loss),
         (train_cfg, "max_steps", args.max_steps),
         (train_cfg, "batch_size", args.batch_size),
         (train_cfg, "warmup_steps", args.warmup_steps),
@@ -239,9 +291,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         train_cfg.lr, train_cfg.min_lr = args.slow_lr, args.slow_lr / 10
     train_cfg.device = args.device
     train_cfg.compile = args.compile
-    if args.match_params and args.model != "ar":
-        raise UsageError("--match-params applies to --model ar only")
-    if args.model == "ar":
-        config.model = matched_ar_config(model) if args.match_params else replace(
-            model, latents_per_layer=0)
+    config.model = _model_of_kind(args, model)
     return config
+
+
+def _model_of_kind(args: argparse.Namespace, model: ModelConfig) -> ModelConfig:
+    """The LTM's shape, or a baseline's made from it (``--model``, ``--match-params``)."""
+    if args.match_params and args.model == "ltm":
+        raise UsageError("--match-params applies to --model ar or mdlm only")
+    if args.model == "ar":
+        return matched_ar_config(model) if args.match_params else replace(
+            model, latents_per_layer=0)
+    if args.model == "mdlm":
+        if args.window:
+            raise UsageError("--model mdlm attends to the whole window: drop --window")
+        return mdlm_model_config(model, args.match_params)
+    return model

@@ -13,16 +13,18 @@ from typing import Any, Literal
 
 NoiseMode = Literal["fixed", "fresh"]
 DecoderGrads = Literal["final", "trajectory"]
-ModelKind = Literal["ltm", "ar"]
+ModelKind = Literal["ltm", "ar", "mdlm"]
 FastSchedule = Literal["cosine-to-min", "released"]
 InnerLoss = Literal["per-token", "sum"]
 FreeBitsGroup = Literal["slot", "layer"]
+EncoderLoss = Literal["elbo", "fit"]
 SlotRoles = Literal["shared", "value", "key-value", "embedding"]
 
 
 @dataclass
 class ModelConfig:
-    """Decoder shape. ``latents_per_layer = 0`` gives the autoregressive baseline.
+    """Decoder shape. ``latents_per_layer = 0`` gives the autoregressive baseline;
+    ``bidirectional`` (no latents, no window) the masked-diffusion baseline (``mdlm.py``).
 
     ``slot_roles`` says how cross-attention tells a layer's latent slots apart (issue 13,
     docs/latent-diagnostics.md, "Levers"): ``"shared"`` (as released) projects every slot
@@ -44,6 +46,9 @@ class ModelConfig:
     mlp_hidden: int | None = None  # None: llama rule, int(2 * 4d / 3) rounded up to 32
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    # MDLM: no causal mask, one extra embedding row (the mask token, id vocab_size) and
+    # context + 1 positions, since it reads the whole window, its given first token included.
+    bidirectional: bool = False
     slot_roles: SlotRoles = "shared"
 
     @property
@@ -91,6 +96,15 @@ class InferenceConfig:
     - ``init_loc_scale``: loc starts at this times fixed per-slot offsets (one N(0, I) vector
       per slot from a fixed seed, the same for every sequence, in training and evaluation),
       instead of 0 for every slot: breaks the symmetry between a layer's slots.
+
+    Semi-amortised inference (``ltm_pyro/amortised.py``; off by default):
+
+    - ``encoder_layers`` > 0: an encoder of that many bidirectional blocks proposes the
+      fit's start (loc, log_var) from x, in training and evaluation; the fit then refines it
+      with ``steps`` inner steps (0: q is the proposal). 0: no encoder, the fixed start.
+    - ``encoder_lr``: the encoder's peak AdamW learning rate (on the slow schedule's shape).
+    - ``encoder_loss``: ``"elbo"`` trains it on the fit's objective at its own proposal,
+      ``"fit"`` on KL(q_fitted || q_proposed) (distillation of the refined q).
     """
 
     steps: int = 16
@@ -107,6 +121,9 @@ class InferenceConfig:
     free_bits: float = 0.0
     free_bits_group: FreeBitsGroup = "slot"
     init_loc_scale: float = 0.0
+    encoder_layers: int = 0
+    encoder_lr: float = 1e-3
+    encoder_loss: EncoderLoss = "elbo"
 
 
 @dataclass

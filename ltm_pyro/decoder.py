@@ -6,6 +6,8 @@ Self-attention is causal, optionally within a sliding window, so long-range info
 to travel through the latent vectors z_l of the block's own layer. Queries and keys get RoPE;
 in cross-attention the latent keys sit at evenly spaced "latent positions". Input and output
 embeddings are tied. With no latents the blocks skip cross-attention: the AR baseline.
+With ``bidirectional`` the same blocks attend without a causal mask and the embedding table
+has one more row, the mask token: the denoiser of the masked-diffusion baseline (``mdlm.py``).
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
         self.self_attention = Attention(config)
         self.has_latents = config.latents_per_layer > 0
+        self.causal = not config.bidirectional
         if self.has_latents:
             self.cross_attention_norm = RMSNorm(config.d_model, config.norm_eps)
             self.cross_attention = Attention(config, kv_dim=config.z_dim)
@@ -149,7 +152,8 @@ class Block(nn.Module):
         token_rope = rope["tokens"]
         normed = self.attention_norm(x)
         if cache is None:
-            h = x + self.self_attention(normed, normed, token_rope, token_rope, mask, mask is None)
+            h = x + self.self_attention(normed, normed, token_rope, token_rope, mask,
+                                        mask is None and self.causal)
         else:
             keys, values = cache.extend(*self.self_attention.keys_values(normed, token_rope))
             h = x + self.self_attention.attend(normed, token_rope, keys, values, mask, False)
@@ -207,13 +211,16 @@ class Decoder(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer)")
         if config.d_model % config.n_heads or (config.d_model // config.n_heads) % 2:
             raise ValueError("d_model must split into an even head dimension per head")
+        if config.bidirectional and (config.latents_per_layer or config.window is not None):
+            raise ValueError("a bidirectional (MDLM) decoder has no latents and no window")
         if config.slot_roles not in ("shared", "value", "key-value", "embedding"):
             raise ValueError(f"unknown slot_roles {config.slot_roles!r}")
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        rows = config.vocab_size + int(config.bidirectional)  # the mask token's row
+        self.tok_embeddings = nn.Embedding(rows, config.d_model)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.output = nn.Linear(config.d_model, rows, bias=False)
         self.output.weight = self.tok_embeddings.weight  # tied
         self._rope_cache: dict[torch.device, dict] = {}
         self._init_weights()
@@ -221,6 +228,18 @@ class Decoder(nn.Module):
     @property
     def has_latents(self) -> bool:
         return self.config.latents_per_layer > 0
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest input: the context, and for MDLM the whole window (context + 1 tokens)."""
+        return self.config.context + int(self.config.bidirectional)
+
+    @property
+    def mask_token(self) -> int:
+        """MDLM's mask token: the id after the tokenizer's vocabulary."""
+        if not self.config.bidirectional:
+            raise ValueError("only a bidirectional (MDLM) decoder has a mask token")
+        return self.config.vocab_size
 
     def _init_weights(self) -> None:
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
@@ -242,7 +261,7 @@ class Decoder(nn.Module):
         if device not in self._rope_cache:
             cfg = self.config
             head_dim = cfg.d_model // cfg.n_heads
-            positions = torch.arange(cfg.context, device=device)
+            positions = torch.arange(self.max_tokens, device=device)
             tables = {"tokens": rope_angles(head_dim, positions, cfg.rope_base)}
             if self.has_latents:
                 # Latent keys at evenly spaced positions over the context, as released.
@@ -290,9 +309,11 @@ class Decoder(nn.Module):
         cfg = self.config
         length = tokens.shape[1]
         start = cache.length if cache is not None else 0
-        if start + length > cfg.context:
+        if start + length > self.max_tokens:
             raise ValueError(f"sequence of {start + length} tokens exceeds the context of "
-                             f"{cfg.context}")
+                             f"{self.max_tokens}")
+        if cache is not None and cfg.bidirectional:
+            raise ValueError("a bidirectional decoder has no KV cache: every step sees all")
         if self.has_latents:
             if z is None:
                 raise ValueError("this decoder cross-attends to latents: pass z")

@@ -37,6 +37,15 @@ class WriteFailed(UsageError):
         return WriteFailed(self.path, self.error, then)
 
 
+# Every file this process wrote, in order: the scripts end by saying where (``cli.run_main``).
+_WRITTEN: dict[Path, None] = {}
+
+
+def written_files() -> list[Path]:
+    """The files written so far by ``atomic_write`` and ``append_jsonl``, each once."""
+    return list(_WRITTEN)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temp file beside ``path``, fsync it, then rename over path.
 
@@ -56,6 +65,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from others
         os.replace(tmp, path)
+        _WRITTEN[path] = None
     except OSError as error:
         raise WriteFailed(path, error) from None
     finally:
@@ -91,6 +101,7 @@ def append_jsonl(path: Path, record: dict) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as error:
         raise WriteFailed(path, error) from None
+    _WRITTEN[Path(path)] = None
     try:
         end = os.lseek(fd, 0, os.SEEK_END)
         try:

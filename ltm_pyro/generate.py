@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .config import InferenceConfig
+from .errors import UsageError
 from .inference import fit_local_posterior
 from .model import LatentThoughtModel, LocalPosterior
 from .modes import autocast, evaluating
@@ -117,6 +118,8 @@ def sample_tokens(
     ``use_cache=False`` recomputes the whole prefix at every step: the reference the cached
     path is tested against, and the baseline of experiments/bench_decoding.py.
     """
+    if ltm.config.bidirectional:
+        raise UsageError("an MDLM samples by ancestral sampling (ltm_pyro.mdlm.sample_window)")
     sampling = Sampling(temperature, top_k, top_p, greedy)
     context = ltm.config.context
     if prompt.shape[1] < 1:

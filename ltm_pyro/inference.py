@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from pyro.infer import TraceMeanField_ELBO
-from pyro.infer.util import is_validation_enabled
+from pyro.infer import ELBO
 from torch import Tensor
 
 from .config import InferenceConfig
 from .model import LatentThoughtModel, LocalPosterior
+from .objective import FreeBitsMeanFieldELBO, SyncFreeMeanFieldELBO
 
 # Draws standard-normal noise of a shape from a generator on a device. Single-process code
 # uses ``standard_normal``; under torchrun each rank passes its ``Shard.randn`` (its slice of
@@ -29,77 +29,6 @@ NoiseSource = Callable[[tuple[int, ...], "torch.Generator | None", torch.device]
 def standard_normal(shape: tuple[int, ...], generator: torch.Generator | None,
                     device: torch.device) -> Tensor:
     return torch.randn(shape, generator=generator, device=device)
-
-
-class SyncFreeMeanFieldELBO(TraceMeanField_ELBO):
-    """``TraceMeanField_ELBO.differentiable_loss`` without host synchronisation.
-
-    Pyro's version turns the loss into a Python float (``torch_item``) twice per call and
-    checks it for NaN: a GPU pipeline stall at every inner step. This one returns the same
-    surrogate (observed log-probabilities plus analytic KL, scaled and masked as Pyro does) as
-    a tensor; with Pyro validation on it defers to Pyro's checked implementation.
-    """
-
-    checked_by_pyro = True  # with Pyro validation on, defer to Pyro's checked loss
-
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:  # noqa: ANN001
-        if self.checked_by_pyro and is_validation_enabled():
-            return super().differentiable_loss(model, guide, *args, **kwargs)
-        loss = 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            loss = loss - self._elbo_particle(model_trace, guide_trace) / self.num_particles
-        return loss
-
-    def site_kl(self, q, p) -> Tensor:  # noqa: ANN001 - a latent site's guide and prior
-        """The KL of a latent site, per sequence (before Pyro's scale and mask)."""
-        return torch.distributions.kl_divergence(q, p)
-
-    def _elbo_particle(self, model_trace, guide_trace) -> Tensor:  # noqa: ANN001 - traces
-        elbo = 0.0
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"]:
-                elbo = elbo + site["log_prob_sum"]
-            else:
-                guide_site = guide_trace.nodes[name]
-                kl = self.site_kl(guide_site["fn"], site["fn"])
-                elbo = elbo - scale_and_mask(kl, guide_site["scale"], guide_site["mask"]).sum()
-        return elbo
-
-
-class FreeBitsMeanFieldELBO(SyncFreeMeanFieldELBO):
-    """The training objective with free bits (Kingma et al. 2016): each latent site's KL is
-    summed per group (``"slot"``: a slot's coordinates; ``"layer"``: a layer's slots, which
-    own consecutive slots) and each group's KL of each sequence counts as
-    max(KL, ``free_bits``) nats before Pyro's site scale and mask. Below the floor a group's
-    KL has no gradient, so the fit may move q that far from the prior for free. Not a bound:
-    evaluation uses ``SyncFreeMeanFieldELBO``. Latent sites are [..., N_z, d] with
-    ``to_event(2)``; ``n_layers`` groups the slots by layer. Pyro's checked loss would score
-    the plain KL, so this one never defers to it.
-    """
-
-    checked_by_pyro = False
-
-    def __init__(self, free_bits: float, group: str = "slot", n_layers: int = 1,
-                 **kwargs) -> None:  # noqa: ANN003 - TraceMeanField_ELBO's options
-        super().__init__(**kwargs)
-        if group not in ("slot", "layer"):
-            raise ValueError(f"free_bits_group must be 'slot' or 'layer', not {group!r}")
-        self.free_bits, self.group, self.n_layers = free_bits, group, n_layers
-
-    def site_kl(self, q, p) -> Tensor:  # noqa: ANN001 - Independent Normals
-        """sum over groups of max(KL of the group, free_bits): [batch]."""
-        per_slot = torch.distributions.kl_divergence(q.base_dist, p.base_dist).sum(-1)
-        if self.group == "layer":
-            per_slot = per_slot.unflatten(-1, (self.n_layers, -1)).sum(-1)
-        return per_slot.clamp(min=self.free_bits).sum(-1)
-
-
-def scale_and_mask(value: Tensor, scale: float | Tensor, mask: Tensor | None) -> Tensor:
-    """Pyro's site scaling (``poutine.scale``) and masking of a per-sequence term."""
-    value = value * scale
-    return value if mask is None else value.masked_fill(~mask, 0.0)
 
 
 @contextlib.contextmanager
@@ -162,6 +91,28 @@ def initial_posterior(
     return LocalPosterior(loc, log_var)
 
 
+def default_start(
+    ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor, config: InferenceConfig,
+    generator: torch.Generator | None = None, draw: NoiseSource = standard_normal,
+) -> LocalPosterior:
+    """Where a fit starts when no ``start`` is given: the encoder's proposal from the tokens
+    when the model has one (semi-amortised inference, ``amortised.py``; no gradient), else
+    ``initial_posterior``."""
+    if ltm.encoder is None:
+        return initial_posterior(ltm, tokens.shape[0], tokens.device, config, generator, draw)
+    with torch.no_grad():
+        return ltm.encoder(tokens, mask)
+
+
+def fit_objective(config: InferenceConfig, n_layers: int, training: bool) -> ELBO:
+    """The fast loop's default objective: the sync-free mean-field ELBO, with
+    ``config.free_bits`` in training fits (``training``); evaluation fits the full ELBO."""
+    if training and config.free_bits > 0:
+        return FreeBitsMeanFieldELBO(config.free_bits, config.free_bits_group, n_layers,
+                                     max_plate_nesting=1)
+    return SyncFreeMeanFieldELBO(max_plate_nesting=1)
+
+
 @dataclass
 class FitResult:
     """The fitted posterior (detached) and the noise of the last inner step."""
@@ -181,38 +132,33 @@ def fit_local_posterior(
     draw: NoiseSource = standard_normal,
     normaliser: Tensor | None = None,
     training: bool = False,
+    kl_weight: float | None = None,
+    elbo: ELBO | None = None,
+    start: LocalPosterior | None = None,
 ) -> FitResult:
     """Run ``steps`` (default ``config.steps``) inner steps of AdamW on (loc, log_var).
 
-    The loss is the negative ELBO of the Pyro program, per token (``inner_loss="per-token"``,
-    so that accumulated decoder gradients, ``accumulate_decoder_grads``, have the scale of
-    the slow step's loss) or summed over tokens and sequences (``"sum"``, as released, so
-    that they dwarf the slow step's own per-token gradient). The learning rate follows
-    ``fast_lr``; AdamW's weight decay on (loc, log_var) is ``config.weight_decay``.
-    ``noise="fixed"`` draws one standard-normal noise for all steps (as released);
-    ``"fresh"`` draws a new one at each step. Draws come from ``generator`` so that
-    evaluation never moves the training RNG, through ``draw`` (under data parallelism: this
-    rank's slice of the global batch's draw); a per-token loss is divided by ``normaliser``
-    (default: this batch's token count; under data parallelism the global batch's), so each
-    rank fits exactly what a single process would.
-    ``training`` (the slow loop's fits) applies ``config.free_bits`` to the fit's objective;
-    evaluation fits the full ELBO.
+    The loss is the negative ELBO (``elbo``, default ``fit_objective``: free bits apply when
+    ``training``; any Pyro ELBO works, e.g. ``Trace_ELBO``) with the latent site scaled by
+    ``kl_weight`` (default ``config.kl_weight``, the full weight). It is per token
+    (``inner_loss="per-token"``, divided by ``normaliser``, default this batch's token count,
+    so accumulated decoder gradients, ``accumulate_decoder_grads``, have the slow loss's
+    scale) or summed (``"sum"``, as released). The learning rate follows ``fast_lr``.
+    ``noise="fixed"`` draws one standard-normal noise for all steps (as released), ``"fresh"``
+    a new one each step, from ``generator`` (evaluation never moves the training RNG) through
+    ``draw``; under data parallelism ``draw`` gives this rank's slice of the global batch's
+    draw and ``normaliser`` the global token count, so each rank fits what one process would.
+    It starts at ``start`` (copied; default ``default_start``): with 0 steps q is the start.
     """
     steps = config.steps if steps is None else steps
-    start = initial_posterior(ltm, tokens.shape[0], tokens.device, config, generator, draw)
-    loc = start.loc.requires_grad_()
-    log_var = start.log_var.requires_grad_()
-    local = LocalPosterior(loc, log_var)
-
+    local = (start or default_start(ltm, tokens, mask, config, generator, draw)).leaf()
+    loc, log_var = local.loc, local.log_var
     noise = draw(loc.shape, generator, loc.device)
     if steps == 0:
         return FitResult(local.detach(), noise)
 
-    if training and config.free_bits > 0:
-        elbo = FreeBitsMeanFieldELBO(config.free_bits, config.free_bits_group,
-                                     ltm.config.n_layers, max_plate_nesting=1)
-    else:
-        elbo = SyncFreeMeanFieldELBO(max_plate_nesting=1)
+    elbo = elbo or fit_objective(config, ltm.config.n_layers, training)
+    kl_weight = config.kl_weight if kl_weight is None else kl_weight
     optimizer = torch.optim.AdamW([loc, log_var], lr=config.lr_max, betas=config.betas,
                                   weight_decay=config.weight_decay)
     # "per-token" divides by the (global) token count; "sum" (released) keeps the sum.
@@ -223,7 +169,8 @@ def fit_local_posterior(
         for step in range(steps):
             if step > 0 and config.noise == "fresh":
                 noise = draw(loc.shape, generator, loc.device)
-            loss = elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask, local, noise)
+            loss = elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask, local, noise,
+                                            kl_weight)
             loss = loss / divisor
             optimizer.zero_grad(set_to_none=True)
             if accumulate_decoder_grads:

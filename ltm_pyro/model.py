@@ -12,8 +12,8 @@ materialised, which matters in the inner loop (docs/design.md §5).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro
@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .decoder import Decoder
 from .modes import autocast
+from .objective import analytic_kl, log_density_ratio, sequence_terms
 
 
 def masked_token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -110,34 +111,49 @@ class LocalPosterior:
     def detach(self) -> LocalPosterior:
         return LocalPosterior(self.loc.detach(), self.log_var.detach())
 
+    def leaf(self) -> LocalPosterior:
+        """A copy as new leaf tensors that require grad (the fast loop's parameters)."""
+        return LocalPosterior(self.loc.detach().clone().requires_grad_(),
+                              self.log_var.detach().clone().requires_grad_())
+
+    @staticmethod
+    def concatenate(parts: list[LocalPosterior]) -> LocalPosterior:
+        """One posterior of all the parts' sequences, in order."""
+        return LocalPosterior(torch.cat([q.loc for q in parts]),
+                              torch.cat([q.log_var for q in parts]))
+
 
 class LatentThoughtModel:
     """A decoder wrapped as a Pyro model with a local mean-field Gaussian guide.
 
-    ``kl_weight`` (default 1, the true ELBO) scales the latent site on both sides through
-    ``poutine.scale``, as ``TraceMeanField_ELBO`` requires.
+    Holds no per-step state: the KL weight is an argument of model and guide (default 1, the
+    true ELBO), applied to the latent site on both sides through ``poutine.scale`` as
+    ``TraceMeanField_ELBO`` requires (Pyro's ``examples/dmm`` passes its annealing factor the
+    same way). Forward passes run through ``network``: the decoder, or in a view made by
+    ``through`` its DDP wrapper. ``encoder`` (optional, ``ltm_pyro/amortised.py``) proposes
+    the fast loop's start from x (semi-amortised inference); None: the fixed start.
     """
 
-    def __init__(self, decoder: Decoder, kl_weight: float = 1.0) -> None:
+    def __init__(self, decoder: Decoder, network: torch.nn.Module | None = None,
+                 encoder: torch.nn.Module | None = None) -> None:
         self.decoder = decoder
-        self.kl_weight = kl_weight
-        self._network: torch.nn.Module = decoder  # what forward passes run through
+        self.network = decoder if network is None else network
+        self.encoder = encoder
         self.token_nll = masked_token_nll
 
     def compile(self) -> None:
         """``torch.compile`` the decoder (in place: parameter names and checkpoints stay as
-        without it) and the token NLL, so the elementwise work of both is fused."""
+        without it) and the token NLL, so the elementwise work of both is fused. Compile
+        before making views with ``through``: they copy the compiled NLL."""
         self.decoder.compile()
         self.token_nll = torch.compile(masked_token_nll)
 
-    @contextlib.contextmanager
-    def running_through(self, network: torch.nn.Module) -> Iterator[None]:
-        """Forward passes go through ``network`` (e.g. the decoder's DDP wrapper) meanwhile."""
-        previous, self._network = self._network, network
-        try:
-            yield
-        finally:
-            self._network = previous
+    def through(self, network: torch.nn.Module) -> LatentThoughtModel:
+        """The same model with forward passes through ``network`` (e.g. the decoder's DDP
+        wrapper, for the slow step under torchrun); this one is left as it is."""
+        view = copy.copy(self)
+        view.network = network
+        return view
 
     @property
     def config(self):  # noqa: ANN201 - a ModelConfig
@@ -153,7 +169,7 @@ class LatentThoughtModel:
 
     def logits(self, inputs: Tensor, z: Tensor | None) -> Tensor:
         with autocast(inputs.device):
-            return self._network(inputs, z)
+            return self.network(inputs, z)
 
     def prior(self, batch: int, device: torch.device) -> dist.TorchDistribution:
         zeros = torch.zeros(batch, *self.latent_shape, device=device)
@@ -165,6 +181,7 @@ class LatentThoughtModel:
         mask: Tensor,
         local: LocalPosterior | None = None,
         noise: Tensor | None = None,
+        kl_weight: float = 1.0,
     ) -> None:
         """p(x, z): tokens [B, T+1] (inputs and next-token targets), mask [B, T] over targets.
 
@@ -175,7 +192,7 @@ class LatentThoughtModel:
         with pyro.plate("sequences", tokens.shape[0]):
             z = None
             if self.has_latents:
-                with poutine.scale(scale=self.kl_weight):
+                with poutine.scale(scale=kl_weight):
                     z = pyro.sample("z", self.prior(tokens.shape[0], tokens.device))
             logits = self.logits(inputs, z)
             pyro.sample("x", TokenSequence(logits, mask, token_nll=self.token_nll), obs=targets)
@@ -186,6 +203,7 @@ class LatentThoughtModel:
         mask: Tensor,
         local: LocalPosterior | None = None,
         noise: Tensor | None = None,
+        kl_weight: float = 1.0,
     ) -> None:
         """q(z | x) = N(local.loc, local.scale); ``noise`` (standard normal) fixes the draw."""
         if not self.has_latents:
@@ -197,17 +215,18 @@ class LatentThoughtModel:
                 q = dist.Normal(local.loc, local.scale)
             else:
                 q = NoisyNormal(local.loc, local.scale, noise)
-            with poutine.scale(scale=self.kl_weight):
+            with poutine.scale(scale=kl_weight):
                 pyro.sample("z", q.to_event(2))
 
     def _traces(
         self, tokens: Tensor, mask: Tensor, local: LocalPosterior | None, noise: Tensor | None
     ) -> tuple[poutine.Trace, poutine.Trace]:
+        """(model trace, guide trace) of one draw, in ``sequence_terms``' order."""
         guide_trace = poutine.trace(self.guide).get_trace(tokens, mask, local, noise)
         model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(
             tokens, mask
         )
-        return guide_trace, model_trace
+        return model_trace, guide_trace
 
     def elbo_terms(
         self, tokens: Tensor, mask: Tensor, local: LocalPosterior | None, noise: Tensor | None
@@ -217,25 +236,13 @@ class LatentThoughtModel:
         The same program and traces as ``TraceMeanField_ELBO``, kept per sequence so that
         training and evaluation can report NLL and KL separately.
         """
-        guide_trace, model_trace = self._traces(tokens, mask, local, noise)
-        observed = model_trace.nodes["x"]
-        nll = -observed["fn"].log_prob(observed["value"])
-        if not self.has_latents:
-            return nll, torch.zeros_like(nll)
-        kl = torch.distributions.kl_divergence(
-            guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"]
-        )
-        return nll, kl
+        log_lik, kl = sequence_terms(*self._traces(tokens, mask, local, noise), analytic_kl)
+        return -log_lik, kl
 
     def log_weights(
         self, tokens: Tensor, mask: Tensor, local: LocalPosterior | None, noise: Tensor | None
     ) -> Tensor:
         """Per-sequence log importance weight log p(x, z) - log q(z) at the guide's draw."""
-        guide_trace, model_trace = self._traces(tokens, mask, local, noise)
-        observed = model_trace.nodes["x"]
-        log_w = observed["fn"].log_prob(observed["value"])
-        if self.has_latents:
-            z = guide_trace.nodes["z"]
-            log_w = log_w + model_trace.nodes["z"]["fn"].log_prob(z["value"])
-            log_w = log_w - z["fn"].log_prob(z["value"])
-        return log_w
+        log_lik, log_ratio = sequence_terms(*self._traces(tokens, mask, local, noise),
+                                            log_density_ratio)
+        return log_lik - log_ratio

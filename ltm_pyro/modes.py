@@ -1,7 +1,9 @@
-"""How a module runs for a while: evaluation mode, and the precision of its forward passes.
+"""Where and how a module runs: the device, evaluation mode, and the precision of its
+forward passes.
 
-One place for both, so every caller (evaluation, generation, notebooks) restores the module
-exactly as it found it, also when the work inside raises.
+One place for these, so every caller (training, evaluation, generation, notebooks) checks a
+device the same way and restores a module exactly as it found it, also when the work inside
+raises.
 """
 
 from __future__ import annotations
@@ -10,6 +12,17 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+from .errors import UsageError
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a ``--device`` names, or a one-line error when it is unknown or absent."""
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"unknown device {name!r}; use cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use cpu")
+    return torch.device(name)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +26,12 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from .amortised import build_encoder
 from .bounds import evaluate_windows
-from .checkpoint import (
-    checkpoint_path,
-    load_checkpoint,
-    restore_rng_states,
-    rng_states,
-    save_checkpoint,
-)
-from .config import InferenceConfig, RunConfig
-from .data import BatchSampler, load_corpus
-from .decoder import Decoder, matched_ar_config
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .data import BatchSampler, Corpus, load_corpus
+from .decoder import Decoder
 from .distributed import Shard, process_group, shard_from_environment
 from .errors import UsageError
 from .files import (
@@ -49,22 +43,17 @@ from .files import (
     rewrite_jsonl,
     write_json,
 )
+from .mdlm import MaskedDiffusionTrainer, validation_record
 from .model import LatentThoughtModel
+from .modes import resolve_device
 from .svi import DualRateSVI, StepStats
 from .tokenizers import tokenizer_from_dict
+from .training_state import LogWindow, TrainingState
 from .viz import save_figure, training_curves
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "training_curves.png"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"unknown device {name!r}; use cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -76,7 +65,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def _comparable(config: dict) -> dict:
-    """The parts of a config that must match to resume (vocab size comes from the data)."""
+    """The parts of a config that must match to resume (vocab size comes from the data).
+    Fields added to the config since a checkpoint was written take their defaults."""
+    config = RunConfig.from_dict(config).to_dict()
     model = {k: v for k, v in config["model"].items() if k != "vocab_size"}
     return {**config, "model": model}
 
@@ -134,56 +125,18 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
     return None
 
 
-NO_INFERENCE = "ltm-no-inference"
 LATENT_KEYS = ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-               "mutual_info_cap", "active_units", "slot_correlation", "slot_effective_rank")
-
-
-def prior_as_posterior(inference: InferenceConfig) -> InferenceConfig:
-    """Inference settings whose fitted q is the prior exactly: no inner step, and q_0 = N(0, I)
-    (loc 0 without slot offsets, log-var 0 without jitter). ``steps=0`` alone leaves q at the
-    initial posterior, whose log-variance is ``init_log_var``, not the prior's 0."""
-    return replace(inference, steps=0, init_log_var=0.0, init_log_var_jitter=0.0,
-                   init_loc_scale=0.0)
-
-
-def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None,
-                       with_ar: bool = True, with_no_inference: bool = False
-                       ) -> dict[str, RunConfig]:
-    """The LTM (one per training T), its size-matched AR baselines, windowed and full, and
-    (``with_no_inference``) the LTM recipe trained with no inference, ``ltm-no-inference``:
-    T = 0 and q = the prior exactly, so z is noise to the decoder.
-
-    The released comparison gave its GPT the full context while the LTM saw only its window,
-    which confounds what the latents add: both baselines are trained so either can be read.
-    The ablation shares the LTM's architecture, data, tokens and slow loop: the LTM's gain
-    over it is what fitting q brings (in training or at test time), and its own gain or loss
-    against the ARs is the architecture and training noise, not latent use.
-    """
-    if base.model_kind != "ltm":
-        raise UsageError("a comparison trains the LTM and its baselines: drop --model ar")
-    found: dict[str, RunConfig] = {}
-    for steps in inference_steps or [base.inference.steps]:
-        found[f"ltm-T{steps}"] = replace(base, inference=replace(base.inference, steps=steps))
-    if with_no_inference:
-        found[NO_INFERENCE] = replace(base, inference=prior_as_posterior(base.inference))
-    if with_ar:
-        for name, window in (("ar-window", base.model.window), ("ar-full", None)):
-            ar_model = matched_ar_config(replace(base.model, window=window))
-            found[name] = replace(base, model_kind="ar", model=ar_model)
-    return found
-
-
-def kl_weight_at(step: int, config: RunConfig) -> float:
-    """The KL weight of slow step ``step`` (0-based): a linear ramp over ``kl_warmup_steps``."""
-    ramp = config.train.kl_warmup_steps
-    return config.inference.kl_weight * (min(1.0, (step + 1) / ramp) if ramp else 1.0)
+               "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
+               "slot_effective_rank")
 
 
 def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,
               device: torch.device) -> dict:
-    """Validation figures, with what the latents carry (``latent_use``; no prior control)."""
-    ltm.kl_weight = config.inference.kl_weight  # the bound is scored at the full weight
+    """Validation figures at the full KL weight, with what the latents carry (``latent_use``;
+    no prior control)."""
+    if config.model_kind == "mdlm":
+        return validation_record(ltm.decoder, windows[: config.train.eval_windows],
+                                 config.train, device)
     summary = evaluate_windows(
         ltm, windows[: config.train.eval_windows], config.inference,
         batch_size=config.train.batch_size, elbo_samples=config.train.eval_samples,
@@ -230,32 +183,6 @@ class StopRequests:
             signal.signal(signum, handler)
 
 
-@dataclass
-class LogWindow:
-    """Running sums between two logged steps; checkpointed so a resume logs identically."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    steps: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-
-    def add(self, stats: StepStats) -> None:
-        for key, value in (("neg_elbo", -stats.elbo), ("nll", stats.nll), ("kl", stats.kl),
-                           ("grad_norm", stats.grad_norm)):
-            if not stats.skipped:
-                self.sums[key] = self.sums.get(key, 0.0) + value.detach()
-        self.steps += 1
-        self.skipped += int(stats.skipped)
-
-    def means(self) -> dict[str, float]:
-        used = max(1, self.steps - self.skipped)
-        return {k: float(v) / used for k, v in self.sums.items()}
-
-    def state(self) -> dict:
-        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
-                "skipped": self.skipped}
-
-
 def train(config: RunConfig, out: Path, force: bool = False, progress: bool = True) -> dict:
     """Train (or resume) into ``out``; return the last validation record.
 
@@ -283,126 +210,148 @@ def _resume_point(out: Path, config: RunConfig, force: bool, shard: Shard) -> di
     return resume
 
 
+def _build_state(config: RunConfig, shard: Shard, device: torch.device,
+                 resume: dict | None) -> TrainingState:
+    """The seeded model and optimizers, restored from ``resume`` when there is one."""
+    generator = seed_everything(config.train.seed)
+    ltm = LatentThoughtModel(Decoder(config.model).to(device))
+    encoder = build_encoder(config.model, config.inference)  # None unless asked for
+    if encoder is not None and ltm.has_latents:
+        ltm.encoder = encoder.to(device)
+    if config.train.compile:
+        ltm.compile()
+    svi = MaskedDiffusionTrainer(ltm, config.train, generator, shard) if (
+        config.model_kind == "mdlm") else DualRateSVI(ltm, config.inference, config.train,
+                                                      generator, shard)
+    if resume:
+        return TrainingState.from_dict(resume, svi, generator)
+    return TrainingState(svi, generator)
+
+
+def _due(done: int, every: int, config: RunConfig) -> bool:
+    return done % every == 0 or done == config.train.max_steps
+
+
+class TrainingRun:
+    """One run's loop and its files: metrics, checkpoints and the curves, written by rank 0."""
+
+    def __init__(self, config: RunConfig, out: Path, corpus: Corpus, state: TrainingState,
+                 shard: Shard, device: torch.device, resumed: bool) -> None:
+        self.config, self.out, self.corpus, self.state = config, out, corpus, state
+        self.shard, self.device = shard, device
+        self.sampler = BatchSampler(len(corpus.windows["train"]),
+                                    config.train.batch_size * shard.world, config.train.seed)
+        self.saved_step = state.step if resumed else None
+        self.records: list[dict] = []
+        if resumed and shard.is_main:
+            self.records = [r for r in read_jsonl(out / METRICS_NAME) if r["step"] <= state.step]
+            rewrite_jsonl(out / METRICS_NAME, self.records)
+        elif shard.is_main:
+            rewrite_jsonl(out / METRICS_NAME, [])  # a run killed before its first checkpoint
+            write_json(out / CONFIG_NAME, {
+                **config.to_dict(),
+                "corpus": {"name": corpus.name, "references": corpus.references,
+                           "windows": {k: len(v) for k, v in corpus.windows.items()}},
+                "parameters": state.svi.ltm.decoder.num_parameters(),
+            })
+        self.last_valid = next((r for r in reversed(self.records) if r["split"] == "valid"), {})
+
+    def _resumes(self) -> str:
+        if self.saved_step is None:
+            return "rerun the same command to start the run again"
+        return f"rerun the same command to resume from the checkpoint of step {self.saved_step}"
+
+    def checkpoint(self) -> None:
+        try:
+            save_checkpoint(checkpoint_path(self.out), {
+                "config": self.config.to_dict(), "tokenizer": self.corpus.tokenizer.to_dict(),
+                "world_size": self.shard.world, "corpus": self.corpus.name,
+                "references": self.corpus.references, **self.state.to_dict()})
+        except WriteFailed as failed:
+            raise failed.then(self._resumes()) from None
+        self.saved_step = self.state.step
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.shard.is_main:
+            try:
+                append_jsonl(self.out / METRICS_NAME, record)
+            except WriteFailed as failed:
+                raise failed.then(self._resumes()) from None
+
+    def log_training(self, stats: StepStats, global_tokens: int, bar: tqdm) -> None:
+        """The window's means since the last log; the progress bar shows the same figures."""
+        window, done = self.state.window, self.state.step
+        means = window.means()
+        self.log({"split": "train", "step": done, **means, "fast_lr": stats.fast_lr,
+                  "slow_lr": stats.slow_lr, "kl_weight": stats.kl_weight,
+                  "skipped_steps": self.state.skipped_total,
+                  "tokens_per_s": window.steps * global_tokens / max(window.seconds, 1e-9),
+                  "tokens_seen": done * global_tokens})
+        if means:
+            bar.set_postfix(neg_elbo=f"{means['neg_elbo']:.3f}", nll=f"{means['nll']:.3f}",
+                            kl=f"{means['kl']:.3f}", fast_lr=f"{stats.fast_lr:.3g}",
+                            slow_lr=f"{stats.slow_lr:.2e}")
+        self.state.window = LogWindow()
+
+    def validate(self, bar: tqdm) -> None:
+        self.last_valid = {"split": "valid", "step": self.state.step, **_evaluate(
+            self.state.svi.ltm, self.corpus.windows["valid"], self.config, self.device)}
+        self.log(self.last_valid)
+        v = self.last_valid
+        bar.write(f"step {v['step']}: valid -ELBO {v['neg_elbo']:.4f} (NLL {v['nll']:.4f} + "
+                  f"KL {v['kl']:.4f}) nats/token")
+
+    def save_curves(self) -> None:
+        if self.shard.is_main:
+            title = f"{self.config.model_kind.upper()} training curves: {self.out.name}"
+            save_figure(training_curves(self.records, self.corpus.references, title),
+                        self.out / CURVES_NAME)
+
+    def loop(self, progress: bool) -> dict:
+        """Train to ``max_steps``; return the last validation record."""
+        cfg, shard, state = self.config.train, self.shard, self.state
+        mask = torch.ones(cfg.batch_size, self.config.model.context, device=self.device)
+        global_tokens = mask.numel() * shard.world
+        bar = tqdm(range(state.step, cfg.max_steps), initial=state.step, total=cfg.max_steps,
+                   disable=not (progress and shard.is_main), desc="train", dynamic_ncols=True)
+        with StopRequests() as stop:
+            for step in bar:
+                started = time.perf_counter()
+                indices = shard.slice(self.sampler.indices(step))
+                stats = state.svi.step(self.corpus.windows["train"][indices].to(self.device), mask)
+                state.record(stats, time.perf_counter() - started)
+                if _due(state.step, cfg.log_every, self.config):
+                    self.log_training(stats, global_tokens, bar)
+                if state.bad_in_a_row >= cfg.max_bad_steps:
+                    raise Diverged(
+                        f"{state.bad_in_a_row} steps in a row had a non-finite loss or gradient; "
+                        "lower --slow-lr or --fast-lr, or train in float32 (no bf16 autocast)")
+                if _due(state.step, cfg.eval_every, self.config) and shard.is_main:
+                    self.validate(bar)
+                stopping = shard.any(stop.signum is not None, self.device)  # all ranks together
+                if (_due(state.step, cfg.checkpoint_every, self.config) or stopping) and (
+                        shard.is_main):
+                    self.checkpoint()
+                if stopping:
+                    bar.close()
+                    self.save_curves()
+                    shard.barrier()  # no rank leaves while rank 0 is still writing
+                    raise Interrupted(stop.signum or signal.SIGTERM, state.step)
+        bar.close()
+        self.save_curves()
+        return self.last_valid
+
+
 def _train(config: RunConfig, out: Path, force: bool, progress: bool, shard: Shard,
            device: torch.device) -> dict:
     resume = _resume_point(out, config, force, shard)
     tokenizer = tokenizer_from_dict(resume["tokenizer"]) if resume else None
     corpus = load_corpus(config.data, config.model.context, tokenizer)
     config.model.vocab_size = corpus.tokenizer.vocab_size
-    generator = seed_everything(config.train.seed)
-    decoder = Decoder(config.model).to(device)
-    ltm = LatentThoughtModel(decoder, kl_weight=config.inference.kl_weight)
-    if config.train.compile:
-        ltm.compile()
-    svi = DualRateSVI(ltm, config.inference, config.train, generator, shard)
-    sampler = BatchSampler(len(corpus.windows["train"]), config.train.batch_size * shard.world,
-                           config.train.seed)
-    start_step, window, bad_in_a_row, skipped_total = 0, LogWindow(), 0, 0
-    records = []
-    if resume:
-        decoder.load_state_dict(resume["decoder"])
-        svi.load_state_dict(resume["svi"])
-        restore_rng_states(resume["rng"], generator)
-        start_step = resume["step"]
-        window = LogWindow(**resume["log_window"])
-        bad_in_a_row, skipped_total = resume["bad_in_a_row"], resume["skipped_total"]
-        if shard.is_main:
-            records = [r for r in read_jsonl(out / METRICS_NAME) if r["step"] <= start_step]
-            rewrite_jsonl(out / METRICS_NAME, records)
-    elif shard.is_main:
-        rewrite_jsonl(out / METRICS_NAME, [])  # a run killed before its first checkpoint
-        write_json(out / CONFIG_NAME, {
-            **config.to_dict(),
-            "corpus": {"name": corpus.name, "references": corpus.references,
-                       "windows": {k: len(v) for k, v in corpus.windows.items()}},
-            "parameters": decoder.num_parameters(),
-        })
-
-    saved_step = start_step if resume else None
-
-    def resumes() -> str:
-        if saved_step is None:
-            return "rerun the same command to start the run again"
-        return f"rerun the same command to resume from the checkpoint of step {saved_step}"
-
-    def checkpoint(step: int) -> None:
-        nonlocal saved_step
-        try:
-            save_checkpoint(checkpoint_path(out), {
-                "config": config.to_dict(), "tokenizer": corpus.tokenizer.to_dict(),
-                "world_size": shard.world, "decoder": decoder.state_dict(),
-                "svi": svi.state_dict(), "step": step,
-                "rng": rng_states(generator), "corpus": corpus.name,
-                "references": corpus.references, "log_window": window.state(),
-                "bad_in_a_row": bad_in_a_row, "skipped_total": skipped_total,
-            })
-        except WriteFailed as failed:
-            raise failed.then(resumes()) from None
-        saved_step = step
-
-    def log(record: dict) -> None:
-        records.append(record)
-        if shard.is_main:
-            try:
-                append_jsonl(out / METRICS_NAME, record)
-            except WriteFailed as failed:
-                raise failed.then(resumes()) from None
-
-    train_cfg = config.train
-    mask = torch.ones(train_cfg.batch_size, config.model.context, device=device)
-    global_tokens = mask.numel() * shard.world
-    bar = tqdm(range(start_step, train_cfg.max_steps), initial=start_step,
-               total=train_cfg.max_steps, disable=not (progress and shard.is_main), desc="train",
-               dynamic_ncols=True)
-    last_valid = next((r for r in reversed(records) if r["split"] == "valid"), {})
-    with StopRequests() as stop, pyro.validation_enabled(train_cfg.validate), \
-            warnings.catch_warnings():
-        # Non-finite steps are counted and skipped below; Pyro would warn at every inner step.
+    state = _build_state(config, shard, device, resume)
+    run = TrainingRun(config, out, corpus, state, shard, device, resumed=resume is not None)
+    with pyro.validation_enabled(config.train.validate), warnings.catch_warnings():
+        # Non-finite steps are counted and skipped; Pyro would warn at every inner step.
         warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-        for step in bar:
-            started = time.perf_counter()
-            tokens = corpus.windows["train"][shard.slice(sampler.indices(step))].to(device)
-            ltm.kl_weight = kl_weight_at(step, config)
-            stats = svi.step(tokens, mask)
-            window.add(stats)
-            bad_in_a_row = bad_in_a_row + 1 if stats.skipped else 0
-            skipped_total += int(stats.skipped)
-            window.seconds += time.perf_counter() - started
-            done = step + 1
-            if done % train_cfg.log_every == 0 or done == train_cfg.max_steps:
-                means = window.means()
-                log({"split": "train", "step": done, **means, "fast_lr": stats.fast_lr,
-                     "slow_lr": stats.slow_lr, "kl_weight": kl_weight_at(step, config),
-                     "skipped_steps": skipped_total,
-                     "tokens_per_s": window.steps * global_tokens / max(window.seconds, 1e-9),
-                     "tokens_seen": done * global_tokens})
-                if means:
-                    bar.set_postfix(neg_elbo=f"{means['neg_elbo']:.3f}", nll=f"{means['nll']:.3f}",
-                                    kl=f"{means['kl']:.3f}", fast_lr=f"{stats.fast_lr:.3g}",
-                                    slow_lr=f"{stats.slow_lr:.2e}")
-                window = LogWindow()
-            if bad_in_a_row >= train_cfg.max_bad_steps:
-                raise Diverged(
-                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; lower "
-                    "--slow-lr or --fast-lr, or train in float32 (no bf16 autocast)")
-            if (done % train_cfg.eval_every == 0 or done == train_cfg.max_steps) and (
-                    shard.is_main):
-                last_valid = {"split": "valid", "step": done,
-                              **_evaluate(ltm, corpus.windows["valid"], config, device)}
-                log(last_valid)
-                bar.write(f"step {done}: valid -ELBO {last_valid['neg_elbo']:.4f} (NLL "
-                          f"{last_valid['nll']:.4f} + KL {last_valid['kl']:.4f}) nats/token")
-            stopping = shard.any(stop.signum is not None, device)  # all ranks stop together
-            if (done % train_cfg.checkpoint_every == 0 or done == train_cfg.max_steps
-                    or stopping) and shard.is_main:
-                checkpoint(done)
-            if stopping:
-                bar.close()
-                if shard.is_main:
-                    save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
-                shard.barrier()  # no rank leaves while rank 0 is still writing
-                raise Interrupted(stop.signum or signal.SIGTERM, done)
-    bar.close()
-    if shard.is_main:
-        save_figure(training_curves(records, corpus.references), out / CURVES_NAME)
-    return last_valid
+        return run.loop(progress)

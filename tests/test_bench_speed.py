@@ -21,7 +21,7 @@ from bench_speed import plain_inner_loss, pyro_inner_loss  # noqa: E402
 @pytest.mark.parametrize("validate", [False, True])
 def test_plain_reference_matches_the_pyro_inner_loss_and_gradients(batch, validate):
     tokens, mask = batch
-    ltm = LatentThoughtModel(Decoder(micro_config()), kl_weight=0.7)
+    ltm = LatentThoughtModel(Decoder(micro_config()))
     shape = (tokens.shape[0], *ltm.latent_shape)
     loc = (0.5 * torch.randn(shape)).requires_grad_()
     log_var = (torch.randn(shape) - 1).requires_grad_()
@@ -29,7 +29,7 @@ def test_plain_reference_matches_the_pyro_inner_loss_and_gradients(batch, valida
     results = []
     with pyro.validation_enabled(validate):
         for loss_fn in (pyro_inner_loss, plain_inner_loss):
-            loss = loss_fn(ltm, tokens, mask, LocalPosterior(loc, log_var), noise)
+            loss = loss_fn(ltm, tokens, mask, LocalPosterior(loc, log_var), noise, 0.7)
             results.append((loss, *torch.autograd.grad(loss, [loc, log_var])))
     for from_pyro, plain in zip(*results):
         torch.testing.assert_close(plain, from_pyro, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,12 @@ import torch.nn.functional as F
 
 from ltm_pyro import runner
 from ltm_pyro.bounds import evaluate_windows
-from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
+from ltm_pyro.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from ltm_pyro.config import DataConfig, InferenceConfig, TrainConfig, preset
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.inference import fit_local_posterior
@@ -377,3 +382,20 @@ def test_residual_projections_start_smaller():
     wq = torch.cat([b.self_attention.wq.weight.detach().flatten() for b in decoder.layers])
     assert float(wo.std()) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert float(wq.std()) == pytest.approx(0.02, rel=0.05)
+
+
+def test_a_run_saved_before_a_config_field_existed_still_resumes(tmp_path):
+    """A field added to the config after a checkpoint was written takes its default, so the
+    same command resumes the run instead of calling its config different."""
+    out = tmp_path / "old"
+    runner.train(_tiny_run(max_steps=3), out, progress=False)
+    payload = load_checkpoint(out)
+    del payload["config"]["inference"]["init_loc_scale"]  # as written before the field existed
+    save_checkpoint(checkpoint_path(out), payload)
+    before = _records(out)
+    runner.train(_tiny_run(max_steps=3), out, progress=False)
+    assert _records(out) == before and load_checkpoint(out)["step"] == 3
+    changed = _tiny_run(max_steps=3)
+    changed.inference.init_loc_scale = 0.5
+    with pytest.raises(runner.UsageError, match="different config"):
+        runner.train(changed, out, progress=False)

@@ -1,21 +1,19 @@
 import copy
 import os
 import sys
+from dataclasses import replace
 
 import pyro
 import pytest
 import torch
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from ltm_pyro.bounds import expected_nll_and_kl
 from ltm_pyro.config import InferenceConfig, TrainConfig
 from ltm_pyro.decoder import Decoder
-from ltm_pyro.inference import (
-    SyncFreeMeanFieldELBO,
-    fast_lr,
-    fit_local_posterior,
-    initial_posterior,
-)
+from ltm_pyro.inference import fast_lr, fit_local_posterior, initial_posterior
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior
+from ltm_pyro.objective import SyncFreeMeanFieldELBO
 from ltm_pyro.svi import DualRateSVI, warmup_cosine
 
 from .conftest import micro_config
@@ -116,7 +114,7 @@ def test_trajectory_mode_decoder_gradient_is_the_sum_over_inner_steps(ltm, batch
 def test_trajectory_step_adds_the_final_gradient(ltm, batch, inference):
     """The slow step's gradient = inner-trajectory gradients + the final posterior's."""
     tokens, mask = batch
-    twin = type(ltm)(copy.deepcopy(ltm.decoder), ltm.kl_weight)
+    twin = type(ltm)(copy.deepcopy(ltm.decoder))
     fit = fit_local_posterior(twin, tokens, mask, inference, torch.Generator().manual_seed(6),
                               accumulate_decoder_grads=True)
     nll, kl = twin.elbo_terms(tokens, mask, fit.posterior, fit.noise)
@@ -139,7 +137,7 @@ def test_slow_schedule_warms_up_then_decays():
 @pytest.mark.parametrize("kl_weight", [1.0, 0.3])
 def test_sync_free_elbo_matches_pyro_without_validation(batch, kl_weight):
     tokens, mask = batch
-    ltm = LatentThoughtModel(Decoder(micro_config()), kl_weight=kl_weight)
+    ltm = LatentThoughtModel(Decoder(micro_config()))
     start = initial_posterior(ltm, tokens.shape[0], tokens.device, InferenceConfig(
         init_log_var=-1.0))
     loc = (start.loc + 0.3 * torch.randn_like(start.loc)).requires_grad_()
@@ -150,7 +148,7 @@ def test_sync_free_elbo_matches_pyro_without_validation(batch, kl_weight):
         for elbo in (TraceMeanField_ELBO(max_plate_nesting=1),
                      SyncFreeMeanFieldELBO(max_plate_nesting=1)):
             loss = elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask,
-                                            LocalPosterior(loc, log_var), noise)
+                                            LocalPosterior(loc, log_var), noise, kl_weight)
             results.append((loss, *torch.autograd.grad(loss, [loc, log_var])))
     for pyro_value, ours in zip(*results):
         torch.testing.assert_close(ours, pyro_value)
@@ -187,3 +185,52 @@ def test_inner_loop_leaves_decoder_trainable_and_without_grads(ltm, batch, infer
     tokens, mask = batch
     fit_local_posterior(ltm, tokens, mask, inference)
     assert all(p.requires_grad and p.grad is None for p in ltm.decoder.parameters())
+
+
+def test_trace_elbo_gives_the_same_expected_loss(ltm, batch):
+    """Pyro's ``Trace_ELBO`` (a Monte-Carlo KL at the draw) and the sync-free mean-field ELBO
+    (analytic KL) agree in expectation, KL weight included, so either can drive the loop."""
+    tokens, mask = batch
+    g = torch.Generator().manual_seed(3)
+    shape = (tokens.shape[0], *ltm.latent_shape)
+    local = LocalPosterior(0.7 * torch.randn(shape, generator=g),
+                           torch.full(shape, -1.0) + 0.3 * torch.randn(shape, generator=g))
+    differences = []
+    with torch.no_grad():
+        for _ in range(300):
+            noise = torch.randn(shape, generator=g)
+            losses = [elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask, local, noise,
+                                               0.5)
+                      for elbo in (Trace_ELBO(max_plate_nesting=1),
+                                   SyncFreeMeanFieldELBO(max_plate_nesting=1))]
+            differences.append(float(losses[0] - losses[1]))
+    differences = torch.tensor(differences, dtype=torch.float64)
+    stderr = differences.std() / len(differences) ** 0.5
+    assert differences.std() > 0.1  # the Monte-Carlo KL does vary from draw to draw
+    assert abs(differences.mean()) < 4 * stderr
+
+
+def test_the_fast_loop_uses_the_objective_it_is_given(ltm, batch, inference, monkeypatch):
+    """``DualRateSVI(elbo=...)`` reaches every inner step; ``Trace_ELBO`` fits q as well."""
+    tokens, mask = batch
+    calls = []
+
+    class Counted(Trace_ELBO):
+        def differentiable_loss(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls.append(args[-1])  # the KL weight
+            return super().differentiable_loss(*args, **kwargs)
+
+    train = TrainConfig(max_steps=10, warmup_steps=1, kl_warmup_steps=4)
+    svi = DualRateSVI(ltm, inference, train, torch.Generator().manual_seed(6),
+                      elbo=Counted(max_plate_nesting=1))
+    svi.step(tokens, mask)
+    assert calls == [0.25] * inference.steps
+
+    def neg_elbo(steps: int, **objective) -> torch.Tensor:  # noqa: ANN003
+        fit = fit_local_posterior(ltm, tokens, mask, replace(inference, steps=steps),
+                                  torch.Generator().manual_seed(4), **objective)
+        nll, kl = expected_nll_and_kl(ltm, tokens, mask, fit.posterior, 64,
+                                      torch.Generator().manual_seed(5))
+        return (nll + kl).sum()
+
+    assert neg_elbo(30, elbo=Trace_ELBO(max_plate_nesting=1)) < neg_elbo(0)

@@ -35,14 +35,13 @@ def _posterior(ltm, batch: int, seed: int = 7) -> LocalPosterior:
 @pytest.mark.parametrize("kl_weight", [1.0, 0.3])
 def test_free_bits_loss_is_nll_plus_clamped_kl(ltm, batch, group, kl_weight):
     tokens, mask = batch
-    ltm.kl_weight = kl_weight
     local = _posterior(ltm, tokens.shape[0])
     noise = torch.randn(tokens.shape[0], *ltm.latent_shape,
                         generator=torch.Generator().manual_seed(2))
     free_bits = 0.8
     loss = FreeBitsMeanFieldELBO(free_bits, group, ltm.config.n_layers, max_plate_nesting=1
                                  ).differentiable_loss(ltm.model, ltm.guide, tokens, mask, local,
-                                                       noise)
+                                                       noise, kl_weight)
     nll, _ = ltm.elbo_terms(tokens, mask, local, noise)
     per_group = kl_per_slot(local)  # [B, N_z], written out: 0.5 (var + mu^2 - 1 - log var)
     if group == "layer":
@@ -53,10 +52,10 @@ def test_free_bits_loss_is_nll_plus_clamped_kl(ltm, batch, group, kl_weight):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
     # zero free bits is the plain mean-field ELBO
     plain = SyncFreeMeanFieldELBO(max_plate_nesting=1).differentiable_loss(
-        ltm.model, ltm.guide, tokens, mask, local, noise)
+        ltm.model, ltm.guide, tokens, mask, local, noise, kl_weight)
     zero = FreeBitsMeanFieldELBO(0.0, group, ltm.config.n_layers, max_plate_nesting=1
                                  ).differentiable_loss(ltm.model, ltm.guide, tokens, mask, local,
-                                                       noise)
+                                                       noise, kl_weight)
     torch.testing.assert_close(zero, plain, rtol=1e-5, atol=1e-4)
 
 

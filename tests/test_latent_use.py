@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.comparisons import NO_INFERENCE, comparison_configs, prior_as_posterior
 from ltm_pyro.config import DataConfig, InferenceConfig, RunConfig, TrainConfig
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.files import read_jsonl
@@ -25,15 +26,7 @@ from ltm_pyro.latent_use import (
     slot_similarity,
 )
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior
-from ltm_pyro.runner import (
-    LATENT_KEYS,
-    METRICS_NAME,
-    NO_INFERENCE,
-    _evaluate,
-    comparison_configs,
-    prior_as_posterior,
-    train,
-)
+from ltm_pyro.runner import LATENT_KEYS, METRICS_NAME, _evaluate, train
 from ltm_pyro.svi import DualRateSVI
 from ltm_pyro.viz import training_curves
 
@@ -290,7 +283,7 @@ def test_a_run_logs_latent_use_and_evaluate_reports_it(tmp_path, monkeypatch, ca
     train(config, tmp_path / "run", progress=False)
     valid = [r for r in read_jsonl(tmp_path / "run" / METRICS_NAME) if r["split"] == "valid"]
     assert valid and all(set(LATENT_KEYS) <= r.keys() for r in valid)
-    assert len(training_curves(valid).axes) == 4  # the latent panel
+    assert len(training_curves(valid).axes) == 6  # a second row: the latent panels
     assert len(training_curves([{k: v for k, v in r.items() if k not in LATENT_KEYS}
                                 for r in valid]).axes) == 3
 

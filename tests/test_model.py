@@ -78,11 +78,11 @@ def test_pyro_loss_equals_masked_nll_plus_analytic_kl(ltm, batch):
 
 def test_kl_weight_scales_both_sides(batch):
     tokens, mask = batch
-    ltm = LatentThoughtModel(Decoder(micro_config()), kl_weight=0.25)
+    ltm = LatentThoughtModel(Decoder(micro_config()))
     local = _posterior(5, ltm)
     noise = torch.randn(5, *ltm.latent_shape)
     loss = TraceMeanField_ELBO(max_plate_nesting=1).differentiable_loss(
-        ltm.model, ltm.guide, tokens, mask, local, noise)
+        ltm.model, ltm.guide, tokens, mask, local, noise, kl_weight=0.25)
     nll, kl = ltm.elbo_terms(tokens, mask, local, noise)
     assert loss.item() == pytest.approx((nll.sum() + 0.25 * kl.sum()).item(), rel=1e-5)
 

@@ -15,8 +15,7 @@ from ltm_pyro.config import InferenceConfig, TrainConfig, preset
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.files import write_json
 from ltm_pyro.model import LatentThoughtModel
-from ltm_pyro.runner import kl_weight_at
-from ltm_pyro.svi import DualRateSVI
+from ltm_pyro.svi import DualRateSVI, kl_weight_at
 
 from .conftest import REPO, micro_config
 
@@ -118,9 +117,10 @@ def test_bad_input_exits_non_zero_with_one_line_from_a_real_process(tmp_path, sc
 def test_kl_warmup_ramps_to_the_configured_weight():
     config = preset("tiny")
     config.inference.kl_weight, config.train.kl_warmup_steps = 0.5, 4
-    assert [kl_weight_at(s, config) for s in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    weights = [kl_weight_at(s, config.inference, config.train) for s in range(6)]
+    assert weights == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
     config.train.kl_warmup_steps = 0
-    assert kl_weight_at(0, config) == 0.5
+    assert kl_weight_at(0, config.inference, config.train) == 0.5
 
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
+from ltm_pyro import files
+from ltm_pyro.cli import run_main
 from ltm_pyro.report import markdown_table, write_results
 
 
@@ -22,3 +26,22 @@ def test_results_start_with_the_command_date_and_device(tmp_path, monkeypatch) -
     assert page.startswith(f"# Title\n\nCommand (run {meta['date']}, {meta['device']}, torch ")
     assert "```\npython experiments/bench_x.py --label 'a b'\n```" in page
     assert page.endswith("| x | 1.5000 | - |\n")
+
+
+def test_every_script_ends_by_saying_where_it_wrote(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(files, "_WRITTEN", {})
+    deep = tmp_path / "deep"
+    deep.mkdir()
+
+    def main() -> int:
+        files.write_json(tmp_path / "a.json", {})
+        files.append_jsonl(deep / "log.jsonl", {"step": 1})
+        files.write_text(tmp_path / "a.md", "x")
+        files.write_json(tmp_path / "a.json", {"again": True})
+        return 0
+
+    with pytest.raises(SystemExit) as finished:
+        run_main(main)
+    assert finished.value.code == 0
+    assert capsys.readouterr().err.splitlines() == [f"wrote {tmp_path}/: a.json, a.md",
+                                                    f"wrote {deep}/: log.jsonl"]

@@ -1,0 +1,54 @@
+"""The runs a fair comparison trains: the LTM, its size-matched AR baselines, the
+size-matched masked-diffusion baseline, and the LTM recipe trained with no inference. Shared
+by ``bench_quality`` and ``bench_icl``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .config import InferenceConfig, RunConfig
+from .decoder import matched_ar_config
+from .errors import UsageError
+from .mdlm import mdlm_model_config
+
+NO_INFERENCE = "ltm-no-inference"
+
+
+def prior_as_posterior(inference: InferenceConfig) -> InferenceConfig:
+    """Inference settings whose fitted q is the prior exactly: no inner step, and q_0 = N(0, I)
+    (loc 0 without slot offsets, log-var 0 without jitter). ``steps=0`` alone leaves q at the
+    initial posterior, whose log-variance is ``init_log_var``, not the prior's 0."""
+    return replace(inference, steps=0, init_log_var=0.0, init_log_var_jitter=0.0,
+                   init_loc_scale=0.0)
+
+
+def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None,
+                       with_ar: bool = True, with_no_inference: bool = False,
+                       with_mdlm: bool = False) -> dict[str, RunConfig]:
+    """The LTM (one per training T), its size-matched AR baselines, windowed and full,
+    (``with_mdlm``) the size-matched masked-diffusion baseline ``mdlm``, and
+    (``with_no_inference``) the LTM recipe trained with no inference, ``ltm-no-inference``:
+    T = 0 and q = the prior exactly, so z is noise to the decoder.
+
+    The released comparison gave its GPT the full context while the LTM saw only its window,
+    which confounds what the latents add: both baselines are trained so either can be read.
+    The ablation shares the LTM's architecture, data, tokens and slow loop: the LTM's gain
+    over it is what fitting q brings (in training or at test time), and its own gain or loss
+    against the ARs is the architecture and training noise, not latent use.
+    """
+    if base.model_kind != "ltm":
+        raise UsageError("a comparison trains the LTM and its baselines: drop --model "
+                         f"{base.model_kind}")
+    found: dict[str, RunConfig] = {}
+    for steps in inference_steps or [base.inference.steps]:
+        found[f"ltm-T{steps}"] = replace(base, inference=replace(base.inference, steps=steps))
+    if with_no_inference:
+        found[NO_INFERENCE] = replace(base, inference=prior_as_posterior(base.inference))
+    if with_ar:
+        for name, window in (("ar-window", base.model.window), ("ar-full", None)):
+            ar_model = matched_ar_config(replace(base.model, window=window))
+            found[name] = replace(base, model_kind="ar", model=ar_model)
+    if with_mdlm:
+        found["mdlm"] = replace(base, model_kind="mdlm",
+                                model=mdlm_model_config(base.model, match_params=True))
+    return found
