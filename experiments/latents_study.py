@@ -103,13 +103,31 @@ VARIANTS: dict[str, list[str]] = {
     "ltm-prior-fb-sym-encfit-T4": ["--init-log-var", "0", "--free-bits", "1",
                                    "--init-loc-scale", "0.5", "--encoder-layers", "2",
                                    "--encoder-loss", "fit", "--inference-steps", "4"],
+    # Per-slot roles in the decoder's cross-attention (ModelConfig.slot_roles), with and
+    # without the three levers' offsets.
+    "ltm-prior-fb-sym-value": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                               "0.5", "--slot-roles", "value"],
+    "ltm-prior-fb-sym-kv": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                            "0.5", "--slot-roles", "key-value"],
+    "ltm-prior-fb-sym-embed": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                               "0.5", "--slot-roles", "embedding"],
+    "ltm-prior-fb-sym-kv-klwarm": ["--init-log-var", "0", "--free-bits", "1",
+                                   "--init-loc-scale", "0.5", "--slot-roles", "key-value",
+                                   "--kl-warmup-steps", "200"],
+    # The windowed AR matched to a slot-role LTM's parameter count (a wider MLP).
+    "ar-window-value": ["--model", "ar", "--match-params", "--slot-roles", "value"],
+    "ar-window-kv": ["--model", "ar", "--match-params", "--slot-roles", "key-value"],
+    "ltm-prior-fb-value": ["--init-log-var", "0", "--free-bits", "1", "--slot-roles", "value"],
+    "ltm-prior-fb-kv": ["--init-log-var", "0", "--free-bits", "1", "--slot-roles", "key-value"],
+    "ltm-prior-fb-embed": ["--init-log-var", "0", "--free-bits", "1", "--slot-roles",
+                           "embedding"],
 }
 
 COLUMNS = ["variant", "eval_start", "split", "T_eval", "train_passes", "fit_passes",
            "iwae_ppl", "elbo_ppl", "recon_ppl",
            "prior_iwae_ppl", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-           "active_units", "slot_correlation", "slot_effective_rank", "probe_topic_half",
-           "probe_style_half", "probe_topic_train", "probe_style_train"]
+           "active_units", "slot_correlation", "slot_effective_rank", "slot_linear_r2",
+           "probe_topic_half", "probe_style_half", "probe_topic_train", "probe_style_train"]
 
 
 def parser() -> OneLineParser:
@@ -178,6 +196,36 @@ def costs(trained, steps: int) -> dict:  # noqa: ANN001 - a RunConfig
     return {"train_passes": round(train / forward, 2), "fit_passes": round(fit / forward, 2)}
 
 
+def slot_linear_r2(loc: torch.Tensor, n_layers: int) -> float:
+    """How well one slot's posterior mean predicts another's of the same layer, linearly.
+
+    For each ordered pair (s, t) of a layer's slots: least squares (with intercept) of slot
+    t's means [N, d] on slot s's, fitted on the first half of the windows, R^2 (1 - residual
+    / total sum of squares over t's dims) on the other half, clamped at 0 (a fit worse than
+    predicting the mean is no linear dependence); averaged over pairs and layers.
+    Unlike ``slot_correlation`` it does not compare coordinate i of one slot with coordinate
+    i of another: slots that are linear maps of each other (rotated copies) score near 1, and
+    slots that carry unrelated things near 0 (below 0 when the fit does not generalise).
+    """
+    per_layer = loc.double().unflatten(1, (n_layers, -1))  # [N, L, S, d]
+    half = loc.shape[0] // 2
+    scores = []
+    for layer in per_layer.unbind(1):
+        slots = layer.shape[1]
+        for s in range(slots):
+            x = torch.cat([layer[:, s], torch.ones(len(layer), 1, dtype=layer.dtype)], 1)
+            for t in range(slots):
+                if s == t:
+                    continue
+                y = layer[:, t]
+                coef = torch.linalg.lstsq(x[:half], y[:half]).solution
+                residual = ((x[half:] @ coef - y[half:]) ** 2).sum()
+                total = ((y[half:] - y[half:].mean(0)) ** 2).sum()
+                if total > 0:
+                    scores.append(max(0.0, float(1 - residual / total)))
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
 def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> dict:
     config = variant_config(argv_base, name)
     run_dir = args.runs / args.label / name
@@ -223,6 +271,7 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
                 if has_latents and steps == train_steps and start_name == "trained":
                     loc = posterior_means(ltm, windows, inference, steps, batch, seed)
                     x = loc.flatten(1).numpy()
+                    row["slot_linear_r2"] = slot_linear_r2(loc, trained.model.n_layers)
                     factors = corpus.factors[split]
                     half = len(x) // 2
                     for factor, column in (("topic", 0), ("style", 1)):
@@ -238,6 +287,12 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
                         for factor, column in (("topic", 0), ("style", 1)):
                             row[f"probe_{factor}_train"] = probe(tx, tf[:, column], x,
                                                                  factors[:, column])
+                            # Each slot alone: does every slot carry the factor, or one?
+                            slot_x, slot_tx = x.reshape(len(x), ltm.latent_shape[0], -1), \
+                                tx.reshape(len(tx), ltm.latent_shape[0], -1)
+                            row[f"probe_{factor}_per_slot"] = [
+                                probe(slot_tx[:, i], tf[:, column], slot_x[:, i],
+                                      factors[:, column]) for i in range(slot_x.shape[1])]
                     extra["slot_matrices"][split] = slot_correlation_matrices(
                         loc, trained.model.n_layers)
                 rows.append(row)

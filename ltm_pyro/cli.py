@@ -169,6 +169,10 @@ def _model_arguments(g: argparse._ArgumentGroup) -> None:
                    help="latent thought vectors (slots) each block cross-attends to")
     g.add_argument("--latent-dim", type=positive_int,
                    help="width of each latent vector (default: the model width, as released)")
+    g.add_argument("--slot-roles", choices=("shared", "value", "key-value", "embedding"),
+                   help="how cross-attention tells a layer's slots apart: shared projections "
+                   "(as released), per-slot value or key and value projections, or a learned "
+                   "per-slot embedding added to z (default: the preset's, shared)")
 
 
 def _inference_arguments(g: argparse._ArgumentGroup) -> None:
@@ -250,6 +254,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (model, "n_heads", args.n_heads),
         (model, "latents_per_layer", args.latents_per_layer),
         (model, "latent_dim", args.latent_dim),
+        (model, "slot_roles", args.slot_roles),
         (inference, "steps", args.inference_steps),
         (inference, "init_log_var", args.init_log_var),
         (inference, "noise", args.noise),

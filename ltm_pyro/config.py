@@ -18,12 +18,22 @@ FastSchedule = Literal["cosine-to-min", "released"]
 InnerLoss = Literal["per-token", "sum"]
 FreeBitsGroup = Literal["slot", "layer"]
 EncoderLoss = Literal["elbo", "fit"]
+SlotRoles = Literal["shared", "value", "key-value", "embedding"]
 
 
 @dataclass
 class ModelConfig:
     """Decoder shape. ``latents_per_layer = 0`` gives the autoregressive baseline;
-    ``bidirectional`` (no latents, no window) the masked-diffusion baseline (``mdlm.py``)."""
+    ``bidirectional`` (no latents, no window) the masked-diffusion baseline (``mdlm.py``).
+
+    ``slot_roles`` says how cross-attention tells a layer's latent slots apart (issue 13,
+    docs/latent-diagnostics.md, "Levers"): ``"shared"`` (as released) projects every slot
+    with the same key and value weights, so only the latent RoPE positions differ;
+    ``"value"`` gives each slot its own value projection; ``"key-value"`` its own key and
+    value projections; ``"embedding"`` adds a learned per-slot vector to z before the shared
+    projections. The extra weights count in ``count_parameters`` (``matched_ar_config`` gives
+    them to the AR baseline as MLP width).
+    """
 
     vocab_size: int = 0  # set from the tokenizer
     context: int = 64  # tokens per window (the decoder's maximum sequence length)
@@ -39,6 +49,7 @@ class ModelConfig:
     # MDLM: no causal mask, one extra embedding row (the mask token, id vocab_size) and
     # context + 1 positions, since it reads the whole window, its given first token included.
     bidirectional: bool = False
+    slot_roles: SlotRoles = "shared"
 
     @property
     def n_latents(self) -> int:

@@ -60,23 +60,48 @@ def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
+class SlotLinear(nn.Module):
+    """A bias-free linear map per slot: x [..., S, in] -> [..., S, out], weight [S, out, in]
+    (slot s's weight laid out as an nn.Linear's, and initialised like one)."""
+
+    def __init__(self, slots: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(slots, out_features, in_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("...si,soi->...so", x, self.weight)
+
+
 class Attention(nn.Module):
-    """Multi-head attention; self-attention when ``kv_dim`` is None, else cross-attention."""
+    """Multi-head attention; self-attention when ``kv_dim`` is None, else cross-attention.
+
+    Cross-attention follows ``config.slot_roles``: slot-specific key and/or value projections
+    (``SlotLinear``), or a learned per-slot embedding added to the latents before the shared
+    ones (``slot_embedding``, [S, kv_dim]); with ``"shared"`` its weights are as released.
+    """
 
     def __init__(self, config: ModelConfig, kv_dim: int | None = None) -> None:
         super().__init__()
         d = config.d_model
         self.n_heads = config.n_heads
+        roles = config.slot_roles if kv_dim else "shared"
+        slots = config.latents_per_layer
         self.wq = nn.Linear(d, d, bias=False)
-        self.wk = nn.Linear(kv_dim or d, d, bias=False)
-        self.wv = nn.Linear(kv_dim or d, d, bias=False)
+        self.wk = (SlotLinear(slots, kv_dim, d) if roles == "key-value"
+                   else nn.Linear(kv_dim or d, d, bias=False))
+        self.wv = (SlotLinear(slots, kv_dim, d) if roles in ("value", "key-value")
+                   else nn.Linear(kv_dim or d, d, bias=False))
         self.wo = nn.Linear(d, d, bias=False)
+        self.slot_embedding = (nn.Parameter(torch.empty(slots, kv_dim)) if roles == "embedding"
+                               else None)
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
 
     def keys_values(self, source: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
         """Rotated keys and values [B, H, S, hd]: what a KV cache stores."""
+        if self.slot_embedding is not None:
+            source = source + self.slot_embedding.to(source.dtype)
         return apply_rope(self._heads(self.wk(source)), k_rope), self._heads(self.wv(source))
 
     def attend(self, x: Tensor, q_rope: Tensor, keys: Tensor, values: Tensor,
@@ -188,6 +213,8 @@ class Decoder(nn.Module):
             raise ValueError("d_model must split into an even head dimension per head")
         if config.bidirectional and (config.latents_per_layer or config.window is not None):
             raise ValueError("a bidirectional (MDLM) decoder has no latents and no window")
+        if config.slot_roles not in ("shared", "value", "key-value", "embedding"):
+            raise ValueError(f"unknown slot_roles {config.slot_roles!r}")
         self.config = config
         rows = config.vocab_size + int(config.bidirectional)  # the mask token's row
         self.tok_embeddings = nn.Embedding(rows, config.d_model)
@@ -217,9 +244,13 @@ class Decoder(nn.Module):
     def _init_weights(self) -> None:
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, SlotLinear)):
                 is_residual_out = name.endswith(".wo") or name.endswith(".w2")
                 nn.init.normal_(module.weight, 0.0, residual_std if is_residual_out else 0.02)
+            if isinstance(module, Attention) and module.slot_embedding is not None:
+                # The prior's scale: each slot's embedding moves its keys and values as much
+                # as a typical latent draw does.
+                nn.init.normal_(module.slot_embedding, 0.0, 1.0)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
