@@ -1,4 +1,4 @@
-"""Decoding speed: KV-cached against uncached sampling, as a ratio measured in one run.
+r"""Decoding speed: KV-cached against uncached sampling, as a ratio measured in one run.
 
     python experiments/bench_decoding.py --preset small --seq-len 1024 --window 256 \
         --new-tokens 512 --json experiments/results/generation/decoding-speed.json

@@ -1,4 +1,4 @@
-"""Unconditional sample quality: LTM (prior z at several scales) against the AR and MDLM.
+r"""Unconditional sample quality: LTM (prior z at several scales) against the AR and MDLM.
 
     python experiments/bench_generation.py --ltm runs/bench/ptb-d128/ltm-T16 \
         --ar runs/bench/ptb-d128/ar-window --scorer runs/bench/ptb-d128/ar-full --label ptb

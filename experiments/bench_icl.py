@@ -12,6 +12,7 @@ prior mean). Writes LABEL.json, LABEL.md and LABEL.png into --results.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -81,19 +82,33 @@ def accuracy(ltm: LatentThoughtModel, tokenizer: Tokenizer, items, inference, st
     return sum(exact_match(a, item.answer) for a, item in zip(answers, items)) / len(items)
 
 
-def accuracy_figure(rows: list[dict], chance: float):  # noqa: ANN201
+def accuracy_figure(rows: list[dict], chance: float, title: str | None = None):  # noqa: ANN201
+    """Accuracy against shots per variant (and T_eval) with +-1 binomial standard error,
+    sqrt(p (1 - p) / items); curves are nudged apart along x so their bars stay readable.
+    ``python experiments/replot.py LABEL.json`` redraws it from the results file."""
     sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
-    for (variant, steps) in dict.fromkeys((r["variant"], r["T_eval"]) for r in rows):
-        points = [r for r in rows if r["variant"] == variant and r["T_eval"] == steps]
+    fig, ax = plt.subplots(figsize=(7, 4.8), constrained_layout=True)
+    curves = list(dict.fromkeys((r["variant"], r["T_eval"]) for r in rows))
+    for i, (variant, steps) in enumerate(curves):
+        points = sorted((r for r in rows if r["variant"] == variant and r["T_eval"] == steps),
+                        key=lambda r: r["shots"])
+        offset = 0.04 * (i - (len(curves) - 1) / 2)  # k * (1 + offset); at k = 0 (linear): offset
         label = variant if variant.startswith("ar") else f"{variant}, T_eval {steps}"
-        ax.plot([r["shots"] for r in points], [r["accuracy"] for r in points], "o-", label=label)
+        ax.errorbar([r["shots"] * (1 + offset) or offset for r in points],
+                    [r["accuracy"] for r in points],
+                    yerr=[math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / r["items"])
+                          for r in points], fmt="o-", capsize=3, label=label)
     ax.axhline(chance, ls="--", color="grey", lw=1, label="chance (one fixed rule)")
     ax.set_xscale("symlog", linthresh=1)
     shots = sorted({r["shots"] for r in rows})
     ax.set_xticks(shots, [str(k) for k in shots])
-    ax.set_xlabel("shots k")
-    ax.set_ylabel("exact-match accuracy (held-out strings)")
+    ax.set_xlim(-0.5, max(shots) * 1.25 + 0.5)
+    ax.set_ylim(0, None)
+    items = sorted({r["items"] for r in rows})
+    ax.set_xlabel("shots k (examples in the prompt)")
+    ax.set_ylabel("exact-match accuracy (fraction of held-out strings)")
+    ax.set_title(title or f"Few-shot accuracy, ±1 binomial s.e. ({'/'.join(map(str, items))} "
+                          "items per point)")
     ax.legend(fontsize=8)
     return fig
 

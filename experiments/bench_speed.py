@@ -1,4 +1,4 @@
-"""Speed of the hot path: the inner step, the slow step and the iteration, as ratios in one run.
+r"""Speed of the hot path: the inner step, the slow step and the iteration, as ratios in one run.
 
     python experiments/bench_speed.py --json experiments/results/speed/cpu.json
     python experiments/bench_speed.py --preset ltm-s --device cuda --compile \

@@ -1,4 +1,4 @@
-"""Few-shot GSM8K-style evaluation of a checkpoint from local JSONL files (nothing downloaded).
+r"""Few-shot GSM8K-style evaluation of a checkpoint from local JSONL files (nothing downloaded).
 
     python experiments/eval_gsm8k.py --checkpoint runs/big --train-file gsm8k/train.jsonl \
         --test-file gsm8k/test.jsonl --shots 8 --inference-steps 16 --json gsm8k.json

@@ -1,125 +1,12 @@
-"""Sample continuations from a trained checkpoint (LTM, AR or MDLM baseline).
-
-    python experiments/generate.py --checkpoint runs/default --num-samples 4
-    python experiments/generate.py --checkpoint runs/ptb --prompt "the company said" \
-        --inference-steps 16 --top-p 0.9 --json samples.json
-
-With a prompt, an LTM first fits its local posterior to the prompt (--inference-steps, default
-the training T) and continues from the posterior mean; without one, each sample starts from the
-first token of a validation window and z is drawn from the prior, scaled by --prior-scale.
-An MDLM checkpoint samples its whole window by ancestral sampling in --denoising-steps steps
-(default: the context length), the prompt given, and prints the tokens after the prompt.
-"""
-
-from __future__ import annotations
+"""``python experiments/generate.py``: the ``ltm-generate`` command
+(``ltm_pyro/commands/generate.py``), kept as a script so it runs from a checkout."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
-from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from ltm_pyro.cli import (  # noqa: E402
-    OneLineParser,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    probability,
-    run_main,
-    settings,
-)
-from ltm_pyro.data import load_corpus  # noqa: E402
-from ltm_pyro.errors import UsageError  # noqa: E402
-from ltm_pyro.files import write_json  # noqa: E402
-from ltm_pyro.generate import (  # noqa: E402
-    Sampling,
-    posterior_latents,
-    prior_latents,
-    sample_tokens,
-)
-from ltm_pyro.mdlm import sample_window  # noqa: E402
-from ltm_pyro.modes import resolve_device  # noqa: E402
-from ltm_pyro.tokenizers import encode_prompt, known_token_count  # noqa: E402
-
-
-def parser() -> OneLineParser:
-    p = OneLineParser.from_doc(__doc__)
-    p.add_argument("--checkpoint", type=Path, required=True, help="run folder or checkpoint.pt")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="text to continue")
-    source.add_argument("--prompt-file", type=Path, help="file whose text is the prompt")
-    p.add_argument("--num-samples", type=positive_int, default=4)
-    p.add_argument("--max-new-tokens", type=positive_int, default=48)
-    p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=probability,
-                   help="sample from the smallest set of tokens holding this probability")
-    p.add_argument("--greedy", action="store_true", help="argmax decoding")
-    p.add_argument("--inference-steps", type=non_negative_int,
-                   help="steps fitting z to the prompt (default: the training T)")
-    p.add_argument("--prior-scale", type=positive_float, default=1.0,
-                   help="without a prompt: z ~ N(0, scale^2 I)")
-    p.add_argument("--denoising-steps", type=positive_int,
-                   help="MDLM: ancestral sampling steps (default: the context length)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", type=Path, help="write the samples and their settings here")
-    return p
-
-
-def prompt_text(args) -> str | None:  # noqa: ANN001 - argparse.Namespace
-    if args.prompt_file is None:
-        return args.prompt
-    if not args.prompt_file.is_file():
-        raise UsageError(f"prompt file {args.prompt_file} does not exist; pass an existing file")
-    return args.prompt_file.read_text(encoding="utf-8")
-
-
-def main() -> int:
-    args = parser().parse_args()
-    device = resolve_device(args.device)
-    payload = load_checkpoint(args.checkpoint, map_location=device)
-    ltm, config, tokenizer = model_from_checkpoint(payload, device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    text = prompt_text(args)
-    if text is not None:
-        ids = encode_prompt(tokenizer, text)
-        if known_token_count(tokenizer, torch.tensor(ids)) == 0:
-            raise UsageError("no token of the prompt is in the checkpoint's vocabulary; "
-                             "write the prompt in the training corpus's language")
-        ids = ids[-config.model.context:]  # keep the end of a long prompt
-        prompt = torch.tensor([ids], device=device).repeat(args.num_samples, 1)
-        z = posterior_latents(ltm, prompt, config.inference, args.inference_steps, generator)
-        start = "prompt"
-    else:
-        corpus = load_corpus(config.data, config.model.context, tokenizer)
-        pick = torch.randperm(len(corpus.windows["valid"]), generator=torch.Generator()
-                              .manual_seed(args.seed))[: args.num_samples]
-        prompt = corpus.windows["valid"][pick, :1].to(device)
-        z = prior_latents(ltm, len(prompt), args.prior_scale, generator, device)
-        start = "first token of validation windows"
-    new_tokens = min(args.max_new_tokens, config.model.context + 1 - prompt.shape[1])
-    if config.model_kind == "mdlm":
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.greedy)
-        window = sample_window(ltm.decoder, prompt, args.denoising_steps or config.model.context,
-                               generator, sampling)
-        tokens = window[:, :prompt.shape[1] + new_tokens]
-    else:
-        tokens = sample_tokens(ltm, prompt, new_tokens, z, args.temperature, args.greedy,
-                               generator, args.top_k, args.top_p)
-    samples = [tokenizer.decode(row[prompt.shape[1]:].tolist()) for row in tokens.cpu()]
-    for i, sample in enumerate(samples):
-        head = tokenizer.decode(prompt[i].tolist()) if text is None else text
-        print(f"--- sample {i} ---\n[{head.strip()}] {sample}")
-    if args.json:
-        write_json(args.json, {"settings": settings(args), "model_kind": config.model_kind,
-                               "checkpoint_step": payload["step"], "start": start,
-                               "new_tokens": new_tokens, "samples": samples,
-                               "token_ids": tokens.cpu().tolist()})
-    return 0
-
+from ltm_pyro.commands.generate import main, parser, run_main  # noqa: E402, F401
 
 if __name__ == "__main__":
     run_main(main)

@@ -1,4 +1,4 @@
-"""Levers against posterior collapse on the built-in corpus, at a fixed budget (issue 13).
+r"""Levers against posterior collapse on the built-in corpus, at a fixed budget (issue 13).
 
     python experiments/latents_study.py --label window4 --window 4 \
         --variants ar-window,ar-full,ltm,ltm-fb --eval-steps 4,16,64
@@ -56,6 +56,11 @@ from ltm_pyro.cli import (  # noqa: E402
 from ltm_pyro.comparisons import prior_as_posterior  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.files import write_json  # noqa: E402
+from ltm_pyro.flops import (  # noqa: E402
+    fit_flops_per_token,
+    forward_flops_per_token,
+    training_flops_per_token,
+)
 from ltm_pyro.inference import fit_local_posterior  # noqa: E402
 from ltm_pyro.modes import evaluating  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
@@ -83,9 +88,25 @@ VARIANTS: dict[str, list[str]] = {
     "ltm-prior-fb-sym-klwarm": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
                                 "0.5", "--kl-warmup-steps", "200"],
     "ltm-prior-fb-sym1": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale", "1.0"],
+    # Semi-amortised inference (ltm_pyro/amortised.py): the three levers, an encoder of 2
+    # blocks proposing the fit's start, refined with T inner steps (16, 4 or 2); "-fit": the
+    # encoder trained to match the fitted q instead of on the ELBO at its proposal.
+    # "-T4": the three levers at T = 4 without an encoder (the control at equal T).
+    "ltm-prior-fb-sym-T4": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                            "0.5", "--inference-steps", "4"],
+    "ltm-prior-fb-sym-enc": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                             "0.5", "--encoder-layers", "2"],
+    "ltm-prior-fb-sym-enc-T4": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                                "0.5", "--encoder-layers", "2", "--inference-steps", "4"],
+    "ltm-prior-fb-sym-enc-T2": ["--init-log-var", "0", "--free-bits", "1", "--init-loc-scale",
+                                "0.5", "--encoder-layers", "2", "--inference-steps", "2"],
+    "ltm-prior-fb-sym-encfit-T4": ["--init-log-var", "0", "--free-bits", "1",
+                                   "--init-loc-scale", "0.5", "--encoder-layers", "2",
+                                   "--encoder-loss", "fit", "--inference-steps", "4"],
 }
 
-COLUMNS = ["variant", "eval_start", "split", "T_eval", "iwae_ppl", "elbo_ppl", "recon_ppl",
+COLUMNS = ["variant", "eval_start", "split", "T_eval", "train_passes", "fit_passes",
+           "iwae_ppl", "elbo_ppl", "recon_ppl",
            "prior_iwae_ppl", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
            "active_units", "slot_correlation", "slot_effective_rank", "probe_topic_half",
            "probe_style_half", "probe_topic_train", "probe_style_train"]
@@ -146,6 +167,17 @@ def slot_correlation_matrices(loc: torch.Tensor, n_layers: int) -> list[list[lis
     return out
 
 
+def costs(trained, steps: int) -> dict:  # noqa: ANN001 - a RunConfig
+    """Decoder-forward equivalents (FLOPs / one decoder forward, ``ltm_pyro/flops.py``, the
+    encoder included): per training iteration, and per scored window for the fit at T_eval
+    ``steps`` (scoring the bounds' draws is extra and the same for every variant)."""
+    forward = forward_flops_per_token(trained.model)
+    train = training_flops_per_token(trained.model, trained.inference.steps,
+                                     trained.train.decoder_grads, trained.inference)
+    fit = fit_flops_per_token(trained.model, steps, trained.inference)
+    return {"train_passes": round(train / forward, 2), "fit_passes": round(fit / forward, 2)}
+
+
 def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> dict:
     config = variant_config(argv_base, name)
     run_dir = args.runs / args.label / name
@@ -174,7 +206,7 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
             already_prior = (trained.inference.init_log_var == 0.0
                              and not trained.inference.init_log_var_jitter)
             if (has_latents and steps == train_steps and name != "ltm-no-inference"
-                    and not already_prior):
+                    and not already_prior and ltm.encoder is None):
                 starts.append(("prior", replace(trained.inference, init_log_var=0.0,
                                                 init_log_var_jitter=0.0)))
             for start_name, inference in starts:
@@ -185,6 +217,7 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
                     prior_samples=args.prior_samples if steps == train_steps else 0)
                 row = {"variant": name, "eval_start": start_name, "split": split,
                        "T_eval": steps, "train_wall_s": round(wall, 1),
+                       **costs(trained, steps),
                        "tokens_seen": trained.train.max_steps * batch * trained.model.context,
                        **summary}
                 if has_latents and steps == train_steps and start_name == "trained":
@@ -216,7 +249,9 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
     return result
 
 
-def bounds_mi_figure(results: list[dict]):  # noqa: ANN201 - a Figure
+def bounds_mi_figure(results: list[dict], title: str | None = None):  # noqa: ANN201 - a Figure
+    """iwae_ppl and MI (from 0, with its standard error, cap and goal) against T_eval, per
+    variant; the ARs' exact perplexities as horizontal lines."""
     sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for result in results:
@@ -236,15 +271,21 @@ def bounds_mi_figure(results: list[dict]):  # noqa: ANN201 - a Figure
     cap = next((r["mutual_info_cap"] for res in results for r in res["rows"]), math.log(256))
     axes[1].axhline(cap, ls="--", color="grey", lw=1, label="cap log N")
     axes[1].axhline(3.0, ls=":", color="black", lw=1, label="goal 3 nats")
-    for ax, label in ((axes[0], "valid iwae_ppl"), (axes[1], "valid MI per window (nats)")):
+    axes[1].set_ylim(0, None)
+    for ax, label, heading in (
+            (axes[0], "valid iwae_ppl (perplexity per token)", "IWAE perplexity (lower is better)"),
+            (axes[1], "valid MI I(x; z) per window (nats, ±1 s.e.)",
+             "Mutual information between x and z")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("T_eval (inference steps at evaluation; 0 drawn at 0.5)")
         ax.set_ylabel(label)
+        ax.set_title(heading)
         ax.legend(fontsize=8)
+    fig.suptitle(title or "Latent levers against test-time inference steps (valid split)")
     return fig
 
 
-def slots_figure(results: list[dict]):  # noqa: ANN201 - a Figure
+def slots_figure(results: list[dict], title: str | None = None):  # noqa: ANN201 - a Figure
     with_slots = [r for r in results if r["slot_matrices"].get("test")]
     layers = len(with_slots[0]["slot_matrices"]["test"]) if with_slots else 1
     fig, axes = plt.subplots(layers, max(1, len(with_slots)), squeeze=False,
@@ -254,10 +295,21 @@ def slots_figure(results: list[dict]):  # noqa: ANN201 - a Figure
         for layer, matrix in enumerate(result["slot_matrices"]["test"]):
             ax = axes[layer][column]
             sns.heatmap(np.array(matrix), vmin=0, vmax=1, annot=True, fmt=".2f", cmap="mako",
-                        cbar=False, ax=ax)
+                        cbar=column == len(with_slots) - 1, cbar_kws={"label": "|correlation|"},
+                        ax=ax)
             ax.set_title(f"{result['variant']}, layer {layer}", fontsize=9)
-    fig.suptitle("|correlation| of slots' posterior means (test, training T)", fontsize=10)
+            ax.set(xlabel="slot", ylabel="slot")
+    fig.suptitle(title or "|correlation| of slots' posterior means (test split, training T; "
+                          "1 = copies)", fontsize=10)
     return fig
+
+
+def results_from_report(report_json: dict) -> list[dict]:
+    """The per-variant results of a LABEL.json written by ``report``, as the figures take
+    them (``python experiments/replot.py LABEL.json`` redraws both figures from it)."""
+    return [{"variant": name, "rows": [r for r in report_json["rows"] if r["variant"] == name],
+             "slot_matrices": report_json["slot_matrices"].get(name, {})}
+            for name in report_json["variants"]]
 
 
 def report(argv_base: list[str], args: argparse.Namespace) -> None:
@@ -284,7 +336,10 @@ def report(argv_base: list[str], args: argparse.Namespace) -> None:
                   "Perplexities per predicted token; `iwae_ppl`/`elbo_ppl` are valid bounds; "
                   "`recon_ppl` is not. `eval_start` prior: the fit starts at log-variance 0. "
                   "Probes: topic (32 classes, chance ~0.03) and style (8) from posterior means; "
-                  "`_half` fitted on the first half of the split, `_train` on train windows."
+                  "`_half` fitted on the first half of the split, `_train` on train windows. "
+                  "`train_passes`: FLOPs per training iteration in decoder forwards; "
+                  "`fit_passes`: FLOPs of a window's fit at T_eval in decoder forwards "
+                  "(encoder included)."
                   f"\n\n{markdown_table(rows, COLUMNS)}\n\nReferences (nats/token): "
                   f"{references}\n\n{notes}")
     save_figure(bounds_mi_figure(results), args.results / f"{args.label}.png")

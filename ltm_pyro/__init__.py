@@ -3,14 +3,15 @@
 Modules by layer (docs/design.md §3); a layer imports from itself, the ones above and plumbing:
 
 - core: ``decoder``, ``model`` (Pyro model + guide), ``objective`` (terms from the traces),
-  ``inference`` (fast loop), ``svi`` (dual rate)
-- evaluation: ``bounds`` (three figures), ``latent_use``, ``diagnostics``, ``sample_quality``,
-  ``fewshot``
+  ``inference`` (fast loop), ``svi`` (dual rate), ``amortised`` (encoder proposals), ``mdlm``
+  (the masked-diffusion baseline)
+- evaluation: ``bounds`` (three figures), ``latent_use``, ``uncertainty`` (paired intervals),
+  ``diagnostics``, ``sample_quality``, ``fewshot``
 - runs and files: ``runner``, ``training_state``, ``comparisons``, ``checkpoint``, ``files``,
   ``data``, ``synthetic``, ``tokenizers``, ``report``, ``viz``, ``generate``, ``explore``
   (``load_run``: encode, score, generate)
-- plumbing: ``config`` (presets, recipes), ``cli``, ``errors``, ``modes``, ``distributed``,
-  ``flops``
+- plumbing: ``config`` (presets, recipes), ``cli``, ``commands`` (console scripts), ``errors``,
+  ``modes``, ``distributed``, ``flops``
 """
 
 from .config import InferenceConfig, ModelConfig, RunConfig, TrainConfig, preset

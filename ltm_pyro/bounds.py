@@ -121,6 +121,8 @@ class BoundTotals:
     sequences: int = 0
     prior_iwae: float = 0.0  # -log p(x) estimate with the prior as proposal, if asked for
     extra: dict = field(default_factory=dict)
+    windows: dict[str, list[float]] = field(
+        default_factory=lambda: {"tokens": [], "neg_elbo": [], "neg_iwae": []})
 
     def add(self, mask: Tensor, nll: Tensor, kl: Tensor, neg_iwae: Tensor, recon: Tensor) -> None:
         self.tokens += float(mask.sum())
@@ -129,6 +131,9 @@ class BoundTotals:
         self.iwae += float(neg_iwae.double().sum())
         self.recon += float(recon.double().sum())
         self.sequences += mask.shape[0]
+        self.windows["tokens"] += mask.sum(-1).tolist()
+        self.windows["neg_elbo"] += (nll.double() + kl.double()).tolist()
+        self.windows["neg_iwae"] += neg_iwae.double().tolist()
 
     def add_prior(self, neg_log_px: Tensor) -> None:
         self.prior_iwae += float(neg_log_px.double().sum())
@@ -163,6 +168,12 @@ def _prior_of(posterior: LocalPosterior | None) -> LocalPosterior | None:
     return LocalPosterior(torch.zeros_like(posterior.loc), torch.zeros_like(posterior.log_var))
 
 
+def _refuse_bidirectional(ltm: LatentThoughtModel) -> None:
+    """Next-token figures of a model that sees the next token would mean nothing."""
+    if ltm.config.bidirectional:
+        raise UsageError("an MDLM is scored by its NELBO bound (ltm_pyro.mdlm.evaluate_bound)")
+
+
 def evaluate_windows(
     ltm: LatentThoughtModel,
     windows: Tensor,
@@ -177,16 +188,16 @@ def evaluate_windows(
     latent_stats: bool = False,
     mi_samples: int = 4,
     prior_samples: int = 0,
+    per_window: bool = False,
 ) -> dict[str, float]:
     """Fit each batch's posterior with ``steps`` inner steps and total the three bounds.
 
-    Draws come from a generator seeded with ``seed``: the same call gives the same figures
-    and never moves the global RNG. ``latent_stats`` adds ``latent_use_summary`` of all the
-    windows' fitted posteriors (MI with ``mi_samples`` draws a window); ``prior_samples`` K > 0
-    adds ``prior_iwae_ppl``, the IWAE with K draws from the prior as proposal.
-    """
-    if ltm.config.bidirectional:  # next-token figures of a model that sees the next token
-        raise UsageError("an MDLM is scored by its NELBO bound (ltm_pyro.mdlm.evaluate_bound)")
+    Draws come from a generator seeded with ``seed``: the same call gives the same figures,
+    never moving the global RNG. ``latent_stats`` adds ``latent_use_summary`` of the fitted
+    posteriors (MI from ``mi_samples`` draws a window); ``prior_samples`` K > 0 adds
+    ``prior_iwae_ppl`` (K draws from the prior as proposal); ``per_window`` each window's
+    tokens, -ELBO and -IWAE in nats (for paired intervals, ``uncertainty``)."""
+    _refuse_bidirectional(ltm)
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     prior_generator = torch.Generator(device=device).manual_seed(seed + PRIOR_SEED_OFFSET)
@@ -219,8 +230,16 @@ def evaluate_windows(
     if prior_samples:
         summary.update(totals.prior_summary(prior_samples))
     if latent_stats:
-        everything = LocalPosterior.concatenate(posteriors) if posteriors else None
-        mi_generator = torch.Generator(device=device).manual_seed(seed + MI_SEED_OFFSET)
-        summary.update(latent_use_summary(everything, ltm.config.n_layers, len(windows),
-                                          mi_samples, mi_generator))
+        summary.update(_latent_summary(posteriors, ltm, len(windows), mi_samples, seed, device))
+    if per_window:
+        summary["per_window"] = totals.windows
     return summary
+
+
+def _latent_summary(posteriors: list[LocalPosterior], ltm: LatentThoughtModel, windows: int,
+                    mi_samples: int, seed: int, device: torch.device) -> dict:
+    """``latent_use_summary`` of every window's fitted posterior (all None without latents)."""
+    everything = LocalPosterior.concatenate(posteriors) if posteriors else None
+    mi_generator = torch.Generator(device=device).manual_seed(seed + MI_SEED_OFFSET)
+    return latent_use_summary(everything, ltm.config.n_layers, windows, mi_samples,
+                              mi_generator)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .amortised import build_encoder
 from .config import RunConfig
 from .decoder import Decoder
 from .errors import UsageError
@@ -208,5 +209,9 @@ def model_from_checkpoint(
     decoder = Decoder(config.model)
     decoder.load_state_dict(payload["decoder"])
     decoder.to(device).eval()
-    ltm = LatentThoughtModel(decoder)
+    encoder = build_encoder(config.model, config.inference)
+    if encoder is not None:
+        encoder.load_state_dict(payload["encoder"])
+        encoder.to(device).eval()
+    ltm = LatentThoughtModel(decoder, encoder=encoder)
     return ltm, config, tokenizer_from_dict(payload["tokenizer"])

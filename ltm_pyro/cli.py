@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyro
 
-from .config import PRESETS, RECIPES, RunConfig, apply_recipe, preset
+from .config import PRESETS, RECIPES, ModelConfig, RunConfig, apply_recipe, preset
 from .decoder import matched_ar_config
 from .errors import UsageError
 from .files import written_files
@@ -199,6 +199,13 @@ def _inference_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--init-loc-scale", type=non_negative_float,
                    help="start the guide's loc at this times fixed per-slot offsets (breaks "
                    "the symmetry between a layer's slots; default 0)")
+    g.add_argument("--encoder-layers", type=non_negative_int,
+                   help="semi-amortised inference: an encoder of this many bidirectional "
+                   "blocks proposes q's start from x, the fast loop refines it (0: none)")
+    g.add_argument("--encoder-lr", type=positive_float, help="the encoder's peak learning rate")
+    g.add_argument("--encoder-loss", choices=("elbo", "fit"),
+                   help="train the encoder on the ELBO at its proposal, or to match the "
+                   "fitted q (KL(q_fitted || q_proposed))")
     g.add_argument("--kl-weight", type=positive_float,
                    help="weight of the KL in the fits' objective (1 = the ELBO)")
 
@@ -254,6 +261,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (inference, "free_bits", args.free_bits),
         (inference, "free_bits_group", args.free_bits_group),
         (inference, "init_loc_scale", args.init_loc_scale),
+        (inference, "encoder_layers", args.encoder_layers),
+        (inference, "encoder_lr", args.encoder_lr),
+        (inference, "encoder_loss", args.encoder_loss),
         (train_cfg, "max_steps", args.max_steps),
         (train_cfg, "batch_size", args.batch_size),
         (train_cfg, "warmup_steps", args.warmup_steps),
@@ -276,13 +286,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         train_cfg.lr, train_cfg.min_lr = args.slow_lr, args.slow_lr / 10
     train_cfg.device = args.device
     train_cfg.compile = args.compile
+    config.model = _model_of_kind(args, model)
+    return config
+
+
+def _model_of_kind(args: argparse.Namespace, model: ModelConfig) -> ModelConfig:
+    """The LTM's shape, or a baseline's made from it (``--model``, ``--match-params``)."""
     if args.match_params and args.model == "ltm":
         raise UsageError("--match-params applies to --model ar or mdlm only")
     if args.model == "ar":
-        config.model = matched_ar_config(model) if args.match_params else replace(
+        return matched_ar_config(model) if args.match_params else replace(
             model, latents_per_layer=0)
     if args.model == "mdlm":
         if args.window:
             raise UsageError("--model mdlm attends to the whole window: drop --window")
-        config.model = mdlm_model_config(model, args.match_params)
-    return config
+        return mdlm_model_config(model, args.match_params)
+    return model

@@ -17,6 +17,7 @@ ModelKind = Literal["ltm", "ar", "mdlm"]
 FastSchedule = Literal["cosine-to-min", "released"]
 InnerLoss = Literal["per-token", "sum"]
 FreeBitsGroup = Literal["slot", "layer"]
+EncoderLoss = Literal["elbo", "fit"]
 
 
 @dataclass
@@ -84,6 +85,15 @@ class InferenceConfig:
     - ``init_loc_scale``: loc starts at this times fixed per-slot offsets (one N(0, I) vector
       per slot from a fixed seed, the same for every sequence, in training and evaluation),
       instead of 0 for every slot: breaks the symmetry between a layer's slots.
+
+    Semi-amortised inference (``ltm_pyro/amortised.py``; off by default):
+
+    - ``encoder_layers`` > 0: an encoder of that many bidirectional blocks proposes the
+      fit's start (loc, log_var) from x, in training and evaluation; the fit then refines it
+      with ``steps`` inner steps (0: q is the proposal). 0: no encoder, the fixed start.
+    - ``encoder_lr``: the encoder's peak AdamW learning rate (on the slow schedule's shape).
+    - ``encoder_loss``: ``"elbo"`` trains it on the fit's objective at its own proposal,
+      ``"fit"`` on KL(q_fitted || q_proposed) (distillation of the refined q).
     """
 
     steps: int = 16
@@ -100,6 +110,9 @@ class InferenceConfig:
     free_bits: float = 0.0
     free_bits_group: FreeBitsGroup = "slot"
     init_loc_scale: float = 0.0
+    encoder_layers: int = 0
+    encoder_lr: float = 1e-3
+    encoder_loss: EncoderLoss = "elbo"
 
 
 @dataclass

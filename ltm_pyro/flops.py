@@ -8,14 +8,17 @@ Matrix-multiply FLOPs only (elementwise work is a rounding error at these shapes
 - a backward pass that computes input *and* weight gradients costs 2 forwards; one that
   computes input gradients only (the fast loop, decoder frozen) costs 1 forward.
 So an AR training step is 3 forwards; an LTM iteration is T x 2 + 3 forwards with
-``decoder_grads="final"`` and (T + 1) x 3 with ``"trajectory"`` (the released loop). An MDLM
-step is 3 forwards of the whole window, context + 1 positions each seeing every key, for its
-context predicted tokens.
+``decoder_grads="final"`` and (T + 1) x 3 with ``"trajectory"`` (the released loop).
+With an encoder (semi-amortised inference, ``InferenceConfig.encoder_layers``) an iteration
+adds the encoder's forward and backward (3 encoder forwards) and, for ``encoder_loss="elbo"``,
+a decoder forward and input-gradient backward (2 forwards); a fit adds one encoder forward.
+An MDLM step is 3 forwards of the whole window, context + 1 positions each seeing every key,
+for its context predicted tokens.
 """
 
 from __future__ import annotations
 
-from .config import ModelConfig
+from .config import InferenceConfig, ModelConfig
 
 
 def mean_keys_attended(context: int, window: int | None) -> float:
@@ -39,13 +42,45 @@ def forward_flops_per_token(config: ModelConfig) -> float:
 
 
 def training_flops_per_token(config: ModelConfig, inference_steps: int,
-                             decoder_grads: str = "final") -> float:
-    """FLOPs per training token for one iteration (AR, MDLM: one step; LTM: T inner + slow)."""
+                             decoder_grads: str = "final",
+                             inference: InferenceConfig | None = None) -> float:
+    """FLOPs per training token for one iteration (AR, MDLM: one step; LTM: T inner + slow, plus
+    the encoder's step when ``inference`` asks for one)."""
     forward = forward_flops_per_token(config)
     if config.bidirectional:  # MDLM: context + 1 positions per context predicted tokens
         return 3 * forward * (config.context + 1) / config.context
     if not config.latents_per_layer:
         return 3 * forward
     if decoder_grads == "trajectory":
-        return (inference_steps + 1) * 3 * forward
-    return inference_steps * 2 * forward + 3 * forward
+        flops = (inference_steps + 1) * 3 * forward
+    else:
+        flops = inference_steps * 2 * forward + 3 * forward
+    if inference is not None and inference.encoder_layers:
+        flops += 3 * encoder_flops_per_token(config, inference)
+        flops += 2 * forward if inference.encoder_loss == "elbo" else 0.0
+    return flops
+
+
+def fit_flops_per_token(config: ModelConfig, inference_steps: int,
+                        inference: InferenceConfig | None = None) -> float:
+    """FLOPs per token of one evaluation fit: T inner steps (a forward and an input-gradient
+    backward each) and the encoder's proposal, if any; scoring the bounds is extra."""
+    if not config.latents_per_layer:
+        return 0.0
+    encoder = encoder_flops_per_token(config, inference) if inference is not None else 0.0
+    return inference_steps * 2 * forward_flops_per_token(config) + encoder
+
+
+
+def encoder_flops_per_token(model: ModelConfig, inference: InferenceConfig) -> float:
+    """Forward matrix-multiply FLOPs of the encoder per token (bidirectional attention over
+    the whole window; slot pooling spread over the window's tokens)."""
+    if not inference.encoder_layers or not model.latents_per_layer:
+        return 0.0
+    d, keys, slots = model.d_model, model.context + 1, model.n_latents
+    per_layer = 2 * (4 * d * d) + 2 * (8 * d * d) + 4 * d * keys  # qkv+out, MLP, scores
+    # Slot pooling per window: key/value projections of every token, query and output
+    # projections and the head per slot, scores and values; spread over the window's tokens.
+    pooling = 2 * (2 * d * d) + (2 * (2 * d * d) + 2 * d * 2 * model.z_dim + 4 * d * keys
+                                 ) * slots / keys
+    return inference.encoder_layers * per_layer + pooling

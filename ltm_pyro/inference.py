@@ -91,6 +91,19 @@ def initial_posterior(
     return LocalPosterior(loc, log_var)
 
 
+def default_start(
+    ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor, config: InferenceConfig,
+    generator: torch.Generator | None = None, draw: NoiseSource = standard_normal,
+) -> LocalPosterior:
+    """Where a fit starts when no ``start`` is given: the encoder's proposal from the tokens
+    when the model has one (semi-amortised inference, ``amortised.py``; no gradient), else
+    ``initial_posterior``."""
+    if ltm.encoder is None:
+        return initial_posterior(ltm, tokens.shape[0], tokens.device, config, generator, draw)
+    with torch.no_grad():
+        return ltm.encoder(tokens, mask)
+
+
 def fit_objective(config: InferenceConfig, n_layers: int, training: bool) -> ELBO:
     """The fast loop's default objective: the sync-free mean-field ELBO, with
     ``config.free_bits`` in training fits (``training``); evaluation fits the full ELBO."""
@@ -121,6 +134,7 @@ def fit_local_posterior(
     training: bool = False,
     kl_weight: float | None = None,
     elbo: ELBO | None = None,
+    start: LocalPosterior | None = None,
 ) -> FitResult:
     """Run ``steps`` (default ``config.steps``) inner steps of AdamW on (loc, log_var).
 
@@ -134,11 +148,11 @@ def fit_local_posterior(
     a new one each step, from ``generator`` (evaluation never moves the training RNG) through
     ``draw``; under data parallelism ``draw`` gives this rank's slice of the global batch's
     draw and ``normaliser`` the global token count, so each rank fits what one process would.
+    It starts at ``start`` (copied; default ``default_start``): with 0 steps q is the start.
     """
     steps = config.steps if steps is None else steps
-    start = initial_posterior(ltm, tokens.shape[0], tokens.device, config, generator, draw)
-    loc, log_var = start.loc.requires_grad_(), start.log_var.requires_grad_()
-    local = LocalPosterior(loc, log_var)
+    local = (start or default_start(ltm, tokens, mask, config, generator, draw)).leaf()
+    loc, log_var = local.loc, local.log_var
     noise = draw(loc.shape, generator, loc.device)
     if steps == 0:
         return FitResult(local.detach(), noise)

@@ -153,6 +153,26 @@ def slot_similarity(loc: Tensor, n_layers: int) -> tuple[float | None, float | N
     return _mean(correlations), _mean(ranks)
 
 
+def slot_correlation_matrices(loc: Tensor, n_layers: int) -> Tensor:
+    """Per layer, |correlation| between its slots' posterior means: [L, S, S] float64.
+
+    The same statistic as ``slot_similarity``'s (each coordinate centred over windows, a
+    slot's row its centred means flattened and scaled to unit norm), before averaging over
+    pairs; a slot whose means do not move has NaN in its row and column.
+    """
+    out = []
+    for layer in loc.double().unflatten(1, (n_layers, -1)).unbind(1):  # [N, S, d]
+        rows = (layer - layer.mean(0)).transpose(0, 1).flatten(1)  # [S, N * d]
+        norms = rows.norm(dim=1)
+        still = norms <= _STILL * math.sqrt(rows.shape[1])
+        unit = rows / norms.clamp_min(1e-300)[:, None]
+        matrix = (unit @ unit.T).abs()
+        matrix[still, :] = math.nan
+        matrix[:, still] = math.nan
+        out.append(matrix)
+    return torch.stack(out)
+
+
 def latent_use_summary(posterior: LocalPosterior | None, n_layers: int, windows: int,
                        mi_samples: int = 4, generator: torch.Generator | None = None) -> dict:
     """Every per-window measure of the module docstring from the ``windows`` posteriors.

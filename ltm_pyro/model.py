@@ -111,6 +111,11 @@ class LocalPosterior:
     def detach(self) -> LocalPosterior:
         return LocalPosterior(self.loc.detach(), self.log_var.detach())
 
+    def leaf(self) -> LocalPosterior:
+        """A copy as new leaf tensors that require grad (the fast loop's parameters)."""
+        return LocalPosterior(self.loc.detach().clone().requires_grad_(),
+                              self.log_var.detach().clone().requires_grad_())
+
     @staticmethod
     def concatenate(parts: list[LocalPosterior]) -> LocalPosterior:
         """One posterior of all the parts' sequences, in order."""
@@ -125,12 +130,15 @@ class LatentThoughtModel:
     true ELBO), applied to the latent site on both sides through ``poutine.scale`` as
     ``TraceMeanField_ELBO`` requires (Pyro's ``examples/dmm`` passes its annealing factor the
     same way). Forward passes run through ``network``: the decoder, or in a view made by
-    ``through`` its DDP wrapper.
+    ``through`` its DDP wrapper. ``encoder`` (optional, ``ltm_pyro/amortised.py``) proposes
+    the fast loop's start from x (semi-amortised inference); None: the fixed start.
     """
 
-    def __init__(self, decoder: Decoder, network: torch.nn.Module | None = None) -> None:
+    def __init__(self, decoder: Decoder, network: torch.nn.Module | None = None,
+                 encoder: torch.nn.Module | None = None) -> None:
         self.decoder = decoder
         self.network = decoder if network is None else network
+        self.encoder = encoder
         self.token_nll = masked_token_nll
 
     def compile(self) -> None:

@@ -28,9 +28,17 @@ def analytic_kl(guide_site: dict, model_site: dict) -> Tensor:
     return torch.distributions.kl_divergence(guide_site["fn"], model_site["fn"])
 
 
+def site_log_prob(site: dict) -> Tensor:
+    """A site's log-probability at its value before scale and mask: Pyro's, when its loss
+    already computed it, else computed here (only for the sites a figure needs)."""
+    if "unscaled_log_prob" in site:
+        return site["unscaled_log_prob"]
+    return site["fn"].log_prob(site["value"])
+
+
 def log_density_ratio(guide_site: dict, model_site: dict) -> Tensor:
     """log q(z) - log p(z) at the guide's draw: the latent part of an importance weight."""
-    return guide_site["unscaled_log_prob"] - model_site["unscaled_log_prob"]
+    return site_log_prob(guide_site) - site_log_prob(model_site)
 
 
 def sequence_terms(model_trace: Trace, guide_trace: Trace, latent_term: LatentTerm = analytic_kl,
@@ -41,15 +49,13 @@ def sequence_terms(model_trace: Trace, guide_trace: Trace, latent_term: LatentTe
     ``scaled`` applies each site's ``poutine.scale`` and mask as Pyro's losses do (the training
     objective, e.g. a KL weight); unscaled terms are the figures the library reports.
     """
-    model_trace.compute_log_prob()  # memoised: free when Pyro's loss already computed it
-    guide_trace.compute_log_prob()
     log_lik: Tensor | float = 0.0
     latent: Tensor | float = 0.0
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):  # plates record a site too
             continue
         if site["is_observed"]:
-            term, scale, mask = site["unscaled_log_prob"], site["scale"], site["mask"]
+            term, scale, mask = site_log_prob(site), site["scale"], site["mask"]
             log_lik = log_lik + (scale_and_mask(term, scale, mask) if scaled else term)
         else:
             guide_site = guide_trace.nodes[name]

@@ -26,6 +26,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from .amortised import build_encoder
 from .bounds import evaluate_windows
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -125,7 +126,8 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
 
 
 LATENT_KEYS = ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-               "mutual_info_cap", "active_units", "slot_correlation", "slot_effective_rank")
+               "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
+               "slot_effective_rank")
 
 
 def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,
@@ -213,6 +215,9 @@ def _build_state(config: RunConfig, shard: Shard, device: torch.device,
     """The seeded model and optimizers, restored from ``resume`` when there is one."""
     generator = seed_everything(config.train.seed)
     ltm = LatentThoughtModel(Decoder(config.model).to(device))
+    encoder = build_encoder(config.model, config.inference)  # None unless asked for
+    if encoder is not None and ltm.has_latents:
+        ltm.encoder = encoder.to(device)
     if config.train.compile:
         ltm.compile()
     svi = MaskedDiffusionTrainer(ltm, config.train, generator, shard) if (
@@ -299,7 +304,8 @@ class TrainingRun:
 
     def save_curves(self) -> None:
         if self.shard.is_main:
-            save_figure(training_curves(self.records, self.corpus.references),
+            title = f"{self.config.model_kind.upper()} training curves: {self.out.name}"
+            save_figure(training_curves(self.records, self.corpus.references, title),
                         self.out / CURVES_NAME)
 
     def loop(self, progress: bool) -> dict:

@@ -8,6 +8,10 @@ and held fixed (z carries no gradient into the decoder's update).
 inner steps and its gradient comes from the final posterior only. ``"trajectory"`` reproduces
 the released code: every inner backward also accumulates decoder gradients, never zeroed
 before the slow step, so the decoder trains on the whole inference trajectory.
+
+With an encoder (``ltm.encoder``, semi-amortised inference, ``amortised.py``) the fit starts
+at its proposal, and the encoder takes one AdamW step of its own per iteration, on
+``encoder_objective`` at the same decoder weights as the slow step (decoder frozen for it).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import torch
 from pyro.infer import ELBO
 from torch import Tensor
 
+from .amortised import gaussian_kl
 from .config import InferenceConfig, TrainConfig
 from .distributed import Shard, data_parallel
-from .inference import fit_local_posterior
-from .model import LatentThoughtModel
+from .errors import UsageError
+from .inference import fit_local_posterior, fit_objective, frozen
+from .model import LatentThoughtModel, LocalPosterior
 
 
 def warmup_cosine(step: int, config: TrainConfig) -> float:
@@ -50,6 +56,29 @@ def slow_optimizer(decoder: torch.nn.Module, config: TrainConfig) -> torch.optim
     ]
     fused = next(decoder.parameters()).device.type == "cuda"
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused)
+
+
+def encoder_objective(ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor,
+                      proposal: LocalPosterior, fitted: LocalPosterior, noise: Tensor,
+                      inference: InferenceConfig, elbo: ELBO, kl_weight: float,
+                      normaliser: Tensor) -> Tensor:
+    """The encoder's loss per token for one batch (its gradient reaches the encoder only):
+
+    ``"elbo"``: the fit's training objective (``elbo``, e.g. with free bits, at ``kl_weight``)
+    at the proposal with one reparameterised draw ``noise``, the decoder frozen;
+    ``"fit"``: KL(fitted || proposal), the fitted q held fixed (no decoder pass).
+    """
+    if inference.encoder_loss == "fit":
+        return gaussian_kl(fitted.detach(), proposal).sum() / normaliser
+    with frozen(ltm.decoder):
+        return elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask, proposal, noise,
+                                        kl_weight) / normaliser
+
+
+def encoder_optimizer(encoder: torch.nn.Module, inference: InferenceConfig
+                      ) -> torch.optim.AdamW:
+    return torch.optim.AdamW(encoder.parameters(), lr=inference.encoder_lr, betas=(0.9, 0.999),
+                             weight_decay=0.0)
 
 
 @dataclass
@@ -92,6 +121,12 @@ class DualRateSVI:
         self.optimizer = slow_optimizer(ltm.decoder, train)
         self.step_count = 0
         self.shard = shard or Shard()
+        self.encoder_optimizer = None
+        if ltm.encoder is not None and ltm.has_latents:
+            if self.shard.distributed:
+                raise UsageError("--encoder-layers is not supported under torchrun yet; "
+                                 "train the encoder in one process")
+            self.encoder_optimizer = encoder_optimizer(ltm.encoder, inference)
         device = next(ltm.decoder.parameters()).device
         # Under torchrun the slow step runs through DDP; the fast loop needs no communication.
         self.slow_view = ltm.through(data_parallel(ltm.decoder, self.shard, device)) if (
@@ -103,13 +138,18 @@ class DualRateSVI:
         self.optimizer.zero_grad(set_to_none=True)
         tokens_in_batch = self.shard.total(mask.sum())  # the global batch's, under torchrun
         kl_weight = kl_weight_at(self.step_count, self.inference, self.train)
-        posterior, noise = None, None
+        posterior, noise, proposal = None, None, None
         if self.ltm.has_latents:
+            if self.encoder_optimizer is not None:
+                self.ltm.encoder.train()
+                self.encoder_optimizer.zero_grad(set_to_none=True)
+                proposal = self.ltm.encoder(tokens, mask)  # with the encoder's gradient
             fit = fit_local_posterior(
                 self.ltm, tokens, mask, self.inference, generator=self.generator,
                 accumulate_decoder_grads=self.train.decoder_grads == "trajectory",
                 draw=self.shard.randn, normaliser=tokens_in_batch, training=True,
                 kl_weight=kl_weight, elbo=self.elbo,
+                start=None if proposal is None else proposal.detach(),
             )
             posterior, noise = fit.posterior, fit.noise
             if self.inference.noise == "fresh":
@@ -121,23 +161,51 @@ class DualRateSVI:
         loss = nll + kl_weight * kl
         loss.backward()  # under DDP: gradients summed over ranks = the global batch's
         grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), self.train.grad_clip)
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if proposal is not None:
+            finite = finite & self._encoder_backward(tokens, mask, proposal, posterior,
+                                                     kl_weight, tokens_in_batch)
         slow_lr = warmup_cosine(self.step_count, self.train)
         # One host sync per iteration (never inside the fast loop) guards against NaN/inf;
         # under torchrun all ranks agree, so they skip (or not) together.
-        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        skipped = self.shard.any(not finite, loss.device)
+        skipped = self.shard.any(not bool(finite), loss.device)
         if not skipped:
             for group in self.optimizer.param_groups:
                 group["lr"] = slow_lr
             self.optimizer.step()
+            if proposal is not None:
+                for group in self.encoder_optimizer.param_groups:
+                    group["lr"] = self.inference.encoder_lr * slow_lr / self.train.lr
+                self.encoder_optimizer.step()
         self.step_count += 1
         fast_lr = self.inference.lr_max if self.ltm.has_latents else 0.0
         nll, kl = self.shard.total(nll.detach()), self.shard.total(kl.detach())
         return StepStats(-(nll + kl), nll, kl, grad_norm, fast_lr, slow_lr, kl_weight, skipped)
 
+    def _encoder_backward(self, tokens: Tensor, mask: Tensor, proposal: LocalPosterior,
+                          fitted: LocalPosterior, kl_weight: float, normaliser: Tensor
+                          ) -> Tensor:
+        """The encoder's gradient (``encoder_objective``, clipped like the decoder's), at the
+        decoder weights of this slow step; returns whether loss and gradient are finite."""
+        noise = None
+        if self.inference.encoder_loss == "elbo":
+            noise = self.shard.randn(proposal.loc.shape, self.generator, proposal.loc.device)
+        elbo = self.elbo or fit_objective(self.inference, self.ltm.config.n_layers, True)
+        loss = encoder_objective(self.ltm, tokens, mask, proposal, fitted, noise,
+                                 self.inference, elbo, kl_weight, normaliser)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.ltm.encoder.parameters(),
+                                              self.train.grad_clip)
+        return torch.isfinite(loss) & torch.isfinite(norm)
+
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "step_count": self.step_count}
+        state = {"optimizer": self.optimizer.state_dict(), "step_count": self.step_count}
+        if self.encoder_optimizer is not None:
+            state["encoder_optimizer"] = self.encoder_optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = state["step_count"]
+        if self.encoder_optimizer is not None:
+            self.encoder_optimizer.load_state_dict(state["encoder_optimizer"])

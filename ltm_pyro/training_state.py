@@ -1,4 +1,5 @@
-"""What a resume restores, as one object: the decoder, the slow optimizer and its step count,
+"""What a resume restores, as one object: the decoder (and the encoder, semi-amortised
+inference), the slow optimizer (and the encoder's) and its step count,
 the RNG states, and the logging and divergence counters. ``to_dict`` gives the checkpoint's
 training keys and ``from_dict`` restores them, so saving and restoring never list the keys
 twice, and a resumed run continues bit-identically."""
@@ -60,16 +61,20 @@ class TrainingState:
 
     def to_dict(self) -> dict:
         """The checkpoint's training keys (tensors and plain data only)."""
+        encoder = self.svi.ltm.encoder
         return {"decoder": self.svi.ltm.decoder.state_dict(), "svi": self.svi.state_dict(),
                 "step": self.step, "rng": rng_states(self.generator),
                 "log_window": self.window.state(), "bad_in_a_row": self.bad_in_a_row,
-                "skipped_total": self.skipped_total}
+                "skipped_total": self.skipped_total,
+                **({"encoder": encoder.state_dict()} if encoder is not None else {})}
 
     @classmethod
     def from_dict(cls, payload: dict, svi: DualRateSVI,
                   generator: torch.Generator) -> TrainingState:
         """Restore ``svi`` (decoder and optimizer) and the RNGs in place from a checkpoint."""
         svi.ltm.decoder.load_state_dict(payload["decoder"])
+        if svi.ltm.encoder is not None:
+            svi.ltm.encoder.load_state_dict(payload["encoder"])
         svi.load_state_dict(payload["svi"])
         restore_rng_states(payload["rng"], generator)
         return cls(svi, generator, payload["step"], LogWindow(**payload["log_window"]),

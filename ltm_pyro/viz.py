@@ -7,47 +7,89 @@ import math
 import matplotlib.pyplot as plt
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
 from .files import atomic_write
 
 
-def training_curves(records: list[dict], references: dict[str, float] | None = None) -> Figure:
-    """Per-token -ELBO, NLL and KL against step, training and validation side by side; when
-    the validation records carry them, a fourth panel: KL and mutual information per window
-    (with its standard error and its cap log N; docs/latent-diagnostics.md)."""
-    sns.set_theme(style="whitegrid", context="notebook")
+def reference_label(name: str) -> str:
+    """``unigram_entropy_valid`` -> ``unigram entropy (valid)``."""
+    stem, _, split = name.rpartition("_")
+    return f"{stem.replace('_', ' ')} ({split})" if split in ("valid", "test") else name
+
+
+def has_latent_panels(records: list[dict]) -> bool:
+    """Whether validation records carry latent diagnostics of a model with latents (an AR
+    model logs them as zeros, an MDLM not at all)."""
+    return any(r.get("split") == "valid" and r.get("kl_per_window") for r in records)
+
+
+def _bound_panels(axes, records: list[dict], references: dict[str, float] | None) -> None:  # noqa: ANN001
     train = [r for r in records if r.get("split") == "train"]
     valid = [r for r in records if r.get("split") == "valid"]
-    latent = [r for r in valid if r.get("mutual_info_per_window") is not None]
-    fig, axes = plt.subplots(1, 4 if latent else 3, figsize=(20 if latent else 15, 4),
-                             constrained_layout=True)
-    panels = (("neg_elbo", "-ELBO (nats/token)"), ("nll", "NLL (nats/token)"),
-              ("kl", "KL (nats/token)"))
-    for ax, (key, label) in zip(axes, panels):
+    panels = (("neg_elbo", "-ELBO"), ("nll", "NLL"), ("kl", "KL(q || p)"))
+    for ax, (key, name) in zip(axes, panels):
         if train:
             ax.plot([r["step"] for r in train], [r[key] for r in train], label="train", lw=1)
         if valid:
             ax.plot([r["step"] for r in valid], [r[key] for r in valid], "o-", label="valid")
-        if key != "kl":
-            for name, value in (references or {}).items():
-                if name.endswith("valid"):
-                    ax.axhline(value, ls="--", lw=1, color="grey")
-                    ax.annotate(name, (0, value), fontsize=8, color="grey",
-                                xycoords=("axes fraction", "data"), va="bottom")
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.legend()
-    if latent:
-        ax, steps = axes[3], [r["step"] for r in latent]
-        ax.plot(steps, [r["kl_per_window"] for r in latent], "o-", label="KL per window")
-        ax.errorbar(steps, [r["mutual_info_per_window"] for r in latent],
-                    yerr=[r["mutual_info_stderr"] for r in latent], fmt="s-", capsize=3,
-                    label="mutual information I(x; z)")
-        ax.axhline(latent[-1]["mutual_info_cap"], ls="--", lw=1, color="grey",
-                   label="MI cap log N")
-        ax.set_xlabel("step")
-        ax.set_ylabel("valid, nats per window")
+        if key == "kl":
+            ax.set_ylim(bottom=0)
+        else:
+            for ref, value in sorted((references or {}).items()):
+                if ref.endswith("valid"):
+                    ax.axhline(value, ls="--" if "unigram" in ref else ":", lw=1, color="grey",
+                               label=reference_label(ref))
+        ax.set(title=f"{name} per token", xlabel="training step", ylabel=f"{name} (nats/token)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+
+
+def _latent_panels(axes, records: list[dict]) -> None:  # noqa: ANN001
+    """KL and MI per window, active units, slot correlation: the validation diagnostics of
+    ``latent_use`` (docs/latent-diagnostics.md)."""
+    latent = [r for r in records if r.get("split") == "valid" and r.get("kl_per_window")]
+    steps = [r["step"] for r in latent]
+    ax = axes[0]
+    ax.plot(steps, [r["kl_per_window"] for r in latent], "o-", label="KL per window")
+    ax.errorbar(steps, [r["mutual_info_per_window"] for r in latent],
+                yerr=[r.get("mutual_info_stderr", 0.0) for r in latent], fmt="s-", capsize=3,
+                label="MI I(x; z) ± 1 s.e.")
+    ax.axhline(latent[-1]["mutual_info_cap"], ls="--", lw=1, color="grey", label="MI cap log N")
+    ax.set(title="What z costs and carries (valid)", xlabel="training step",
+           ylabel="nats per window", ylim=(0, None))
+    total = latent[-1].get("active_units_total")
+    ax = axes[1]
+    ax.plot(steps, [r["active_units"] for r in latent], "o-", color="C2", label="active units")
+    if total:
+        ax.axhline(total, ls="--", lw=1, color="grey", label=f"all {total} coordinates")
+    ax.set(title="Active units (valid)", xlabel="training step", ylim=(0, None),
+           ylabel="coordinates with Var(E[z]) > 0.01")
+    ax = axes[2]
+    correlation = [math.nan if r.get("slot_correlation") is None else r["slot_correlation"]
+                   for r in latent]
+    ax.plot(steps, correlation, "o-", color="C3",
+            label="mean |corr| of a layer's slots")
+    ax.set(title="Slot correlation (valid)", xlabel="training step", ylim=(0, 1.02),
+           ylabel="|correlation| (1: slots are copies)")
+    for ax in axes:
         ax.legend(fontsize=8)
+
+
+def training_curves(records: list[dict], references: dict[str, float] | None = None,
+                    title: str = "Training curves") -> Figure:
+    """Per-token -ELBO, NLL and KL against step, training and validation side by side; when
+    the validation records carry latent diagnostics of a model with latents, a second row:
+    KL and mutual information per window (with its standard error and its cap log N), active
+    units, and slot correlation (docs/latent-diagnostics.md). KL axes start at 0."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    rows = 2 if has_latent_panels(records) else 1
+    fig, axes = plt.subplots(rows, 3, figsize=(16, 4.2 * rows), squeeze=False,
+                             constrained_layout=True)
+    _bound_panels(axes[0], records, references)
+    if rows == 2:
+        _latent_panels(axes[1], records)
+    fig.suptitle(title)
     return fig
 
 
@@ -56,27 +98,45 @@ def save_figure(fig: Figure, path) -> None:  # noqa: ANN001 - str or Path
     plt.close(fig)
 
 
-def bounds_against_steps(rows: list[dict], references: dict[str, float] | None = None) -> Figure:
-    """elbo_ppl, iwae_ppl and recon_ppl against test-time inference steps (log axes)."""
+def bounds_against_steps(rows: list[dict], references: dict[str, float] | None = None,
+                         split: str = "valid", title: str | None = None) -> Figure:
+    """elbo_ppl, iwae_ppl and recon_ppl against test-time inference steps (log axes), with
+    exp of the corpus' references. Each reference is the one of ``split`` when the corpus has
+    it (the entropy floor has both), else the valid one, and its label says which split."""
     sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     steps = [r["inference_steps"] for r in rows]
-    for key in ("elbo_ppl", "iwae_ppl", "recon_ppl"):
-        ax.plot(steps, [r[key] for r in rows], "o-", label=key)
-    for name, style in (("entropy_floor_valid", ":"), ("unigram_entropy_valid", "--")):
-        if name in (references or {}):
-            ax.axhline(math.exp(references[name]), ls=style, color="grey", label=f"exp({name})")
+    for key, name in (("elbo_ppl", "exp(-ELBO) (bound)"), ("iwae_ppl", "exp(-IWAE) (bound)"),
+                      ("recon_ppl", "recon_ppl (no KL, not a bound)")):
+        ax.plot(steps, [r[key] for r in rows], "o-", label=name)
+    references = references or {}
+    for stem, style in (("entropy_floor", ":"), ("unigram_entropy", "--")):
+        name = next((f"{stem}_{s}" for s in (split, "valid") if f"{stem}_{s}" in references), None)
+        if name is not None:
+            ax.axhline(math.exp(references[name]), ls=style, color="grey",
+                       label=f"exp({reference_label(name)})")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(0, max(steps) * 1.3 + 0.5)
     ax.set_yscale("log")
-    ax.set_xlabel("inference steps at evaluation (T_eval)")
-    ax.set_ylabel("perplexity per token")
+    ax.set_xlabel("inference steps at evaluation T_eval (0: the start q_0)")
+    ax.set_ylabel("perplexity per token (log scale)")
+    ax.set_title(title or f"Bounds against test-time inference steps ({split} split)")
     ax.legend(fontsize=8)
     return fig
 
 
+def readable_log_ticks(ax, axis: str = "x") -> None:  # noqa: ANN001 - an Axes
+    """Major ticks at 1, 2 and 5 per decade, labelled with SI prefixes (``200k``, ``5T``), and
+    unlabelled minor ticks: labels that never overlap, whatever the span of a log axis."""
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(EngFormatter(sep=""))
+    target.set_minor_formatter(NullFormatter())
+
+
 def distributions_by_group(values: dict, xlabel: str, ylabel: str,
-                           threshold: float | None = None) -> Figure:
+                           threshold: float | None = None, title: str | None = None,
+                           threshold_label: str | None = None) -> Figure:
     """Box + strip plot of a per-sequence quantity for each group (e.g. k-hat against T).
 
     Non-finite values (k-hat of exactly equal weights is -inf) are left out of the plot.
@@ -89,13 +149,17 @@ def distributions_by_group(values: dict, xlabel: str, ylabel: str,
     sns.boxplot(x=groups, y=data, ax=ax, color="lightsteelblue", showfliers=False)
     sns.stripplot(x=groups, y=data, ax=ax, size=3, color="black", alpha=0.5)
     if threshold is not None:
-        ax.axhline(threshold, ls="--", color="firebrick", lw=1)
+        ax.axhline(threshold, ls="--", color="firebrick", lw=1,
+                   label=threshold_label or f"threshold {threshold:g}")
+        ax.legend(fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    ax.set_title(title or f"{ylabel} by {xlabel}")
     return fig
 
 
-def guide_against_reference(guide_draws, reference_draws, names: list[str]) -> Figure:
+def guide_against_reference(guide_draws, reference_draws, names: list[str],
+                            title: str = "Fitted guide against the NUTS reference") -> Figure:
     """Pair plot of two coordinates: fitted-guide draws over reference (NUTS) draws."""
     import pandas as pd
 
@@ -103,25 +167,55 @@ def guide_against_reference(guide_draws, reference_draws, names: list[str]) -> F
               for d, s in ((reference_draws, "NUTS"), (guide_draws, "guide"))]
     grid = sns.pairplot(pd.concat(frames), hue="source", corner=True, kind="kde",
                         plot_kws={"levels": 5}, height=2.6)
+    grid.figure.suptitle(title, y=1.02)
     return grid.figure
 
 
-def latent_projection(points, labels, title: str) -> Figure:
-    """2-D projection of posterior means, coloured by a known factor."""
+def latent_projection(points, labels, title: str, label_name: str = "class",
+                      axis_name: str = "component") -> Figure:
+    """2-D projection of posterior means, coloured by a known factor: one distinct colour per
+    class (evenly spaced hues beyond 10 classes, where qualitative palettes repeat), and a
+    legend beside the axes."""
     sns.set_theme(style="white")
-    fig, ax = plt.subplots(figsize=(5.5, 5), constrained_layout=True)
-    sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=labels, palette="tab20", s=14, ax=ax,
-                    legend=len(set(labels)) <= 10)
+    classes = sorted(set(labels.tolist() if hasattr(labels, "tolist") else labels))
+    palette = (sns.color_palette("tab10", len(classes)) if len(classes) <= 10
+               else sns.color_palette("husl", len(classes)))
+    fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=labels, hue_order=classes,
+                    palette=palette, s=14, ax=ax)
+    ax.legend(title=label_name, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=6,
+              title_fontsize=7, ncol=1 if len(classes) <= 16 else 2, markerscale=0.8)
+    ax.set(title=title, xlabel=f"{axis_name} 1", ylabel=f"{axis_name} 2")
+    return fig
+
+
+def heatmap(matrix, xlabel: str, ylabel: str, title: str, vmin: float | None = None,
+            vmax: float | None = None, colorbar: str = "") -> Figure:
+    """An annotated heatmap (e.g. KL per layer and slot: pass ``vmin=0`` so that the colour
+    scale of a KL starts at 0, and ``colorbar="KL (nats)"``)."""
+    sns.set_theme(style="white")
+    fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
+    sns.heatmap(matrix, annot=True, fmt=".2f", cmap="mako", ax=ax, vmin=vmin, vmax=vmax,
+                cbar_kws={"label": colorbar})
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     return fig
 
 
-def heatmap(matrix, xlabel: str, ylabel: str, title: str) -> Figure:
-    """An annotated heatmap (e.g. KL per layer and slot)."""
+def slot_correlations(matrices, title: str = "|correlation| between the slots of each layer"
+                      ) -> Figure:  # noqa: ANN001 - [L, S, S] array-like
+    """One annotated heatmap per layer of |correlation| between its slots' posterior means
+    (``latent_use.slot_correlation_matrices``), on one 0..1 scale: off-diagonal cells near 1
+    say the slots of the layer are copies of one another."""
     sns.set_theme(style="white")
-    fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
-    sns.heatmap(matrix, annot=True, fmt=".2f", cmap="mako", ax=ax)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    layers = len(matrices)
+    fig, axes = plt.subplots(1, layers, figsize=(3.6 * layers + 1, 3.4), squeeze=False,
+                             constrained_layout=True)
+    for layer, ax in enumerate(axes[0]):
+        sns.heatmap(matrices[layer], vmin=0, vmax=1, annot=True, fmt=".2f", cmap="mako",
+                    ax=ax, cbar=layer == layers - 1, square=True,
+                    cbar_kws={"label": "|correlation|"})
+        ax.set(title=f"layer {layer}", xlabel="slot", ylabel="slot")
+    fig.suptitle(title)
     return fig

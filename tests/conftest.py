@@ -55,8 +55,10 @@ def inference() -> InferenceConfig:
 
 def load_script(name: str) -> ModuleType:
     """An ``experiments/`` script as a module, so its ``main`` runs in-process."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}",
+                                                  REPO / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

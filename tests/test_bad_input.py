@@ -13,6 +13,9 @@ from ltm_pyro.checkpoint import FORMAT, VERSION, load_checkpoint
 
 from .conftest import load_script, train_in_process
 
+# One worker runs this module under pytest-xdist, so its module-scoped trained run is built once.
+pytestmark = pytest.mark.xdist_group("test_bad_input")
+
 RUN = ["--seq-len", "32", "--batch-size", "4", "--inference-steps", "2", "--eval-every", "3",
        "--eval-windows", "4", "--checkpoint-every", "3", "--max-steps", "12", "--no-progress"]
 

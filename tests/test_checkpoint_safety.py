@@ -37,6 +37,9 @@ from ltm_pyro.files import WriteFailed, append_jsonl, folder_lock, read_jsonl, w
 
 from .conftest import REPO
 
+# One worker runs this module under pytest-xdist, so its module-scoped trained run is built once.
+pytestmark = pytest.mark.xdist_group("test_checkpoint_safety")
+
 RUN = ["--seq-len", "32", "--batch-size", "4", "--inference-steps", "2", "--eval-every", "2",
        "--eval-windows", "4", "--checkpoint-every", "2", "--max-steps", "6", "--no-progress"]
 _SCRIPTS: dict = {}

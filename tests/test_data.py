@@ -98,3 +98,34 @@ def test_unk_rate_counts_unknown_words_only():
     tokenizer = WordTokenizer.fit("a b c\n")
     ids = torch.tensor(tokenizer.encode("a x b y\n"))
     assert unk_rate(tokenizer, ids) == pytest.approx(2 / 5)  # a <unk> b <unk> <eos>
+
+
+def test_word_tokenizer_counts_blank_lines_as_the_literature_does():
+    from ltm_pyro.tokenizers import WordTokenizer, tokenizer_from_dict
+
+    fitted = WordTokenizer.fit("a b\n\nc\n")
+    assert fitted.decode(fitted.encode("a b\n\nc\n")).split("\n")[:3] == ["a b", "", "c"]
+    assert len(fitted.encode("a b\n\nc\n")) == 6  # a b <eos> <eos> c <eos>
+    old = tokenizer_from_dict({"kind": "word", "vocab": fitted.vocab})  # written before
+    assert len(old.encode("a b\n\nc\n")) == 5
+    assert tokenizer_from_dict(fitted.to_dict()).eos_on_blank_lines
+
+
+@pytest.mark.parametrize("kind", ["word", "char", "bpe"])
+def test_text_bytes_counts_the_bytes_the_tokens_stand_for(kind):
+    from ltm_pyro.tokenizers import fit_tokenizer
+
+    text = "the cat sat\non the mat\nthé end\n"
+    tokenizer = fit_tokenizer(kind, text * 20, 300)
+    assert tokenizer.text_bytes(tokenizer.encode(text)) == len(text.encode())
+
+
+def test_wikitext2_has_the_literatures_token_counts():
+    """2,088,628 / 217,646 / 245,569 word tokens (Merity et al. 2016), <eos> per line."""
+    from .conftest import shared_data
+
+    folder = shared_data("wikitext-2")
+    tokenizer = WordTokenizer.fit((folder / "train.txt").read_text(encoding="utf-8"))
+    counts = {split: len(tokenizer.encode((folder / f"{split}.txt").read_text(encoding="utf-8")))
+              for split in ("train", "valid", "test")}
+    assert counts == {"train": 2_088_628, "valid": 217_646, "test": 245_569}

@@ -16,6 +16,9 @@ from ltm_pyro.flops import forward_flops_per_token, training_flops_per_token
 
 from .conftest import REPO
 
+# One worker runs this module under pytest-xdist, so its module-scoped trained run is built once.
+pytestmark = pytest.mark.xdist_group("test_evaluate")
+
 CONTRACT_KEYS = {"tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl",
                  "inference_steps", "iw_samples", "params"}
 

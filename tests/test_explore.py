@@ -10,6 +10,9 @@ from ltm_pyro.errors import UsageError
 
 from .conftest import train_in_process
 
+# One worker runs this module under pytest-xdist, so its module-scoped trained run is built once.
+pytestmark = pytest.mark.xdist_group("test_explore")
+
 RUN = ["--seq-len", "16", "--batch-size", "4", "--inference-steps", "2", "--eval-every", "4",
        "--eval-windows", "4", "--checkpoint-every", "4", "--max-steps", "4", "--no-progress"]
 

@@ -283,7 +283,7 @@ def test_a_run_logs_latent_use_and_evaluate_reports_it(tmp_path, monkeypatch, ca
     train(config, tmp_path / "run", progress=False)
     valid = [r for r in read_jsonl(tmp_path / "run" / METRICS_NAME) if r["split"] == "valid"]
     assert valid and all(set(LATENT_KEYS) <= r.keys() for r in valid)
-    assert len(training_curves(valid).axes) == 4  # the latent panel
+    assert len(training_curves(valid).axes) == 6  # a second row: the latent panels
     assert len(training_curves([{k: v for k, v in r.items() if k not in LATENT_KEYS}
                                 for r in valid]).axes) == 3
 

@@ -1,0 +1,166 @@
+r"""Evaluate a checkpoint with valid bounds: elbo_ppl, iwae_ppl, and the paper-style recon_ppl.
+
+    ltm-eval --checkpoint runs/default --split test --iw-samples 32
+    ltm-eval --checkpoint runs/ptb --data ../shared/data/wikitext-2
+
+Each batch's local posterior is fitted from scratch with --inference-steps (default: the
+training T). --data may be a corpus the model never saw (zero-shot): it is tokenized with the
+checkpoint's own tokenizer. Also reports what the latents carry (docs/latent-diagnostics.md):
+KL and mutual information per window (MI over all scored windows, capped by log N),
+active units, slot correlation and effective rank, and prior_iwae_ppl, the IWAE with
+--prior-samples draws from the prior as proposal (0 skips it), and bits_per_byte, the iwae
+bound per UTF-8 byte of the scored text, which compares across vocabularies and tokenizers
+(zero-shot on another corpus, or word against BPE). Prints two tables; --json
+writes the figures with their settings.
+
+An MDLM checkpoint (--model mdlm) has no latents: elbo_ppl and iwae_ppl are both its
+continuous-time NELBO bound, exp(NELBO / tokens), over the same predicted tokens as the LTM
+and AR (every token of a window but the first, which is given); nll_per_token is the NELBO,
+recon_ppl is null, and bound_stderr_per_token / bound_ppl_rel_stderr are its Monte-Carlo
+standard errors from --bound-samples draws a window (a warning when above 0.5%).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..bounds import evaluate_windows
+from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..cli import OneLineParser, non_negative_int, positive_int, run_main
+from ..config import DataConfig
+from ..data import load_corpus
+from ..errors import UsageError
+from ..files import write_json
+from ..mdlm import evaluate_bound
+from ..modes import resolve_device
+from ..report import markdown_table
+from ..tokenizers import known_token_count, unk_rate
+
+UNK_WARNING = 0.05  # above this share of <unk> among scored tokens, say so on stderr
+MDLM_STDERR_WARNING = 0.005  # above this relative stderr of an MDLM's bound, say so
+
+METRICS = ["tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl",
+           "bits_per_byte"]
+LATENT_METRICS = ["windows", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
+                  "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
+                  "slot_effective_rank", "prior_samples", "iwae_ppl", "prior_iwae_ppl"]
+MDLM_METRICS = ["bound_samples", "bound_stderr_per_token", "bound_ppl_rel_stderr"]
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser.from_doc(__doc__)
+    p.add_argument("--checkpoint", type=Path, required=True, help="run folder or checkpoint.pt")
+    p.add_argument("--data", help="corpus to score (default: the one the model was trained on)")
+    p.add_argument("--split", choices=("valid", "test"), default="valid")
+    p.add_argument("--inference-steps", type=non_negative_int, help="default: training T")
+    p.add_argument("--iw-samples", type=positive_int, default=16, help="IWAE samples K")
+    p.add_argument("--elbo-samples", type=positive_int, default=4, help="fresh ELBO draws S")
+    p.add_argument("--prior-samples", type=non_negative_int, default=64,
+                   help="draws from the prior for prior_iwae_ppl (0: skip it)")
+    p.add_argument("--mi-samples", type=positive_int, default=4,
+                   help="draws from each window's q for the mutual information")
+    p.add_argument("--bound-samples", type=positive_int, default=64,
+                   help="MDLM only: masked-count draws per window for its bound")
+    p.add_argument("--max-windows", type=positive_int, help="score only the first N windows")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return p
+
+
+def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
+    device = resolve_device(args.device)
+    payload = load_checkpoint(args.checkpoint, map_location=device)
+    ltm, config, tokenizer = model_from_checkpoint(payload, device)
+    data = config.data if args.data is None else DataConfig(path=args.data,
+                                                            tokenizer=tokenizer.kind)
+    corpus = load_corpus(data, config.model.context, tokenizer)
+    windows = corpus.windows[args.split][: args.max_windows]
+    if known_token_count(tokenizer, windows) == 0:
+        raise UsageError(f"no token of {data.path} is in the checkpoint's vocabulary; "
+                         "evaluate on a corpus in the training language and tokenization")
+    unknown = unk_rate(tokenizer, windows[:, 1:])  # the predicted tokens
+    if unknown > UNK_WARNING:
+        print(f"warning: {unknown:.1%} of the scored tokens of {corpus.name} are <unk> under the "
+              "checkpoint's vocabulary; its perplexities are not comparable with a model that "
+              "knows those words", file=sys.stderr)
+    bar = tqdm(total=len(windows), disable=args.no_progress, desc=f"eval {args.split}")
+
+    def progress(totals) -> None:  # noqa: ANN001 - BoundTotals
+        bar.update(totals.sequences - bar.n)
+        bar.set_postfix(nll=f"{totals.nll / totals.tokens:.3f}",
+                        kl=f"{totals.kl / totals.tokens:.3f}")
+
+    summary = mdlm_bound(ltm.decoder, windows, args, device, bar) if (
+        config.model_kind == "mdlm") else evaluate_windows(
+        ltm, windows, config.inference, steps=args.inference_steps,
+        batch_size=args.batch_size, elbo_samples=args.elbo_samples,
+        iw_samples=args.iw_samples, seed=args.seed, device=device, on_batch=progress,
+        latent_stats=True, mi_samples=args.mi_samples, prior_samples=args.prior_samples,
+    )
+    bar.close()
+    return {
+        **summary,
+        **per_byte(summary, tokenizer.text_bytes(windows[:, 1:].flatten().tolist())),
+        "params": ltm.decoder.num_parameters(),
+        "model_kind": config.model_kind,
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_step": payload["step"],
+        "corpus": corpus.name,
+        "zero_shot": args.data is not None and corpus.name != payload.get("corpus"),
+        "split": args.split,
+        "windows": len(windows),
+        "unk_rate": unknown,
+        "references": corpus.references,
+        "seed": args.seed,
+    }
+
+
+def per_byte(summary: dict, text_bytes: int) -> dict:
+    """The iwae bound in bits per UTF-8 byte of the scored text: comparable across
+    tokenizers and vocabularies, where perplexity per token is not."""
+    nats = math.log(summary["iwae_ppl"]) * summary["tokens"]
+    return {"text_bytes": text_bytes, "bits_per_byte": nats / (math.log(2) * text_bytes)}
+
+
+def mdlm_bound(decoder, windows, args, device, bar) -> dict:  # noqa: ANN001
+    """An MDLM's NELBO bound with its standard error; a warning when the error is above
+    MDLM_STDERR_WARNING of the perplexity (more --bound-samples, or windows, lower it)."""
+
+    def progress(sequences: int, nelbo_per_token: float) -> None:
+        bar.update(sequences - bar.n)
+        bar.set_postfix(nelbo=f"{nelbo_per_token:.3f}")
+
+    summary = evaluate_bound(decoder, windows, args.bound_samples, args.batch_size, args.seed,
+                             device, on_batch=progress)
+    error = summary["bound_ppl_rel_stderr"]
+    if error is None or error > MDLM_STDERR_WARNING:
+        size = "unknown (one draw a window)" if error is None else f"{error:.2%}"
+        print(f"warning: the bound's Monte-Carlo standard error is {size} of the perplexity "
+              f"(target: under {MDLM_STDERR_WARNING:.1%}); raise --bound-samples",
+              file=sys.stderr)
+    return summary
+
+
+def main() -> int:
+    args = parser().parse_args()
+    results = evaluate(args)
+    print(markdown_table([results], ["split", "inference_steps", "iw_samples", "unk_rate",
+                                      *METRICS]))
+    print()
+    extra = MDLM_METRICS if results["model_kind"] == "mdlm" else LATENT_METRICS
+    print(markdown_table([results], extra))
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+def entry() -> None:
+    """The ``ltm-eval`` console script."""
+    run_main(main)

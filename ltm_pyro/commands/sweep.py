@@ -1,0 +1,91 @@
+r"""Test-time inference scaling: one checkpoint scored at several numbers of inference steps.
+
+    ltm-sweep --checkpoint runs/default --steps 0,1,2,4,8,16,32,64 \
+        --out experiments/results/topic-style/inference_steps
+    (or: python experiments/sweep_inference_steps.py with the same flags)
+
+Writes OUT.json (one row per T_eval: elbo_ppl, iwae_ppl, recon_ppl and per-token terms) and
+OUT.png (the three perplexities against T_eval, log-scaled, with the corpus' references of
+the split). `python experiments/replot.py OUT.json` redraws OUT.png from OUT.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from ..bounds import evaluate_windows
+from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..cli import OneLineParser, int_list, non_negative_int, positive_int, run_main
+from ..data import load_corpus
+from ..errors import UsageError
+from ..modes import resolve_device
+from ..report import markdown_table, write_results
+from ..viz import bounds_against_steps, save_figure
+
+COLUMNS = ["inference_steps", "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl",
+           "recon_ppl"]
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser.from_doc(__doc__)
+    p.add_argument("--checkpoint", type=Path, required=True, help="run folder or checkpoint.pt")
+    p.add_argument("--steps", type=int_list, default=[0, 1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--split", choices=("valid", "test"), default="valid")
+    p.add_argument("--max-windows", type=positive_int, default=128)
+    p.add_argument("--iw-samples", type=positive_int, default=16)
+    p.add_argument("--elbo-samples", type=positive_int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="path stem for .json and .png")
+    return p
+
+
+def figure(results: dict) -> Figure:
+    """The sweep's figure from its results (OUT.json): references of the swept split."""
+    corpus = results.get("corpus", "corpus")
+    return bounds_against_steps(
+        results["rows"], results.get("references"), results.get("split", "valid"),
+        f"{corpus}: bounds against T_eval ({results.get('windows', '?')} "
+        f"{results.get('split', 'valid')} windows, trained with T = "
+        f"{results.get('trained_inference_steps', '?')})")
+
+
+def main() -> int:
+    args = parser().parse_args()
+    device = resolve_device(args.device)
+    payload = load_checkpoint(args.checkpoint, map_location=device)
+    ltm, config, tokenizer = model_from_checkpoint(payload, device)
+    if not ltm.has_latents:
+        raise UsageError("the checkpoint is an AR model: it has no inference steps to sweep")
+    corpus = load_corpus(config.data, config.model.context, tokenizer)
+    windows = corpus.windows[args.split][: args.max_windows]
+    rows = []
+    for steps in args.steps:
+        rows.append(evaluate_windows(
+            ltm, windows, config.inference, steps=steps, batch_size=args.batch_size,
+            elbo_samples=args.elbo_samples, iw_samples=args.iw_samples, seed=args.seed,
+            device=device))
+        print(markdown_table(rows[-1:], COLUMNS), flush=True)
+    table = markdown_table(rows, COLUMNS)
+    results = {
+        "checkpoint_step": payload["step"], "corpus": corpus.name, "split": args.split,
+        "windows": len(windows),
+        "trained_inference_steps": config.inference.steps, "references": corpus.references,
+        "rows": rows, "config": config.to_dict(),
+    }
+    write_results(args.out.with_suffix(".json"), "Test-time inference steps", device, results,
+                  f"Bounds on the first {len(windows)} `{args.split}` windows of `{corpus.name}` "
+                  f"against the inference steps T fitted per sequence (trained with T = "
+                  f"{config.inference.steps}; checkpoint step {payload['step']}).\n\n{table}\n\n"
+                  f"References (nats/token): {corpus.references}\n")
+    save_figure(figure(results), args.out.with_suffix(".png"))
+    print(table)
+    return 0
+
+
+def entry() -> None:
+    """The ``ltm-sweep`` console script."""
+    run_main(main)

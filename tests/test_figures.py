@@ -1,0 +1,230 @@
+"""Figures say what they show: titles, labelled axes, the right split, KL from 0, no overlap.
+
+Each test draws a figure from plain data (as ``ltm_pyro/viz.py`` and the experiment scripts
+do) and checks what a reader would check by eye, so that a figure that regresses fails here.
+"""
+
+import json
+import math
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from ltm_pyro.errors import UsageError  # noqa: E402
+from ltm_pyro.latent_use import slot_correlation_matrices, slot_similarity  # noqa: E402
+from ltm_pyro.viz import (  # noqa: E402
+    bounds_against_steps,
+    heatmap,
+    slot_correlations,
+    training_curves,
+)
+
+from .conftest import load_script  # noqa: E402
+
+REFERENCES = {"entropy_floor_valid": 3.58, "entropy_floor_test": 3.55,
+              "unigram_entropy_valid": 4.5}
+
+
+def _labels(ax) -> list[str]:  # noqa: ANN001 - an Axes
+    return ax.get_legend_handles_labels()[1]
+
+
+def _titled_and_labelled(fig) -> None:  # noqa: ANN001 - a Figure
+    for ax in fig.axes:
+        if ax.get_label() == "<colorbar>":
+            continue
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), ax
+
+
+def _sweep_rows() -> list[dict]:
+    return [{"inference_steps": t, "elbo_ppl": 60 - t / 4, "iwae_ppl": 58 - t / 4,
+             "recon_ppl": 50 - t / 4} for t in (0, 1, 4, 16)]
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_sweep_references_name_the_split_they_come_from(split):
+    fig = bounds_against_steps(_sweep_rows(), REFERENCES, split)
+    ax = fig.axes[0]
+    labels = _labels(ax)
+    assert f"exp(entropy floor ({split}))" in labels
+    # the corpus has no test unigram entropy: the valid one is drawn and says so
+    assert "exp(unigram entropy (valid))" in labels
+    floors = [line.get_ydata()[0] for line in ax.get_lines()
+              if line.get_label() == f"exp(entropy floor ({split}))"]
+    assert floors == [pytest.approx(math.exp(REFERENCES[f"entropy_floor_{split}"]))]
+    assert split in ax.get_title()
+    _titled_and_labelled(fig)
+
+
+def test_sweep_script_figure_passes_its_split():
+    from ltm_pyro.commands.sweep import figure
+
+    fig = figure({"rows": _sweep_rows(), "references": REFERENCES, "split": "test",
+                  "corpus": "ptb", "windows": 4, "trained_inference_steps": 16})
+    labels = _labels(fig.axes[0])
+    assert "exp(entropy floor (test))" in labels and "exp(entropy floor (valid))" not in labels
+    assert "test" in fig.axes[0].get_title() and "ptb" in fig.axes[0].get_title()
+
+
+def _records(latent: bool, ar: bool = False) -> list[dict]:
+    records = []
+    for step in (10, 20, 30):
+        records.append({"split": "train", "step": step, "neg_elbo": 5 - step / 100,
+                        "nll": 4.9 - step / 100, "kl": 0.0 if ar else 0.04 + step / 1000})
+        valid = {"split": "valid", "step": step, "neg_elbo": 5.1 - step / 100,
+                 "nll": 5 - step / 100, "kl": 0.0 if ar else 0.05 + step / 1000}
+        if latent:
+            valid.update(kl_per_window=0.0 if ar else 2 + step / 10,
+                         mutual_info_per_window=0.0 if ar else 1 + step / 20,
+                         mutual_info_stderr=0.0 if ar else 0.1, mutual_info_cap=math.log(64),
+                         active_units=0 if ar else 40 + step // 10,
+                         active_units_total=0 if ar else 64,
+                         slot_correlation=None if ar else 0.9 + step / 1000,
+                         slot_effective_rank=None if ar else 1.5)
+        records.append(valid)
+    return records
+
+
+def test_training_curves_draw_the_latent_diagnostics_when_records_carry_them():
+    fig = training_curves(_records(latent=True), REFERENCES, "a run")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 6
+    assert any("carries" in t for t in titles) and any("Active units" in t for t in titles)
+    assert any("Slot correlation" in t for t in titles)
+    _titled_and_labelled(fig)
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    # KL axes start at 0 although every KL here is above 0.04
+    assert by_title["KL(q || p) per token"].get_ylim()[0] == 0
+    kl_mi = by_title["What z costs and carries (valid)"]
+    assert kl_mi.get_ylim()[0] == 0
+    assert {"KL per window", "MI I(x; z) ± 1 s.e.", "MI cap log N"} <= set(_labels(kl_mi))
+    mi_bars = [c for c in kl_mi.containers if c.has_yerr]
+    assert len(mi_bars) == 1  # the MI carries its standard error
+    slots = by_title["Slot correlation (valid)"]
+    assert list(slots.get_lines()[0].get_ydata()) == pytest.approx([0.91, 0.92, 0.93])
+    assert "all 64 coordinates" in _labels(by_title["Active units (valid)"])
+    assert fig.get_suptitle() == "a run"
+
+
+@pytest.mark.parametrize("records", [_records(latent=False), _records(latent=True, ar=True)],
+                         ids=["without latent keys", "AR records (zeros, no slots)"])
+def test_training_curves_of_records_without_latents_keep_three_panels(records):
+    fig = training_curves(records, REFERENCES)
+    assert len(fig.axes) == 3
+    _titled_and_labelled(fig)
+    kl = fig.axes[2]
+    assert kl.get_ylim()[0] == 0
+    # the references drawn are the valid ones, and say so
+    assert "unigram entropy (valid)" in _labels(fig.axes[0])
+    assert not any("test" in label for label in _labels(fig.axes[0]))
+
+
+def test_a_kl_heatmap_colour_scale_can_start_at_zero():
+    matrix = [[0.038, 0.05], [0.2, 0.4]]
+    free = heatmap(matrix, "slot", "layer", "KL")
+    assert free.axes[0].collections[0].get_clim()[0] == pytest.approx(0.038)  # the old look
+    fig = heatmap(matrix, "slot within layer", "layer", "KL per slot", vmin=0,
+                  colorbar="KL (nats)")
+    assert fig.axes[0].collections[0].get_clim()[0] == 0
+    assert fig.axes[1].get_ylabel() == "KL (nats)"
+
+
+def test_slot_correlation_matrices_agree_with_slot_similarity():
+    generator = torch.Generator().manual_seed(3)
+    n, layers, slots, dim = 200, 2, 3, 4
+    base = torch.randn(n, dim, generator=generator)
+    copies = torch.stack([(-1) ** s * base + s for s in range(slots)], dim=1)  # layer 0
+    independent = torch.randn(n, slots, dim, generator=generator)  # layer 1
+    loc = torch.cat([copies, independent], dim=1)
+    matrices = slot_correlation_matrices(loc, layers)
+    assert matrices.shape == (layers, slots, slots)
+    assert torch.allclose(matrices[0], torch.ones(slots, slots, dtype=torch.float64))
+    off = ~torch.eye(slots, dtype=torch.bool)
+    assert matrices[1][off].max() < 0.2
+    mean_off = sum(float(m[off].mean()) for m in matrices) / layers
+    assert mean_off == pytest.approx(slot_similarity(loc, layers)[0])
+    still = loc.clone()
+    still[:, 1] = 0.0  # a slot whose means never move
+    assert torch.isnan(slot_correlation_matrices(still, layers)[0, 1]).all()
+
+    fig = slot_correlations(matrices.numpy())
+    heatmaps = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(heatmaps) == layers
+    assert [ax.get_title() for ax in heatmaps] == ["layer 0", "layer 1"]
+    assert heatmaps[0].collections[0].get_clim() == (0, 1)
+    assert fig.get_suptitle()
+
+
+def _overlap(ax, fig) -> bool:  # noqa: ANN001
+    fig.canvas.draw()
+    low, high = ax.get_xlim()
+    boxes = [t.get_window_extent() for t in ax.get_xticklabels(which="both")
+             if t.get_text() and low <= t.get_position()[0] <= high]
+    boxes.sort(key=lambda b: b.x0)
+    return any(a.x1 > b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+def test_budget_curves_tick_labels_do_not_overlap():
+    """The WikiText-2 figure's FLOPs axis (3e12 to 7e13) labelled its minor ticks on top of
+    each other."""
+    curves = {"ltm-T16": [{"tokens": 1.0e5, "flops": 3.4e13, "neg_elbo": 7.13},
+                          {"tokens": 2.0e5, "flops": 6.8e13, "neg_elbo": 6.94}],
+              "ar-window": [{"tokens": 1.0e5, "flops": 2.9e12, "neg_elbo": 7.05},
+                            {"tokens": 2.0e5, "flops": 5.8e12, "neg_elbo": 6.87}]}
+    fig = load_script("bench_quality").curves_figure(curves, {"unigram_entropy_valid": 6.9})
+    for ax in fig.axes:
+        assert not _overlap(ax, fig)
+        assert sum(bool(t.get_text()) for t in ax.get_xticklabels(which="both")) >= 2
+    _titled_and_labelled(fig)
+    assert "unigram entropy (valid)" in _labels(fig.axes[0])
+
+
+def test_icl_accuracy_carries_binomial_standard_errors():
+    rows = [{"variant": v, "T_eval": 0, "shots": k, "items": 256, "accuracy": acc}
+            for v, accs in (("ltm-T16", (0.25, 0.3)), ("ar-window", (0.2, 0.4)))
+            for k, acc in zip((0, 4), accs)]
+    fig = load_script("bench_icl").accuracy_figure(rows, 0.247)
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if c.has_yerr]
+    assert len(bars) == 2
+    half_widths = [float(seg[1][1] - seg[0][1]) / 2 for seg in bars[0].lines[2][0].get_segments()]
+    assert half_widths == pytest.approx([math.sqrt(p * (1 - p) / 256) for p in (0.25, 0.3)])
+    assert ax.get_ylim()[0] == 0
+    _titled_and_labelled(fig)
+
+
+def _quality_results(latents_per_layer: int, curves: dict) -> dict:
+    config = {"data": {"path": "ptb"}, "model": {"latents_per_layer": latents_per_layer},
+              "train": {"max_steps": 300, "batch_size": 16, "seed": 0, "eval_every": 50,
+                        "eval_windows": 64}}
+    return {"command": "python experiments/bench_quality.py --label x", "corpus": "ptb",
+            "references": {"unigram_entropy_valid": 6.5}, "curves": curves,
+            "configs": {name: config for name in curves}}
+
+
+def test_replot_redraws_from_json_and_borrows_only_matching_baselines(tmp_path):
+    replot = load_script("replot")
+    point = [{"tokens": 1e5, "flops": 1e13, "neg_elbo": 6.4},
+             {"tokens": 2e5, "flops": 2e13, "neg_elbo": 6.2}]
+    lone = tmp_path / "lone.json"
+    lone.write_text(json.dumps(_quality_results(8, {"ltm-T16": point})))
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(_quality_results(8, {"ltm-T16": point, "ar-window": point})))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_quality_results(16, {"ltm-T16": point, "ar-window": point})))
+
+    assert replot.replot(lone, full) == [tmp_path / "lone.png"]
+    assert (tmp_path / "lone.png").stat().st_size > 0
+    curves, borrowed = replot.borrow_baselines(json.loads(lone.read_text()),
+                                               json.loads(full.read_text()), "full.json")
+    assert set(curves) == {"ltm-T16", "ar-window (full.json)"}
+    assert borrowed == ("ar-window (full.json)",)
+    with pytest.raises(UsageError, match="model differ"):
+        replot.replot(lone, other)
+    unknown = tmp_path / "speed.json"
+    unknown.write_text(json.dumps({"command": "python experiments/bench_speed.py"}))
+    with pytest.raises(UsageError, match="no figure"):
+        replot.replot(unknown)
