@@ -10,8 +10,6 @@ constructed case the encoder learns to propose a q better than the prior.
 from __future__ import annotations
 
 import copy
-import os
-import signal
 
 import pytest
 import torch
@@ -36,7 +34,7 @@ from ltm_pyro.model import LatentThoughtModel, LocalPosterior
 from ltm_pyro.svi import DualRateSVI
 
 from .conftest import micro_config
-from .test_core_behaviour import _records, _sharpened, _tiny_run
+from .test_core_behaviour import _records, _sharpened, _tiny_run, train_stopped_then_resumed
 
 
 def _encoded(inference: InferenceConfig, head_scale: float = 0.0, seed: int = 0,
@@ -212,20 +210,7 @@ def test_a_run_with_an_encoder_resumes_bit_identically_and_loads_it(tmp_path, mo
     reference = tmp_path / "reference"
     runner.train(config(), reference, progress=False)
     resumed = tmp_path / "resumed"
-    original = DualRateSVI.step
-
-    def step_then_stop(self, tokens, mask):  # noqa: ANN001, ANN202
-        stats = original(self, tokens, mask)
-        if self.step_count == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return stats
-
-    monkeypatch.setattr(DualRateSVI, "step", step_then_stop)
-    with pytest.raises(runner.Interrupted):
-        runner.train(config(), resumed, progress=False)
-    assert load_checkpoint(resumed)["step"] == 4
-    monkeypatch.setattr(DualRateSVI, "step", original)
-    runner.train(config(), resumed, progress=False)
+    train_stopped_then_resumed(config, resumed, monkeypatch)
 
     assert _records(resumed) == _records(reference)
     a, b = load_checkpoint(reference), load_checkpoint(resumed)

@@ -284,29 +284,32 @@ def test_kl_warmup_weights_the_training_loss_and_never_the_validation(tmp_path):
     assert valid["kl"] == pytest.approx(summary["kl_per_token"], rel=1e-6)
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    """Catches: a resume that restarts, skips or repeats steps, or loses the RNG, optimizer or
-    logging state. The run is stopped after step 4 of 6 as SIGTERM would stop it."""
-    reference = tmp_path / "reference"
-    runner.train(_tiny_run(), reference, progress=False)
-
-    resumed = tmp_path / "resumed"
-    calls = []
+def train_stopped_then_resumed(make_config, out, monkeypatch, stop_after: int = 4) -> None:
+    """Train ``make_config()`` into ``out``, stopped by SIGTERM after slow step ``stop_after``
+    as a signal would stop it (a checkpoint is written), then resume it with the same config."""
     original = DualRateSVI.step
 
     def step_then_stop(self, tokens, mask):  # noqa: ANN001, ANN202
         stats = original(self, tokens, mask)
-        calls.append(self.step_count)
-        if self.step_count == 4:
+        if self.step_count == stop_after:
             os.kill(os.getpid(), signal.SIGTERM)
         return stats
 
     monkeypatch.setattr(DualRateSVI, "step", step_then_stop)
     with pytest.raises(runner.Interrupted):
-        runner.train(_tiny_run(), resumed, progress=False)
-    assert load_checkpoint(resumed)["step"] == 4
+        runner.train(make_config(), out, progress=False)
+    assert load_checkpoint(out)["step"] == stop_after
     monkeypatch.setattr(DualRateSVI, "step", original)
-    runner.train(_tiny_run(), resumed, progress=False)
+    runner.train(make_config(), out, progress=False)
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Catches: a resume that restarts, skips or repeats steps, or loses the RNG, optimizer or
+    logging state. The run is stopped after step 4 of 6 as SIGTERM would stop it."""
+    reference = tmp_path / "reference"
+    runner.train(_tiny_run(), reference, progress=False)
+    resumed = tmp_path / "resumed"
+    train_stopped_then_resumed(_tiny_run, resumed, monkeypatch)
 
     assert _records(resumed) == _records(reference)
     a, b = load_checkpoint(reference), load_checkpoint(resumed)
