@@ -1,6 +1,7 @@
 """experiments/evaluate.py and the other scripts over a trained checkpoint."""
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -68,6 +69,10 @@ def test_evaluate_json_has_every_contract_key(trained, tmp_path):
     for key in ("tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl"):
         assert results[key] == pytest.approx(expected[key], rel=1e-6), key
     assert "iwae_ppl" in result.stdout  # the printed table
+    # bits per byte: the same nats over the bytes of the scored text (each word and its space)
+    nats = -expected["iwae_per_token"] * expected["tokens"]
+    assert results["bits_per_byte"] == pytest.approx(nats / math.log(2) / results["text_bytes"])
+    assert results["tokens"] < results["text_bytes"] < 20 * results["tokens"]
 
 
 @pytest.mark.slow
