@@ -117,7 +117,8 @@ class DualRateSVI:
         self.inference = inference
         self.train = train
         self.generator = generator
-        self.elbo = elbo
+        # The training fits' objective, built once (free bits apply: ``training=True``).
+        self.elbo = elbo or fit_objective(inference, ltm.config.n_layers, training=True)
         self.optimizer = slow_optimizer(ltm.decoder, train)
         self.step_count = 0
         self.shard = shard or Shard()
@@ -190,9 +191,8 @@ class DualRateSVI:
         noise = None
         if self.inference.encoder_loss == "elbo":
             noise = self.shard.randn(proposal.loc.shape, self.generator, proposal.loc.device)
-        elbo = self.elbo or fit_objective(self.inference, self.ltm.config.n_layers, True)
         loss = encoder_objective(self.ltm, tokens, mask, proposal, fitted, noise,
-                                 self.inference, elbo, kl_weight, normaliser)
+                                 self.inference, self.elbo, kl_weight, normaliser)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.ltm.encoder.parameters(),
                                               self.train.grad_clip)
