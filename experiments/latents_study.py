@@ -4,6 +4,10 @@ r"""Levers against posterior collapse on the built-in corpus, at a fixed budget 
         --variants ar-window,ar-full,ltm,ltm-fb --eval-steps 4,16,64
     python experiments/latents_study.py --label window4 --window 4 --report
 
+The variants are built on ``--preset tiny-v1`` unless told otherwise: the tiny preset as it
+was when the study began (a 16-token window, shared slot projections, the fit from log-variance
+-2), so that the committed commands reproduce their rows whatever ``tiny`` becomes.
+
 Each variant is the run flags given here plus its own flags (``VARIANTS``), trained into
 --runs/LABEL/NAME with the same tokens and seed (a finished run with the same config is
 reused). Each is scored on valid and test (all windows: 256 each by default, so the MI cap
@@ -62,6 +66,7 @@ from ltm_pyro.flops import (  # noqa: E402
     training_flops_per_token,
 )
 from ltm_pyro.inference import fit_local_posterior  # noqa: E402
+from ltm_pyro.latent_use import slot_linear_r2  # noqa: E402
 from ltm_pyro.modes import evaluating  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import train  # noqa: E402
@@ -144,6 +149,7 @@ def parser() -> OneLineParser:
     p.add_argument("--mi-samples", type=positive_int, default=4)
     p.add_argument("--probe-train-windows", type=non_negative_int, default=1024)
     p.add_argument("--report", action="store_true", help="gather the variants into results")
+    p.set_defaults(preset="tiny-v1")
     return p
 
 
@@ -194,36 +200,6 @@ def costs(trained, steps: int) -> dict:  # noqa: ANN001 - a RunConfig
                                      trained.train.decoder_grads, trained.inference)
     fit = fit_flops_per_token(trained.model, steps, trained.inference)
     return {"train_passes": round(train / forward, 2), "fit_passes": round(fit / forward, 2)}
-
-
-def slot_linear_r2(loc: torch.Tensor, n_layers: int) -> float:
-    """How well one slot's posterior mean predicts another's of the same layer, linearly.
-
-    For each ordered pair (s, t) of a layer's slots: least squares (with intercept) of slot
-    t's means [N, d] on slot s's, fitted on the first half of the windows, R^2 (1 - residual
-    / total sum of squares over t's dims) on the other half, clamped at 0 (a fit worse than
-    predicting the mean is no linear dependence); averaged over pairs and layers.
-    Unlike ``slot_correlation`` it does not compare coordinate i of one slot with coordinate
-    i of another: slots that are linear maps of each other (rotated copies) score near 1, and
-    slots that carry unrelated things near 0 (below 0 when the fit does not generalise).
-    """
-    per_layer = loc.double().unflatten(1, (n_layers, -1))  # [N, L, S, d]
-    half = loc.shape[0] // 2
-    scores = []
-    for layer in per_layer.unbind(1):
-        slots = layer.shape[1]
-        for s in range(slots):
-            x = torch.cat([layer[:, s], torch.ones(len(layer), 1, dtype=layer.dtype)], 1)
-            for t in range(slots):
-                if s == t:
-                    continue
-                y = layer[:, t]
-                coef = torch.linalg.lstsq(x[:half], y[:half]).solution
-                residual = ((x[half:] @ coef - y[half:]) ** 2).sum()
-                total = ((y[half:] - y[half:].mean(0)) ** 2).sum()
-                if total > 0:
-                    scores.append(max(0.0, float(1 - residual / total)))
-    return sum(scores) / len(scores) if scores else float("nan")
 
 
 def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> dict:

@@ -229,6 +229,15 @@ PRESETS: dict[str, RunConfig] = {
              eval_every=100, checkpoint_every=200),
         HONEST_CPU_GUIDE,
     ),
+    # The tiny preset as the latents study began (issue 13): a 16-token window, shared slot
+    # projections, the fit from log-variance -2; latents_study.py builds its variants on it.
+    "tiny-v1": _preset(
+        dict(context=64, d_model=64, n_layers=2, n_heads=4, latents_per_layer=4, window=16,
+             latent_dim=8),
+        dict(max_steps=400, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=40,
+             eval_every=100, checkpoint_every=200),
+        HONEST_CPU_GUIDE,
+    ),
     # Minutes on a CPU: big enough that the decoder, not Pyro's bookkeeping, dominates.
     "small": _preset(
         dict(context=128, d_model=256, n_layers=4, n_heads=4, latents_per_layer=8, window=32,

@@ -35,6 +35,12 @@ and ``prior_iwae_ppl`` equal to ``iwae_ppl``. docs/latent-diagnostics.md reads t
   scaled to unit norm, averaged over layers: 1 when the slots are copies, slots_per_layer when
   they are uncorrelated. Slots whose means never move count in neither (None for a model
   without latents).
+- ``slot_linear_r2``: how well one slot's posterior means predict another's of the same layer
+  by a least-squares map (cross-validated R^2, clamped at 0, averaged over ordered pairs and
+  layers). ``slot_correlation`` compares coordinate i of one slot with coordinate i of
+  another, which means little once each slot has its own projections (``--slot-roles``):
+  rotated copies score 0 there and near 1 here. 1: a slot is a linear function of another;
+  0: nothing linear in common. None with fewer than 4 windows or 2 slots a layer.
 - ``prior_iwae_ppl`` (in ``bounds.evaluate_windows``): the same model scored with the prior as
   importance proposal, w = p(x|z), z ~ p(z), K draws. A model whose decoder ignores z scores
   the same as with its fitted q; the gap to ``iwae_ppl`` is what inference buys at test time.
@@ -173,6 +179,32 @@ def slot_correlation_matrices(loc: Tensor, n_layers: int) -> Tensor:
     return torch.stack(out)
 
 
+def slot_linear_r2(loc: Tensor, n_layers: int) -> float | None:
+    """Cross-validated R^2 of a least-squares map (with intercept) from one slot's posterior
+    means [N, d] to another's of the same layer: fitted on the first half of the windows,
+    scored on the other half (1 - residual / total sum of squares over the target's dims),
+    clamped at 0 (a map worse than the target's mean is no linear dependence), averaged over
+    ordered pairs and layers. None when there is nothing to score."""
+    per_layer = loc.double().unflatten(1, (n_layers, -1))  # [N, L, S, d]
+    half = loc.shape[0] // 2
+    if half < 2:
+        return None
+    scores = []
+    for layer in per_layer.unbind(1):
+        design = torch.cat([layer, torch.ones(*layer.shape[:2], 1, dtype=layer.dtype)], 2)
+        for s in range(layer.shape[1]):
+            for t in range(layer.shape[1]):
+                if s == t:
+                    continue
+                target = layer[:, t]
+                coef = torch.linalg.lstsq(design[:half, s], target[:half]).solution
+                residual = ((design[half:, s] @ coef - target[half:]) ** 2).sum()
+                total = ((target[half:] - target[half:].mean(0)) ** 2).sum()
+                if total > 0:
+                    scores.append(max(0.0, float(1 - residual / total)))
+    return _mean(scores)
+
+
 def latent_use_summary(posterior: LocalPosterior | None, n_layers: int, windows: int,
                        mi_samples: int = 4, generator: torch.Generator | None = None) -> dict:
     """Every per-window measure of the module docstring from the ``windows`` posteriors.
@@ -184,7 +216,7 @@ def latent_use_summary(posterior: LocalPosterior | None, n_layers: int, windows:
         return {"kl_per_window": 0.0, "mutual_info_per_window": 0.0, "mutual_info_stderr": 0.0,
                 "mutual_info_cap": math.log(windows), "mutual_info_samples": mi_samples,
                 "active_units": 0, "active_units_total": 0,
-                "slot_correlation": None, "slot_effective_rank": None}
+                "slot_correlation": None, "slot_effective_rank": None, "slot_linear_r2": None}
     mi = mutual_information(posterior, mi_samples, generator)
     correlation, rank = slot_similarity(posterior.loc, n_layers)
     return {
@@ -197,4 +229,5 @@ def latent_use_summary(posterior: LocalPosterior | None, n_layers: int, windows:
         "active_units_total": posterior.loc[0].numel(),
         "slot_correlation": correlation,
         "slot_effective_rank": rank,
+        "slot_linear_r2": slot_linear_r2(posterior.loc, n_layers),
     }

@@ -127,7 +127,7 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
 
 LATENT_KEYS = ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
                "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
-               "slot_effective_rank")
+               "slot_effective_rank", "slot_linear_r2")
 
 
 def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,

@@ -104,8 +104,13 @@ def bounds_against_steps(rows: list[dict], references: dict[str, float] | None =
     exp of the corpus' references. Each reference is the one of ``split`` when the corpus has
     it (the entropy floor has both), else the valid one, and its label says which split."""
     sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    with_mi = all(r.get("mutual_info_per_window") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_mi else 1, figsize=(12 if with_mi else 7, 4.5),
+                             constrained_layout=True, squeeze=False)
+    ax = axes[0, 0]
     steps = [r["inference_steps"] for r in rows]
+    if with_mi:
+        _information_against_steps(axes[0, 1], rows, steps)
     for key, name in (("elbo_ppl", "exp(-ELBO) (bound)"), ("iwae_ppl", "exp(-IWAE) (bound)"),
                       ("recon_ppl", "recon_ppl (no KL, not a bound)")):
         ax.plot(steps, [r[key] for r in rows], "o-", label=name)
@@ -123,6 +128,25 @@ def bounds_against_steps(rows: list[dict], references: dict[str, float] | None =
     ax.set_title(title or f"Bounds against test-time inference steps ({split} split)")
     ax.legend(fontsize=8)
     return fig
+
+
+def _information_against_steps(ax, rows: list[dict], steps: list[int]) -> None:  # noqa: ANN001
+    """MI (with its standard error and its cap log N) and KL per window against T_eval: does a
+    longer fit make z carry more about its window, or only fit the bound better?"""
+    mi = [r["mutual_info_per_window"] for r in rows]
+    err = [1.96 * (r.get("mutual_info_stderr") or 0.0) for r in rows]
+    ax.errorbar(steps, mi, yerr=err, fmt="o-", capsize=3, label="MI I(x; z) (95% interval)")
+    ax.plot(steps, [r["kl_per_window"] for r in rows], "s--", label="KL(q || p)")
+    cap = rows[0].get("mutual_info_cap")
+    if cap is not None:
+        ax.axhline(cap, ls=":", color="grey", label=f"MI cap log N = {cap:.2f}")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, max(steps) * 1.3 + 0.5)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("inference steps at evaluation T_eval (0: the start q_0)")
+    ax.set_ylabel("nats per window")
+    ax.set_title("What z carries against T_eval")
+    ax.legend(fontsize=8)
 
 
 def readable_log_ticks(ax, axis: str = "x") -> None:  # noqa: ANN001 - an Axes

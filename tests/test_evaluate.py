@@ -112,6 +112,8 @@ def test_inference_step_sweep_writes_json_and_png(trained, tmp_path):
                            elbo_samples=4, max_windows=8)
         assert row["iwae_ppl"] == pytest.approx(expected["iwae_ppl"], rel=1e-6)
         assert row["recon_ppl"] == pytest.approx(expected["recon_ppl"], rel=1e-6)
+        assert row["mutual_info_cap"] == pytest.approx(math.log(8))
+        assert 0 <= row["mutual_info_per_window"] <= row["mutual_info_cap"] + 1e-9
     assert rows[0]["recon_ppl"] != pytest.approx(rows[1]["recon_ppl"], rel=1e-6)
     assert (tmp_path / "sweep.png").stat().st_size > 0
 

@@ -59,6 +59,19 @@ def test_sweep_references_name_the_split_they_come_from(split):
     _titled_and_labelled(fig)
 
 
+def test_sweep_with_latent_use_draws_mi_and_kl_beside_the_bounds():
+    rows = [dict(r, mutual_info_per_window=1 + r["inference_steps"] / 8,
+                 mutual_info_stderr=0.1, mutual_info_cap=5.5, kl_per_window=2.0 + t)
+            for t, r in enumerate(_sweep_rows())]
+    fig = bounds_against_steps(rows, REFERENCES, "valid")
+    assert len(fig.axes) == 2
+    info = fig.axes[1]
+    assert {"MI I(x; z) (95% interval)", "KL(q || p)", "MI cap log N = 5.50"} <= set(_labels(info))
+    assert info.get_ylim()[0] == 0
+    _titled_and_labelled(fig)
+    assert len(bounds_against_steps(_sweep_rows(), REFERENCES).axes) == 1  # no MI: one panel
+
+
 def test_sweep_script_figure_passes_its_split():
     from ltm_pyro.commands.sweep import figure
 

@@ -23,6 +23,7 @@ from ltm_pyro.latent_use import (
     kl_per_window,
     latent_use_summary,
     mutual_information,
+    slot_linear_r2,
     slot_similarity,
 )
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior
@@ -184,6 +185,25 @@ def test_a_shared_constant_offset_is_not_correlation():
     assert correlation < 0.05
 
 
+def test_slot_linear_r2_sees_rotated_copies_that_correlation_misses():
+    """Slots that are rotations of one another are linear copies (R^2 near 1) although their
+    coordinate-wise correlation is near 0; independent slots share nothing (near 0)."""
+    generator = torch.Generator().manual_seed(3)
+    n, d = 400, 6
+    base = torch.randn(n, d, generator=generator)
+    rotations = [torch.linalg.qr(torch.randn(d, d, generator=generator))[0] for _ in range(3)]
+    copies = torch.stack([base] + [base @ r for r in rotations], 1)  # [N, 4 slots, d]
+    correlation, _ = slot_similarity(copies, 1)
+    assert correlation < 0.2
+    assert slot_linear_r2(copies, 1) > 0.99
+    independent = torch.randn(n, 4, d, generator=generator)
+    assert slot_linear_r2(independent, 1) < 0.05
+    # two layers: one of copies, one independent, average to about a half
+    both = torch.cat([copies, independent], 1)
+    assert slot_linear_r2(both, 2) == pytest.approx(0.5, abs=0.03)
+    assert slot_linear_r2(copies[:3], 1) is None  # too few windows to hold any out
+
+
 def test_summary_of_a_model_without_latents():
     ar = LatentThoughtModel(Decoder(micro_config(latents_per_layer=0)))
     summary = evaluate_windows(ar, _windows(10), InferenceConfig(), batch_size=4, iw_samples=2,
@@ -191,6 +211,7 @@ def test_summary_of_a_model_without_latents():
     assert summary["mutual_info_per_window"] == 0 and summary["kl_per_window"] == 0
     assert summary["active_units"] == summary["active_units_total"] == 0
     assert summary["slot_correlation"] is None and summary["slot_effective_rank"] is None
+    assert summary["slot_linear_r2"] is None
     assert summary["prior_iwae_ppl"] == summary["iwae_ppl"]
     assert latent_use_summary(None, 2, 10)["mutual_info_cap"] == pytest.approx(math.log(10))
 
@@ -265,7 +286,7 @@ def test_bench_quality_fits_the_ablation_like_the_ltm_and_with_the_prior():
 
 NEW_KEYS = {"kl_per_window", "mutual_info_per_window", "mutual_info_stderr", "mutual_info_cap",
             "active_units", "active_units_total", "slot_correlation", "slot_effective_rank",
-            "prior_iwae_ppl", "prior_samples"}
+            "slot_linear_r2", "prior_iwae_ppl", "prior_samples"}
 
 
 def test_a_run_logs_latent_use_and_evaluate_reports_it(tmp_path, monkeypatch, capsys):

@@ -47,7 +47,8 @@ METRICS = ["tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "r
            "bits_per_byte"]
 LATENT_METRICS = ["windows", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
                   "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
-                  "slot_effective_rank", "prior_samples", "iwae_ppl", "prior_iwae_ppl"]
+                  "slot_effective_rank", "slot_linear_r2", "prior_samples", "iwae_ppl",
+                  "prior_iwae_ppl"]
 MDLM_METRICS = ["bound_samples", "bound_stderr_per_token", "bound_ppl_rel_stderr"]
 
 

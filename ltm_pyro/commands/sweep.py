@@ -4,9 +4,13 @@ r"""Test-time inference scaling: one checkpoint scored at several numbers of inf
         --out experiments/results/topic-style/inference_steps
     (or: python experiments/sweep_inference_steps.py with the same flags)
 
-Writes OUT.json (one row per T_eval: elbo_ppl, iwae_ppl, recon_ppl and per-token terms) and
-OUT.png (the three perplexities against T_eval, log-scaled, with the corpus' references of
-the split). `python experiments/replot.py OUT.json` redraws OUT.png from OUT.json.
+Writes OUT.json (one row per T_eval: elbo_ppl, iwae_ppl, recon_ppl, per-token terms and
+what z carries: KL and mutual information per window, slot correlation; see
+docs/latent-diagnostics.md) and OUT.png (the three perplexities against T_eval, log-scaled,
+with the corpus' references of the split, and the MI and KL against T_eval). The MI estimate
+is capped at log N for N windows: `--split train` with a larger `--max-windows` raises the
+cap (those windows were trained on). `python experiments/replot.py OUT.json` redraws OUT.png
+from OUT.json.
 """
 
 from __future__ import annotations
@@ -25,17 +29,20 @@ from ..report import markdown_table, write_results
 from ..viz import bounds_against_steps, save_figure
 
 COLUMNS = ["inference_steps", "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl",
-           "recon_ppl"]
+           "recon_ppl", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
+           "mutual_info_cap", "slot_correlation", "slot_linear_r2"]
 
 
 def parser() -> OneLineParser:
     p = OneLineParser.from_doc(__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder or checkpoint.pt")
     p.add_argument("--steps", type=int_list, default=[0, 1, 2, 4, 8, 16, 32, 64])
-    p.add_argument("--split", choices=("valid", "test"), default="valid")
+    p.add_argument("--split", choices=("train", "valid", "test"), default="valid")
     p.add_argument("--max-windows", type=positive_int, default=128)
     p.add_argument("--iw-samples", type=positive_int, default=16)
     p.add_argument("--elbo-samples", type=positive_int, default=4)
+    p.add_argument("--mi-samples", type=positive_int, default=4,
+                   help="draws from each window's q for the mutual information")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu")
@@ -67,7 +74,7 @@ def main() -> int:
         rows.append(evaluate_windows(
             ltm, windows, config.inference, steps=steps, batch_size=args.batch_size,
             elbo_samples=args.elbo_samples, iw_samples=args.iw_samples, seed=args.seed,
-            device=device))
+            device=device, latent_stats=True, mi_samples=args.mi_samples))
         print(markdown_table(rows[-1:], COLUMNS), flush=True)
     table = markdown_table(rows, COLUMNS)
     results = {
