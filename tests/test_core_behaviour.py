@@ -393,12 +393,13 @@ def test_a_run_saved_before_a_config_field_existed_still_resumes(tmp_path):
     out = tmp_path / "old"
     runner.train(_tiny_run(max_steps=3), out, progress=False)
     payload = load_checkpoint(out)
-    del payload["config"]["inference"]["init_loc_scale"]  # as written before the field existed
+    # as written before the field existed (the tiny preset keeps its default, "slot")
+    del payload["config"]["inference"]["free_bits_group"]
     save_checkpoint(checkpoint_path(out), payload)
     before = _records(out)
     runner.train(_tiny_run(max_steps=3), out, progress=False)
     assert _records(out) == before and load_checkpoint(out)["step"] == 3
     changed = _tiny_run(max_steps=3)
-    changed.inference.init_loc_scale = 0.5
+    changed.inference.free_bits_group = "layer"
     with pytest.raises(runner.UsageError, match="different config"):
         runner.train(changed, out, progress=False)

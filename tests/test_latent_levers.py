@@ -135,10 +135,14 @@ def test_symmetry_breaking_start_gives_distinct_fixed_slots(ltm):
 
 
 def test_levers_are_off_by_default_and_set_by_flags():
-    for name in ("tiny", "small", "ltm-s"):
-        inference = preset(name).inference
+    """Off in the dataclass and every preset but ``tiny``, which is the latents study's
+    recipe (prior start, 1 free nat per slot, offsets 0.5)."""
+    for inference in [InferenceConfig()] + [preset(n).inference for n in ("tiny-v1", "small",
+                                                                            "ltm-s")]:
         assert inference.free_bits == 0.0 and inference.init_loc_scale == 0.0
         assert inference.free_bits_group == "slot"
+    tiny = preset("tiny").inference
+    assert (tiny.init_log_var, tiny.free_bits, tiny.init_loc_scale) == (0.0, 1.0, 0.5)
     p = OneLineParser()
     add_run_arguments(p)
     config = config_from_args(p.parse_args(["--free-bits", "1.5", "--free-bits-group", "layer",

@@ -15,7 +15,7 @@ import torch
 
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args
-from ltm_pyro.config import PRESETS, RunConfig, preset
+from ltm_pyro.config import PRESETS, ModelConfig, RunConfig, preset
 from ltm_pyro.decoder import Decoder, SlotLinear, count_parameters, matched_ar_config
 from ltm_pyro.tokenizers import WordTokenizer
 
@@ -105,8 +105,9 @@ def test_embedding_roles_break_the_symmetry_through_the_keys_only():
 
 
 def test_default_is_shared_and_builds_the_released_weights():
-    for config in PRESETS.values():
-        assert config.model.slot_roles == "shared"
+    assert ModelConfig().slot_roles == "shared"
+    for name, config in PRESETS.items():  # tiny is the latents study's recipe
+        assert config.model.slot_roles == ("key-value" if name == "tiny" else "shared")
     torch.manual_seed(3)
     default = Decoder(micro_config())
     torch.manual_seed(3)
@@ -187,7 +188,8 @@ def test_checkpoint_round_trip_keeps_the_roles_and_weights(tmp_path, roles):
 def test_slot_roles_flag_and_bad_values():
     p = OneLineParser()
     add_run_arguments(p)
-    assert config_from_args(p.parse_args([])).model.slot_roles == "shared"
+    assert config_from_args(p.parse_args([])).model.slot_roles == "key-value"  # tiny's
+    assert config_from_args(p.parse_args(["--preset", "small"])).model.slot_roles == "shared"
     assert config_from_args(p.parse_args(["--slot-roles", "value"])).model.slot_roles == "value"
     with pytest.raises(SystemExit):
         p.parse_args(["--slot-roles", "per-slot"])
