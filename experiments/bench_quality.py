@@ -403,7 +403,7 @@ def tune(bench: Bench, runs: dict[str, RunConfig], grid: list[GridPoint], seeds:
     for (name, config), point in itertools.product(runs.items(), grid):
         run_dir = bench.args.runs / bench.args.label / folder_name(name, seed, seeds, point)
         bench.tuning.append({"family": name, "lr": point.lr, "warmup_steps": point.warmup_steps,
-                             "folder": run_dir.name, **tuning_figure(
+                             "seed": seed, "folder": run_dir.name, **tuning_figure(
                                  bench, name, seeded(point.apply(config), seed), seed, run_dir)})
     bench.chosen = choose(bench.tuning)
     bench.points = {name: GridPoint(bench.chosen[name]["lr"], bench.chosen[name]["warmup_steps"])
@@ -500,7 +500,7 @@ def tuning_record(bench: Bench, grid: list[GridPoint]) -> dict:
     """The grid, every point's valid figure and each family's choice, for the results."""
     return {
         "grid": [{"lr": p.lr, "warmup_steps": p.warmup_steps} for p in grid],
-        "seed": (bench.args.seeds or [bench.base.train.seed])[0], "split": "valid",
+        "seed": bench.tuning[0]["seed"], "split": "valid",
         "windows": len(bench.windows("valid")),
         "criterion": "lowest iwae_ppl on valid at the training T (ltm-no-inference: fitted "
                      "like the LTM; mdlm: its NELBO bound)",
