@@ -23,12 +23,27 @@ baseline row, ltm_vs_this: the LTM's relative perplexity against it on the same 
 paired bootstrap 95% interval. --seeds 0,1,2 trains and scores every variant at each seed and
 adds mean and sd over seeds. Writes LABEL.json, LABEL.md and LABEL.png (validation -ELBO
 against tokens and against training FLOPs, every inner step counted) into --results.
+
+Equal tuning: --tune-lr 1e-3,3e-3 --tune-warmup 30,100 gives every family trained (each LTM,
+ltm-no-inference, ar-window, ar-full, mdlm) the same grid of slow learning rate (decaying to
+a tenth, as --slow-lr) x warm-up steps (one flag alone: the run's value on the other axis). Each
+family is trained at every point (at the first seed, into --runs/LABEL/VARIANT@lrLR-wuW),
+scored on the valid split (the first --test-windows windows) by iwae_ppl at its training T
+(the ablation: fitted like the LTM; mdlm: its bound), and the point with the best figure is the
+family's choice: its run is scored on --splits as without tuning (other seeds are trained at
+the chosen point). The results record the grid, every point's valid figure and each choice.
+Equal FLOPs: --equal-flops also trains ar-window, ar-full and mdlm for the training FLOPs of the
+LTM at the run's T (every inner step counted, rounded to whole steps; same warm-up, lr and
+cosine over the longer run) as rows VARIANT@flops, with ltm_vs_this like the other baselines,
+and a table of every variant's steps, tokens, epochs over the train split and FLOPs.
+Finished runs in --runs/LABEL with the same config are reused, not trained again.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -47,22 +62,27 @@ from ltm_pyro.cli import (  # noqa: E402
     config_from_args,
     int_list,
     non_negative_int,
+    positive_float,
     positive_int,
     run_main,
 )
-from ltm_pyro.comparisons import NO_INFERENCE, comparison_configs, prior_as_posterior  # noqa: E402
+from ltm_pyro.comparisons import (  # noqa: E402
+    NO_INFERENCE,
+    comparison_configs,
+    equal_flop_steps,
+    prior_as_posterior,
+    run_flops_per_token,
+    with_slow_schedule,
+)
 from ltm_pyro.config import InferenceConfig, RunConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
+from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.files import read_jsonl  # noqa: E402
-from ltm_pyro.flops import (  # noqa: E402
-    fit_flops_per_token,
-    forward_flops_per_token,
-    training_flops_per_token,
-)
+from ltm_pyro.flops import fit_flops_per_token, forward_flops_per_token  # noqa: E402
 from ltm_pyro.mdlm import evaluate_bound  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import METRICS_NAME, train  # noqa: E402
+from ltm_pyro.runner import METRICS_NAME, Diverged, train  # noqa: E402
 from ltm_pyro.uncertainty import mean_and_sd, paired_bootstrap  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
@@ -72,6 +92,10 @@ COLUMNS = ["variant", "seed", "params", "tokens_seen", "train_pflops", "train_wa
            "prior_iwae_ppl", "kl_per_window", "mutual_info_per_window", "active_units",
            "slot_correlation", "bound_ppl_rel_stderr", "ltm_vs_this", "ltm_vs_this_low",
            "ltm_vs_this_high"]
+TUNED_COLUMNS = COLUMNS[:2] + ["slow_lr", "warmup_steps"] + COLUMNS[2:]
+BUDGET_COLUMNS = ["variant", "slow_steps", "tokens_seen", "epochs", "train_pflops",
+                  "flops_vs_ltm"]
+FLOPS_SUFFIX = "@flops"
 SEED_COLUMNS = ["variant", "split", "T_eval", "seeds", "iwae_ppl_mean", "iwae_ppl_sd",
                 "elbo_ppl_mean", "elbo_ppl_sd", "ltm_vs_this_mean", "ltm_vs_this_sd"]
 
@@ -106,8 +130,26 @@ def parser() -> OneLineParser:
     p.add_argument("--seeds", type=int_list,
                    help="train and score every variant at each seed, e.g. 0,1,2 (default: "
                    "--seed); rows per seed and mean and sd over seeds")
+    p.add_argument("--tune-lr", type=positive_float_list,
+                   help="equal tuning: slow learning rates of the grid every family is trained "
+                   "at, e.g. 1e-3,3e-3; each family's point is chosen on valid (default: the "
+                   "run's --slow-lr alone)")
+    p.add_argument("--tune-warmup", type=int_list,
+                   help="equal tuning: warm-up steps of the grid, e.g. 30,100 (default: the "
+                   "run's --warmup-steps alone)")
+    p.add_argument("--equal-flops", action="store_true",
+                   help="also train ar-window, ar-full and mdlm for the LTM's training FLOPs "
+                   f"(more steps; rows VARIANT{FLOPS_SUFFIX})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
+
+
+def positive_float_list(text: str) -> list[float]:
+    """A comma-separated list of numbers above zero, e.g. "1e-3,3e-3"."""
+    values = [positive_float(v.strip()) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} must list numbers above zero")
+    return values
 
 
 def split_list(text: str) -> list[str]:
@@ -196,59 +238,215 @@ def add_paired_intervals(rows: list[dict], per_window: dict[tuple, dict], ltm: s
                    ltm_vs_this_high=result["high"])
 
 
+@dataclass(frozen=True)
+class GridPoint:
+    """One point of the tuning grid: the slow loop's peak learning rate and warm-up steps."""
+
+    lr: float
+    warmup_steps: int
+
+    @property
+    def label(self) -> str:
+        return f"lr {self.lr:g}, wu {self.warmup_steps}"
+
+    @property
+    def suffix(self) -> str:
+        """What the point adds to a run folder's name."""
+        return f"@lr{self.lr:g}-wu{self.warmup_steps}"
+
+    def apply(self, config: RunConfig) -> RunConfig:
+        return with_slow_schedule(config, self.lr, self.warmup_steps)
+
+
+def tuning_grid(args: argparse.Namespace, base: RunConfig) -> list[GridPoint]:
+    """--tune-lr x --tune-warmup (an axis not given: the run's own value); empty without
+    either flag, which leaves every variant as it was."""
+    if args.tune_lr is None and args.tune_warmup is None:
+        return []
+    lrs = dict.fromkeys(args.tune_lr or [base.train.lr])
+    warmups = dict.fromkeys(args.tune_warmup or [base.train.warmup_steps])
+    return [GridPoint(lr, warmup) for lr, warmup in itertools.product(lrs, warmups)]
+
+
+def folder_name(name: str, seed: int, seeds: list[int], point: GridPoint | None = None) -> str:
+    """A run's folder under --runs/LABEL: the variant, its grid point when tuned, and its
+    seed when there are several (a finished run there with the same config is reused)."""
+    return name + (point.suffix if point else "") + ("" if len(seeds) == 1 else f"-seed{seed}")
+
+
+def choose(points: list[dict]) -> dict[str, dict]:
+    """Each family's point with the lowest ``valid_iwae_ppl`` (the first of equal ones); a
+    diverged or non-finite point is never chosen, and a family with no other point is an
+    error."""
+    chosen: dict[str, dict] = {}
+    for point in points:
+        figure, best = point["valid_iwae_ppl"], chosen.get(point["family"])
+        if figure is not None and math.isfinite(figure) and (
+                best is None or figure < best["valid_iwae_ppl"]):
+            chosen[point["family"]] = point
+    failed = sorted({p["family"] for p in points} - chosen.keys())
+    if failed:
+        raise UsageError(f"no point of the tuning grid trained to a finite valid figure for "
+                         f"{', '.join(failed)}; try lower --tune-lr values")
+    return chosen
+
+
+def seeded(config: RunConfig, seed: int) -> RunConfig:
+    return replace(config, train=replace(config.train, seed=seed))
+
+
+def trained_steps(name: str, config: RunConfig, base: RunConfig) -> int:
+    """The T a variant is scored at by default: its training T (the ablation: the LTM's)."""
+    return base.inference.steps if name == NO_INFERENCE else config.inference.steps
+
+
 @dataclass
 class Bench:
-    """What the variants share: the flags, the base run, the scored windows, and what has
-    been gathered so far (rows, per-window figures, curves, configs)."""
+    """What the variants share: the flags, the base run, the corpus, and what has been
+    gathered so far (rows, per-window figures, curves, configs; the tuning pass's wall times,
+    valid summaries, points and choices; each variant's training budget)."""
 
     args: argparse.Namespace
     base: RunConfig
     corpus: object = None  # a Corpus, once the first run has been loaded
-    scored: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
     per_window: dict = field(default_factory=dict)
     curves: dict = field(default_factory=dict)
     configs: dict = field(default_factory=dict)
+    walls: dict = field(default_factory=dict)  # run folder -> training seconds (tuning pass)
+    cached: dict = field(default_factory=dict)  # (run folder, split, T_eval) -> summary
+    tuning: list = field(default_factory=list)  # one record per (family, grid point)
+    chosen: dict = field(default_factory=dict)  # family -> its chosen tuning record
+    points: dict = field(default_factory=dict)  # variant -> the GridPoint it was trained at
+    budgets: dict = field(default_factory=dict)  # variant -> steps, tokens, epochs, FLOPs
+
+    @property
+    def columns(self) -> list[str]:
+        return TUNED_COLUMNS if self.points else COLUMNS
+
+    def windows(self, split: str):  # noqa: ANN201 - a tensor of windows
+        return self.corpus.windows[split][: self.args.test_windows]
+
+    def folder(self, name: str, seed: int, seeds: list[int]) -> Path:
+        return self.args.runs / self.args.label / folder_name(name, seed, seeds,
+                                                              self.points.get(name))
 
 
-def run_variant(bench: Bench, name: str, config: RunConfig, seed: int, run_dir: Path) -> None:
-    """Train one variant at one seed, then score it on every split and T_eval."""
-    args, base = bench.args, bench.base
-    started = time.perf_counter()
-    train(config, run_dir, force=True, progress=not args.no_progress)
-    wall = time.perf_counter() - started
+def trained_run(bench: Bench, config: RunConfig, run_dir: Path) -> tuple:
+    """Train ``config`` into ``run_dir`` (not again when the tuning pass did: its wall time
+    is kept) and load it: (wall seconds, model, trained config). The first run loaded fixes
+    the corpus."""
+    if run_dir in bench.walls:
+        wall = bench.walls[run_dir]
+    else:
+        started = time.perf_counter()
+        train(config, run_dir, force=True, progress=not bench.args.no_progress)
+        wall = time.perf_counter() - started
     ltm, trained, tokenizer = model_from_checkpoint(load_checkpoint(run_dir), config.train.device)
     if bench.corpus is None:
         bench.corpus = load_corpus(trained.data, trained.model.context, tokenizer)
-        bench.scored = {split: bench.corpus.windows[split][: args.test_windows]
-                        for split in args.splits}
+    return wall, ltm, trained
+
+
+def score(bench: Bench, name: str, ltm, trained: RunConfig, split: str, steps: int,  # noqa: ANN001
+          seed: int) -> dict:
+    """One split's figures at T_eval ``steps`` (an MDLM: its bound), per window as well."""
+    args, device, batch = bench.args, trained.train.device, trained.train.batch_size
+    if trained.model_kind == "mdlm":
+        return evaluate_bound(ltm.decoder, bench.windows(split), args.bound_samples, batch,
+                              seed, device)
+    return evaluate_windows(
+        ltm, bench.windows(split), eval_inference(name, steps, trained, bench.base),
+        steps=steps, batch_size=batch, elbo_samples=args.elbo_samples,
+        iw_samples=args.iw_samples, seed=seed, device=device, latent_stats=True,
+        mi_samples=args.mi_samples, prior_samples=args.prior_samples, per_window=True)
+
+
+def run_variant(bench: Bench, name: str, config: RunConfig, seed: int, run_dir: Path) -> None:
+    """Train one variant at one seed (or take the tuning pass's run), then score it on every
+    split and T_eval."""
+    args, base = bench.args, bench.base
+    wall, ltm, trained = trained_run(bench, config, run_dir)
     bench.configs[run_dir.name] = trained.to_dict()
-    per_token = training_flops_per_token(trained.model, config.inference.steps,
-                                         config.train.decoder_grads)
+    per_token = run_flops_per_token(trained)
     bench.curves[run_dir.name] = validation_curve(run_dir, trained, per_token)
     tokens_seen = config.train.max_steps * config.train.batch_size * config.model.context
-    trained_steps = base.inference.steps if name == NO_INFERENCE else config.inference.steps
-    eval_steps = (args.eval_inference_steps or [trained_steps]) if ltm.has_latents else [0]
+    bench.budgets.setdefault(name, {
+        "variant": name, "slow_steps": config.train.max_steps, "tokens_seen": tokens_seen,
+        "epochs": config.train.max_steps * config.train.batch_size
+        / len(bench.corpus.windows["train"]), "train_pflops": tokens_seen * per_token / 1e15})
+    trained_t = trained_steps(name, config, base)
+    eval_steps = (args.eval_inference_steps or [trained_t]) if ltm.has_latents else [0]
     if name == NO_INFERENCE:  # also q = the prior, whatever the LTM's T_eval
         eval_steps = sorted({0, *eval_steps})
-    for (split, windows), steps in itertools.product(bench.scored.items(), eval_steps):
-        summary = evaluate_bound(
-            ltm.decoder, windows, args.bound_samples, config.train.batch_size, seed,
-            config.train.device) if trained.model_kind == "mdlm" else evaluate_windows(
-            ltm, windows, eval_inference(name, steps, trained, base), steps=steps,
-            batch_size=config.train.batch_size, elbo_samples=args.elbo_samples,
-            iw_samples=args.iw_samples, seed=seed, device=config.train.device,
-            latent_stats=True, mi_samples=args.mi_samples, prior_samples=args.prior_samples,
-            per_window=True)
+    for split, steps in itertools.product(args.splits, eval_steps):
+        summary = bench.cached.pop((run_dir, split, steps), None) or score(
+            bench, name, ltm, trained, split, steps, seed)
         if "per_window" in summary:
             bench.per_window[(name, seed, split, steps)] = summary.pop("per_window")
+        tuned = {"slow_lr": config.train.lr, "warmup_steps": config.train.warmup_steps
+                 } if name in bench.points else {}
         bench.rows.append({
-            "variant": name, "seed": seed, "params": count_parameters(trained.model),
+            "variant": name, "seed": seed, **tuned, "params": count_parameters(trained.model),
             "tokens_seen": tokens_seen, "train_pflops": tokens_seen * per_token / 1e15,
             "train_wall_s": round(wall, 1), "split": split, "T_eval": steps,
             "eval_passes": eval_passes(trained, steps, args.iw_samples, args.bound_samples),
             **summary})
-        print(markdown_table(bench.rows[-1:], COLUMNS), flush=True)
+        print(markdown_table(bench.rows[-1:], bench.columns), flush=True)
+
+
+def tune(bench: Bench, runs: dict[str, RunConfig], grid: list[GridPoint], seeds: list[int]
+         ) -> dict[str, RunConfig]:
+    """Equal tuning: train every family at every grid point (at the first seed), score each
+    on valid, and return each family's config at its chosen point (``choose``)."""
+    seed = seeds[0]
+    for (name, config), point in itertools.product(runs.items(), grid):
+        run_dir = bench.args.runs / bench.args.label / folder_name(name, seed, seeds, point)
+        bench.tuning.append({"family": name, "lr": point.lr, "warmup_steps": point.warmup_steps,
+                             "seed": seed, "folder": run_dir.name, **tuning_figure(
+                                 bench, name, seeded(point.apply(config), seed), seed, run_dir)})
+    bench.chosen = choose(bench.tuning)
+    bench.points = {name: GridPoint(bench.chosen[name]["lr"], bench.chosen[name]["warmup_steps"])
+                    for name in runs}
+    return {name: bench.points[name].apply(config) for name, config in runs.items()}
+
+
+def tuning_figure(bench: Bench, name: str, config: RunConfig, seed: int, run_dir: Path
+                  ) -> dict:
+    """Train one grid point and score it on valid at its training T: ``valid_iwae_ppl``
+    (None, with the reason, when training diverged). The summary is kept for the valid rows
+    of the run, should it be chosen."""
+    try:
+        wall, ltm, trained = trained_run(bench, config, run_dir)
+    except Diverged as error:
+        return {"valid_iwae_ppl": None, "diverged": str(error)}
+    bench.walls[run_dir] = wall
+    steps = trained_steps(name, config, bench.base)
+    summary = score(bench, name, ltm, trained, "valid", steps, seed)
+    bench.cached[(run_dir, "valid", steps)] = summary
+    print(f"tuning {name} at {GridPoint(config.train.lr, config.train.warmup_steps).label}: "
+          f"valid iwae_ppl {summary['iwae_ppl']:.4f}", flush=True)
+    return {"valid_iwae_ppl": summary["iwae_ppl"], "train_wall_s": round(wall, 1)}
+
+
+def equal_flop_runs(bench: Bench, runs: dict[str, RunConfig], reference: str
+                    ) -> dict[str, RunConfig]:
+    """Each AR baseline and mdlm trained for ``reference``'s training FLOPs: the same config
+    with ``equal_flop_steps`` slow steps, named VARIANT@flops (and at its tuned point)."""
+    vocab = bench.corpus.tokenizer.vocab_size
+
+    def sized(config: RunConfig) -> RunConfig:
+        return replace(config, model=replace(config.model, vocab_size=vocab))
+
+    found = {}
+    for name, config in runs.items():
+        if config.model_kind in ("ar", "mdlm"):
+            steps = equal_flop_steps(sized(runs[reference]), sized(config))
+            found[name + FLOPS_SUFFIX] = replace(config, train=replace(config.train,
+                                                                       max_steps=steps))
+            if name in bench.points:
+                bench.points[name + FLOPS_SUFFIX] = bench.points[name]
+    return found
 
 
 def over_seeds(rows: list[dict]) -> list[dict]:
@@ -274,27 +472,102 @@ def main() -> int:
     runs = comparison_configs(base, args.train_inference_steps, with_ar=not args.no_ar,
                               with_no_inference=not (args.no_ar or args.no_ablation),
                               with_mdlm=not (args.no_ar or args.no_mdlm))
+    ltm_name = f"ltm-T{base.inference.steps}"
+    if args.equal_flops and (args.no_ar or ltm_name not in runs):
+        raise UsageError(f"--equal-flops trains the baselines for {ltm_name}'s FLOPs: it needs "
+                         "the baselines (no --no-ar) and the LTM at --inference-steps among "
+                         "--train-inference-steps")
     seeds = args.seeds or [base.train.seed]
     bench = Bench(args, base)
-    for seed, (name, config) in itertools.product(seeds, runs.items()):
-        seeded = replace(config, train=replace(config.train, seed=seed))
-        folder = name if len(seeds) == 1 else f"{name}-seed{seed}"
-        run_variant(bench, name, seeded, seed, args.runs / args.label / folder)
-    add_paired_intervals(bench.rows, bench.per_window, f"ltm-T{base.inference.steps}",
-                         base.inference.steps)
-    write_report(bench, "mdlm" in runs)
+    grid = tuning_grid(args, base)
+    if grid:
+        runs = tune(bench, runs, grid, seeds)
+    flop_runs: dict[str, RunConfig] = {}
+    for seed in seeds:
+        for name, config in runs.items():
+            run_variant(bench, name, seeded(config, seed), seed, bench.folder(name, seed, seeds))
+        if args.equal_flops:
+            flop_runs = flop_runs or equal_flop_runs(bench, runs, ltm_name)
+            for name, config in flop_runs.items():
+                run_variant(bench, name, seeded(config, seed), seed,
+                            bench.folder(name, seed, seeds))
+    add_paired_intervals(bench.rows, bench.per_window, ltm_name, base.inference.steps)
+    write_report(bench, "mdlm" in runs, grid, ltm_name)
     return 0
 
 
-def write_report(bench: Bench, with_mdlm: bool) -> None:
+def tuning_record(bench: Bench, grid: list[GridPoint]) -> dict:
+    """The grid, every point's valid figure and each family's choice, for the results."""
+    return {
+        "grid": [{"lr": p.lr, "warmup_steps": p.warmup_steps} for p in grid],
+        "seed": bench.tuning[0]["seed"], "split": "valid",
+        "windows": len(bench.windows("valid")),
+        "criterion": "lowest iwae_ppl on valid at the training T (ltm-no-inference: fitted "
+                     "like the LTM; mdlm: its NELBO bound)",
+        "points": bench.tuning,
+        "chosen": {family: {k: point[k] for k in ("lr", "warmup_steps", "valid_iwae_ppl",
+                                                  "folder")}
+                   for family, point in bench.chosen.items()},
+    }
+
+
+def tuning_table(points: list[dict], chosen: dict[str, dict]) -> str:
+    """One row a family: its valid figure at each grid point, and the point chosen."""
+    rows: dict[str, dict] = {}
+    labels: dict[str, None] = {}
+    for point in points:
+        label = GridPoint(point["lr"], point["warmup_steps"]).label
+        labels[label] = None
+        figure = point["valid_iwae_ppl"]
+        rows.setdefault(point["family"], {"family": point["family"]})[label] = (
+            "diverged" if figure is None else figure)
+    for family, row in rows.items():
+        row["chosen"] = GridPoint(chosen[family]["lr"], chosen[family]["warmup_steps"]).label
+    return markdown_table(list(rows.values()), ["family", *labels, "chosen"])
+
+
+def budget_rows(bench: Bench, reference: str) -> list[dict]:
+    """Every variant's training budget (first seed), with its FLOPs relative to the LTM's."""
+    ltm_pflops = bench.budgets[reference]["train_pflops"]
+    return [{**budget, "flops_vs_ltm": budget["train_pflops"] / ltm_pflops}
+            for budget in bench.budgets.values()]
+
+
+def report_extras(bench: Bench, grid: list[GridPoint], ltm_name: str) -> tuple[dict, str, str]:
+    """What tuning and --equal-flops add to the results: JSON entries, a sentence for the
+    page's introduction and the page's sections."""
+    payload, intro, sections = {}, "", ""
+    if grid:
+        record = payload["tuning"] = tuning_record(bench, grid)
+        intro += (
+            " Equal tuning: every family was trained at each point of the grid below (seed "
+            f"{record['seed']}) and scored on valid (first {record['windows']} windows) by "
+            "iwae_ppl at its training T (ltm-no-inference fitted like the LTM; mdlm: its "
+            "bound); each row is its family's chosen point (`slow_lr`, `warmup_steps`).")
+        sections += ("\n\nTuning (valid iwae_ppl at each grid point; lowest chosen):\n\n"
+                     + tuning_table(bench.tuning, bench.chosen))
+    if bench.args.equal_flops:
+        budgets = payload["budgets"] = budget_rows(bench, ltm_name)
+        intro += (
+            f" `VARIANT{FLOPS_SUFFIX}`: the same baseline trained for {ltm_name}'s training "
+            "FLOPs (every inner step counted, rounded to whole steps), so on more tokens; "
+            "`flops_vs_ltm` below is its budget over the LTM's.")
+        sections += ("\n\nTraining budgets (first seed; epochs over the train split's "
+                     f"{len(bench.corpus.windows['train']):,} windows):\n\n"
+                     + markdown_table(budgets, BUDGET_COLUMNS))
+    return payload, intro, sections
+
+
+def write_report(bench: Bench, with_mdlm: bool, grid: list[GridPoint], ltm_name: str) -> None:
     args, corpus = bench.args, bench.corpus
     results_dir = args.results or Path("experiments/results") / corpus.name
-    table = markdown_table(bench.rows, COLUMNS)
+    table = markdown_table(bench.rows, bench.columns)
     seed_rows = over_seeds(bench.rows)
     seed_table = markdown_table(seed_rows, SEED_COLUMNS)
+    extras, intro, sections = report_extras(bench, grid, ltm_name)
     write_results(results_dir / f"{args.label}.json", args.label, bench.base.train.device, {
         "corpus": corpus.name, "references": corpus.references, "rows": bench.rows,
-        "over_seeds": seed_rows, "curves": bench.curves, "configs": bench.configs,
+        "over_seeds": seed_rows, "curves": bench.curves, "configs": bench.configs, **extras,
     },
         f"Splits {', '.join(args.splits)} of `{corpus.name}` (first {args.test_windows or 'all'} "
         "windows each); perplexities per predicted token. `elbo_ppl` and "
@@ -306,8 +579,8 @@ def write_report(bench: Bench, with_mdlm: bool) -> None:
         "T x 2 plus the K importance draws; fitting q is not free)."
         + (" For `mdlm` both are its continuous-time NELBO bound, over the same tokens (each "
            "window's first is given), `bound_ppl_rel_stderr` its Monte-Carlo standard error "
-           "relative to the perplexity." if with_mdlm else "")
-        + f"\n\n{table}\n\nOver seeds (mean and sample sd):\n\n{seed_table}\n\n"
+           "relative to the perplexity." if with_mdlm else "") + intro
+        + f"\n\n{table}\n\nOver seeds (mean and sample sd):\n\n{seed_table}{sections}\n\n"
         f"References (nats/token): {corpus.references}\n")
     save_figure(curves_figure(bench.curves, corpus.references, f"{args.label} ({corpus.name})"),
                 results_dir / f"{args.label}.png")

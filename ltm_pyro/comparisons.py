@@ -9,6 +9,7 @@ from dataclasses import replace
 from .config import InferenceConfig, RunConfig
 from .decoder import matched_ar_config
 from .errors import UsageError
+from .flops import training_flops_per_token
 from .mdlm import mdlm_model_config
 
 NO_INFERENCE = "ltm-no-inference"
@@ -52,3 +53,28 @@ def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None
         found["mdlm"] = replace(base, model_kind="mdlm",
                                 model=mdlm_model_config(base.model, match_params=True))
     return found
+
+
+def with_slow_schedule(config: RunConfig, lr: float, warmup_steps: int) -> RunConfig:
+    """``config`` with peak slow learning rate ``lr`` (cosine-decaying to a tenth of it, as
+    ``--slow-lr`` sets it) and ``warmup_steps`` of linear warm-up: one point of a tuning grid."""
+    return replace(config, train=replace(config.train, lr=lr, min_lr=lr / 10,
+                                         warmup_steps=warmup_steps))
+
+
+def run_flops_per_token(config: RunConfig) -> float:
+    """Training FLOPs per token of ``config``'s run, every inner step counted (``flops``);
+    the model's ``vocab_size`` must be set."""
+    return training_flops_per_token(config.model, config.inference.steps,
+                                    config.train.decoder_grads, config.inference)
+
+
+def equal_flop_steps(reference: RunConfig, baseline: RunConfig) -> int:
+    """The whole number of slow steps (at least 1) that brings ``baseline``'s training FLOPs
+    nearest ``reference``'s whole run (``max_steps`` iterations, every inner step counted):
+    within half a baseline step of the reference's budget."""
+    def per_step(config: RunConfig) -> float:
+        tokens = config.train.batch_size * config.model.context
+        return tokens * run_flops_per_token(config)
+
+    return max(1, round(reference.train.max_steps * per_step(reference) / per_step(baseline)))
