@@ -52,6 +52,7 @@ from ltm_pyro.cli import (  # noqa: E402
     add_run_arguments,
     config_from_args,
     int_list,
+    positive_float,
     positive_int,
     run_main,
 )
@@ -88,12 +89,8 @@ AXIS_FLAGS = {"widths": "d_model", "depths": "n_layers", "latents": "latents_per
 
 def positive_float_list(text: str) -> list[float]:
     """A comma-separated list of finite numbers above zero, e.g. "4e5,8e5"."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers"
-                                         ) from None
-    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+    values = [positive_float(v) for v in text.split(",") if v.strip()]
+    if not values:
         raise argparse.ArgumentTypeError(f"{text!r} must list finite numbers above zero")
     return values
 
