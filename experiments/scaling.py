@@ -300,16 +300,22 @@ def _styles(rows: list[dict]) -> tuple[dict, dict, bool]:
 
 
 def perplexity_axis(ax) -> None:  # noqa: ANN001 - an Axes
-    """A log y axis labelled with plain round numbers (1, 1.2, 1.5, 2, 2.5, 3, 4, ... times a
-    power of ten), thinned to at most nine, so a span under a decade still reads."""
+    """A log y axis labelled with plain round numbers that never overlap: within a decade,
+    the multiples of the finest 1, 2 or 5 x 10^k step giving at most eight ticks; over more,
+    1, 1.5, 2, 3, 5 and 7 times powers of ten, thinned to at most eight."""
     ax.set_yscale("log")
     low, high = ax.get_ylim()
-    nice = [m * 10.0 ** e for e in range(math.floor(math.log10(low)),
-                                         math.ceil(math.log10(high)) + 1)
-            for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8)]
-    ticks = [v for v in nice if low <= v <= high]
-    while len(ticks) > 9:
-        ticks = ticks[::2]
+    top = math.ceil(math.log10(high))
+    if math.log10(high / low) <= 1:
+        for step in (m * 10.0 ** e for e in range(top - 4, top + 1) for m in (1, 2, 5)):
+            ticks = [k * step for k in range(math.ceil(low / step), math.floor(high / step) + 1)]
+            if len(ticks) <= 8:
+                break
+    else:
+        ticks = [v for v in (m * 10.0 ** e for e in range(math.floor(math.log10(low)), top + 1)
+                             for m in (1, 1.5, 2, 3, 5, 7)) if low <= v <= high]
+        while len(ticks) > 8:
+            ticks = ticks[::2]
     ax.set_yticks(ticks, [f"{v:g}" for v in ticks])
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(low, high)
