@@ -426,13 +426,25 @@ def trade_figure(rows: list[dict], tolerance: float = 0.15, title: str | None = 
     return fig
 
 
+def by_run(rows: list[dict]) -> list[dict]:
+    """Each run once: a run that serves several budgets (the same steps) names them all."""
+    merged: dict[str, dict] = {}
+    for r in rows:
+        if r["run"] in merged:
+            merged[r["run"]]["budget"] += f"; {r['budget']}"
+        else:
+            merged[r["run"]] = dict(r)
+    return list(merged.values())
+
+
 def equal_flop_tables(rows: list[dict], tolerance: float = 0.15) -> str:
     """One table per set of runs whose training FLOPs agree within ``tolerance``, best first."""
-    parts = []
+    rows, parts = by_run(rows), []
     for g, members in enumerate(equal_flop_groups([r["train_flops"] for r in rows], tolerance)):
         group = sorted((rows[i] for i in members), key=lambda r: r["iwae_ppl"])
-        parts.append(f"Equal FLOPs #{g + 1}:\n\n" + markdown_table(
-            group, ["run", "budget", "params", "T", "train_flops", "tokens_seen", "iwae_ppl"]))
+        parts.append(f"Equal FLOPs #{g + 1} (within {tolerance:.0%}):\n\n" + markdown_table(
+            group, ["run", "budget", "params", "T", "train_flops", "tokens_seen", "epochs",
+                    "iwae_ppl"]))
     return "\n\n".join(parts) or "No two runs of this grid have equal training FLOPs."
 
 

@@ -230,3 +230,6 @@ def test_trade_figure_rings_runs_of_equal_flops():
     assert len(rings) == 1 and sorted(rings[0].get_xdata()) == [32000, 64000]
     table = scaling.equal_flop_tables(_rows())
     assert table.index("ar-d64-T0") < table.index("ltm-d32-T4")  # best first
+    # A run that serves two budgets (the same steps) is listed once, naming both.
+    twice = scaling.equal_flop_tables([*_rows(), dict(_rows()[1], budget="FLOPs 3.7G")])
+    assert twice.count("ar-d64-T0") == 1 and "tokens 409.6k; FLOPs 3.7G" in twice
