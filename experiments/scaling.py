@@ -205,7 +205,10 @@ def plan(args: argparse.Namespace, base: RunConfig, axes: dict,
     runs = []
     for kind, amount in amounts:
         for point in points:
-            config = with_budget(point_config(base, point), kind, amount)
+            try:
+                config = with_budget(point_config(base, point), kind, amount)
+            except UsageError as error:
+                raise UsageError(f"{point.name}: {error}") from None
             runs.append({"budget": budget_label(kind, amount), "budget_kind": kind,
                          "budget_amount": amount, "point": point, "config": config,
                          "dir": args.runs / args.label / f"{point.name}-s{config.train.max_steps}"})

@@ -103,8 +103,9 @@ def steps_for_budget(config: RunConfig, kind: str, amount: float) -> int:
     per_step = tokens_per_step(config) if kind == "tokens" else step_flops(config)
     steps = round(amount / per_step)
     if steps < 1:
-        raise UsageError(f"a budget of {amount:.4g} {kind} is under half a training step of "
-                         f"this model ({per_step:.4g} {kind} a step); raise it")
+        unit = "FLOPs" if kind == "flops" else kind
+        raise UsageError(f"a budget of {amount:.4g} {unit} is under half a training step of "
+                         f"this model ({per_step:.4g} {unit} a step); raise it")
     return steps
 
 
