@@ -69,12 +69,21 @@ def run_flops_per_token(config: RunConfig) -> float:
                                     config.train.decoder_grads, config.inference)
 
 
+def tokens_per_step(config: RunConfig) -> int:
+    """Training tokens of one slow step (a batch of windows)."""
+    return config.train.batch_size * config.model.context
+
+
+def step_flops(config: RunConfig) -> float:
+    """Training FLOPs of one slow step (AR: one step; LTM: T inner steps and the slow one).
+    The model's ``vocab_size`` must be set (the LM head counts)."""
+    if not config.model.vocab_size:
+        raise ValueError("set model.vocab_size (from the corpus) before counting FLOPs")
+    return run_flops_per_token(config) * tokens_per_step(config)
+
+
 def equal_flop_steps(reference: RunConfig, baseline: RunConfig) -> int:
     """The whole number of slow steps (at least 1) that brings ``baseline``'s training FLOPs
     nearest ``reference``'s whole run (``max_steps`` iterations, every inner step counted):
     within half a baseline step of the reference's budget."""
-    def per_step(config: RunConfig) -> float:
-        tokens = config.train.batch_size * config.model.context
-        return tokens * run_flops_per_token(config)
-
-    return max(1, round(reference.train.max_steps * per_step(reference) / per_step(baseline)))
+    return max(1, round(reference.train.max_steps * step_flops(reference) / step_flops(baseline)))

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from .comparisons import step_flops, tokens_per_step
 from .config import RunConfig
 from .errors import UsageError
-from .flops import training_flops_per_token
 
 FAMILIES = ("ltm", "ar")
 BUDGETS = ("tokens", "flops")
@@ -78,20 +78,6 @@ def point_config(base: RunConfig, point: GridPoint) -> RunConfig:
         base.inference)
     return replace(base, model_kind=point.family, model=model, inference=inference,
                    train=replace(base.train))
-
-
-def tokens_per_step(config: RunConfig) -> int:
-    return config.train.batch_size * config.model.context
-
-
-def step_flops(config: RunConfig) -> float:
-    """Training FLOPs of one slow step (AR: one step; LTM: T inner steps and the slow one).
-    The model's ``vocab_size`` must be set (the LM head counts)."""
-    if not config.model.vocab_size:
-        raise ValueError("set model.vocab_size (from the corpus) before counting FLOPs")
-    per_token = training_flops_per_token(config.model, config.inference.steps,
-                                         config.train.decoder_grads, config.inference)
-    return per_token * tokens_per_step(config)
 
 
 def steps_for_budget(config: RunConfig, kind: str, amount: float) -> int:
