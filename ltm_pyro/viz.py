@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 
 import matplotlib.pyplot as plt
@@ -195,15 +196,21 @@ def guide_against_reference(guide_draws, reference_draws, names: list[str],
     return grid.figure
 
 
-def latent_projection(points, labels, title: str, label_name: str = "class",
-                      axis_name: str = "component") -> Figure:
-    """2-D projection of posterior means, coloured by a known factor: one distinct colour per
-    class (evenly spaced hues beyond 10 classes, where qualitative palettes repeat), and a
-    legend beside the axes."""
-    sns.set_theme(style="white")
+def _class_palette(labels) -> tuple[list, list]:  # noqa: ANN001 - a sequence or array
+    """The sorted classes and one distinct colour each (evenly spaced hues beyond 10 classes,
+    where qualitative palettes repeat)."""
     classes = sorted(set(labels.tolist() if hasattr(labels, "tolist") else labels))
     palette = (sns.color_palette("tab10", len(classes)) if len(classes) <= 10
                else sns.color_palette("husl", len(classes)))
+    return classes, palette
+
+
+def latent_projection(points, labels, title: str, label_name: str = "class",
+                      axis_name: str = "component") -> Figure:
+    """2-D projection of posterior means, coloured by a known factor: one distinct colour per
+    class, and a legend beside the axes."""
+    sns.set_theme(style="white")
+    classes, palette = _class_palette(labels)
     fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
     sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=labels, hue_order=classes,
                     palette=palette, s=14, ax=ax)
@@ -211,6 +218,40 @@ def latent_projection(points, labels, title: str, label_name: str = "class",
               title_fontsize=7, ncol=1 if len(classes) <= 16 else 2, markerscale=0.8)
     ax.set(title=title, xlabel=f"{axis_name} 1", ylabel=f"{axis_name} 2")
     return fig
+
+
+def hover_scatter_svg(points, labels, hover_texts: list[str], title: str,
+                      axis_name: str = "component", size: tuple[int, int] = (640, 460)) -> str:
+    """The ``latent_projection`` scatter as inline SVG whose points show ``hover_texts`` when
+    the mouse rests on them (an SVG ``<title>`` per point): hover text in any browser, in a
+    live notebook or a static render, with no interactive backend or extra package."""
+    width, height = size
+    margin = 40
+    classes, palette = _class_palette(labels)
+    colour = {c: "#" + "".join(f"{int(255 * v):02x}" for v in rgb)
+              for c, rgb in zip(classes, palette)}
+    low, high = points.min(0), points.max(0)
+    span = [(h - lo) or 1.0 for lo, h in zip(low, high)]
+
+    def place(point) -> tuple[float, float]:  # noqa: ANN001
+        x = margin + (point[0] - low[0]) / span[0] * (width - 2 * margin)
+        y = height - margin - (point[1] - low[1]) / span[1] * (height - 2 * margin)
+        return x, y
+
+    label_list = labels.tolist() if hasattr(labels, "tolist") else list(labels)
+    circles = []
+    for point, label, text in zip(points, label_list, hover_texts):
+        x, y = place(point)
+        circles.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour[label]}" '
+                       f'fill-opacity="0.85"><title>{html.escape(text)}</title></circle>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'font-family="sans-serif" font-size="12">'
+            f'<rect width="{width}" height="{height}" fill="white" stroke="#ccc"/>'
+            f'<text x="{width / 2}" y="20" text-anchor="middle">{html.escape(title)}</text>'
+            f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">{axis_name} 1</text>'
+            f'<text x="14" y="{height / 2}" text-anchor="middle" '
+            f'transform="rotate(-90 14 {height / 2})">{axis_name} 2</text>'
+            + "".join(circles) + "</svg>")
 
 
 def heatmap(matrix, xlabel: str, ylabel: str, title: str, vmin: float | None = None,

@@ -8,6 +8,7 @@ import json
 import math
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 
@@ -241,3 +242,23 @@ def test_replot_redraws_from_json_and_borrows_only_matching_baselines(tmp_path):
     unknown.write_text(json.dumps({"command": "python experiments/bench_speed.py"}))
     with pytest.raises(UsageError, match="no figure"):
         replot.replot(unknown)
+
+
+def test_hover_scatter_svg_has_one_titled_point_per_document_and_escapes_text():
+    import xml.etree.ElementTree as ET
+
+    from ltm_pyro.viz import hover_scatter_svg
+
+    points = np.array([[0.0, 0.0], [1.0, 2.0], [2.0, -1.0]])
+    svg = hover_scatter_svg(points, np.array([3, 3, 7]), ["a <b> & c", "doc 1", "doc 2"],
+                            "PCA of posterior means")
+    root = ET.fromstring(svg)  # well-formed: the text was escaped
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    circles = root.findall("s:circle", ns)
+    assert [c.find("s:title", ns).text for c in circles] == ["a <b> & c", "doc 1", "doc 2"]
+    fills = [c.get("fill") for c in circles]
+    assert fills[0] == fills[1] != fills[2]  # one colour per class
+    xs = [float(c.get("cx")) for c in circles]
+    ys = [float(c.get("cy")) for c in circles]
+    assert xs == sorted(xs) and ys[1] < ys[0] < ys[2]  # larger y is drawn higher
+    assert "PCA of posterior means" in svg and "component 1" in svg
