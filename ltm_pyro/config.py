@@ -176,6 +176,22 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def summary(self) -> str:
+        """The settings that decide what a run's latents can do, in one line (notebooks print
+        it first, so a figure is never read without the run it came from)."""
+        m, q, t = self.model, self.inference, self.train
+        if self.model_kind != "ltm" or not m.latents_per_layer:
+            latents = "no latents"
+        else:
+            latents = (f"z {m.n_layers} layers x {m.latents_per_layer} slots x {m.z_dim} dims, "
+                       f"slot roles {m.slot_roles}; q fitted in T = {q.steps} steps ({q.noise} "
+                       f"noise) from log-var {q.init_log_var:g}, slot offsets "
+                       f"{q.init_loc_scale:g}, free bits {q.free_bits:g}/{q.free_bits_group}")
+        return (f"{self.model_kind} (preset {self.preset}, recipe {self.recipe}): d {m.d_model}, "
+                f"{m.n_layers} layers, context {m.context}, window {m.window or 'full'}; "
+                f"{latents}; {t.max_steps} steps of {t.batch_size} windows, lr {t.lr:g}, "
+                f"KL warm-up {t.kl_warmup_steps}, seed {t.seed}")
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         def build(kind: type, values: dict[str, Any]) -> Any:

@@ -195,3 +195,13 @@ def test_slot_roles_flag_and_bad_values():
         p.parse_args(["--slot-roles", "per-slot"])
     with pytest.raises(ValueError, match="slot_roles"):
         Decoder(micro_config(slot_roles="per-slot"))
+
+
+def test_config_summary_names_what_decides_the_latents():
+    text = preset("tiny").summary()
+    for part in ("preset tiny", "window 16", "slot roles key-value", "T = 16", "log-var 0",
+                 "slot offsets 0.5", "free bits 1/slot", "400 steps"):
+        assert part in text, part
+    ar = preset("tiny")
+    ar.model_kind = "ar"
+    assert "no latents" in ar.summary()
