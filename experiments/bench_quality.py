@@ -72,6 +72,7 @@ from ltm_pyro.comparisons import (  # noqa: E402
     equal_flop_steps,
     prior_as_posterior,
     run_flops_per_token,
+    tokens_per_step,
     with_slow_schedule,
 )
 from ltm_pyro.config import InferenceConfig, RunConfig  # noqa: E402
@@ -83,6 +84,7 @@ from ltm_pyro.flops import fit_flops_per_token, forward_flops_per_token  # noqa:
 from ltm_pyro.mdlm import evaluate_bound  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import METRICS_NAME, Diverged, train  # noqa: E402
+from ltm_pyro.scaling import spent  # noqa: E402
 from ltm_pyro.uncertainty import mean_and_sd, paired_bootstrap  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
@@ -170,9 +172,9 @@ def eval_inference(name: str, steps: int, trained: RunConfig, base: RunConfig
 
 
 def validation_curve(run_dir: Path, config: RunConfig, flops_per_token: float) -> list[dict]:
-    tokens_per_step = config.train.batch_size * config.model.context
-    return [{"tokens": r["step"] * tokens_per_step,
-             "flops": r["step"] * tokens_per_step * flops_per_token, "neg_elbo": r["neg_elbo"]}
+    tokens = tokens_per_step(config)
+    return [{"tokens": r["step"] * tokens,
+             "flops": r["step"] * tokens * flops_per_token, "neg_elbo": r["neg_elbo"]}
             for r in read_jsonl(run_dir / METRICS_NAME) if r["split"] == "valid"]
 
 
@@ -370,11 +372,11 @@ def run_variant(bench: Bench, name: str, config: RunConfig, seed: int, run_dir: 
     bench.configs[run_dir.name] = trained.to_dict()
     per_token = run_flops_per_token(trained)
     bench.curves[run_dir.name] = validation_curve(run_dir, trained, per_token)
-    tokens_seen = config.train.max_steps * config.train.batch_size * config.model.context
+    used = spent(trained, len(bench.corpus.windows["train"]))
+    tokens_seen = used["tokens_seen"]
     bench.budgets.setdefault(name, {
-        "variant": name, "slow_steps": config.train.max_steps, "tokens_seen": tokens_seen,
-        "epochs": config.train.max_steps * config.train.batch_size
-        / len(bench.corpus.windows["train"]), "train_pflops": tokens_seen * per_token / 1e15})
+        "variant": name, "slow_steps": used["max_steps"], "tokens_seen": tokens_seen,
+        "epochs": used["epochs"], "train_pflops": used["train_flops"] / 1e15})
     trained_t = trained_steps(name, config, base)
     eval_steps = (args.eval_inference_steps or [trained_t]) if ltm.has_latents else [0]
     if name == NO_INFERENCE:  # also q = the prior, whatever the LTM's T_eval

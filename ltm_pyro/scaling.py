@@ -107,7 +107,7 @@ def spent(config: RunConfig, train_windows: int) -> dict:
     """What a run's budget bought: slow steps, tokens, epochs of the train split, FLOPs."""
     tokens = config.train.max_steps * tokens_per_step(config)
     return {"max_steps": config.train.max_steps, "tokens_seen": tokens,
-            "epochs": round(config.train.max_steps * config.train.batch_size / train_windows, 3),
+            "epochs": config.train.max_steps * config.train.batch_size / train_windows,
             "train_flops": config.train.max_steps * step_flops(config),
             "flops_per_token": step_flops(config) / tokens_per_step(config)}
 
