@@ -134,8 +134,11 @@ def test_slow_schedule_warms_up_then_decays():
     assert warmup_cosine(99, config) == pytest.approx(1e-4, rel=1e-2)
 
 
+@pytest.mark.parametrize("particles", [1, 4])
 @pytest.mark.parametrize("kl_weight", [1.0, 0.3])
-def test_sync_free_elbo_matches_pyro_without_validation(batch, kl_weight):
+def test_sync_free_elbo_matches_pyro_without_validation(batch, kl_weight, particles):
+    """Loss and gradients equal Pyro's; with K particles both average over them (the noise is
+    given, so each particle is the same draw)."""
     tokens, mask = batch
     ltm = LatentThoughtModel(Decoder(micro_config()))
     start = initial_posterior(ltm, tokens.shape[0], tokens.device, InferenceConfig(
@@ -145,8 +148,8 @@ def test_sync_free_elbo_matches_pyro_without_validation(batch, kl_weight):
     noise = torch.randn_like(loc)
     results = []
     with pyro.validation_enabled(False):
-        for elbo in (TraceMeanField_ELBO(max_plate_nesting=1),
-                     SyncFreeMeanFieldELBO(max_plate_nesting=1)):
+        for elbo in (TraceMeanField_ELBO(num_particles=particles, max_plate_nesting=1),
+                     SyncFreeMeanFieldELBO(num_particles=particles, max_plate_nesting=1)):
             loss = elbo.differentiable_loss(ltm.model, ltm.guide, tokens, mask,
                                             LocalPosterior(loc, log_var), noise, kl_weight)
             results.append((loss, *torch.autograd.grad(loss, [loc, log_var])))
