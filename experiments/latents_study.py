@@ -247,6 +247,8 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
                 if has_latents and steps == train_steps and start_name == "trained":
                     loc = posterior_means(ltm, windows, inference, steps, batch, seed)
                     x = loc.flatten(1).numpy()
+                    # The probes' fits, not evaluate_windows' (whose summary also has it):
+                    # the committed rows were computed this way.
                     row["slot_linear_r2"] = slot_linear_r2(loc, trained.model.n_layers)
                     factors = corpus.factors[split]
                     half = len(x) // 2
