@@ -35,7 +35,10 @@ the chosen point). The results record the grid, every point's valid figure and e
 Equal FLOPs: --equal-flops also trains ar-window, ar-full and mdlm for the training FLOPs of the
 LTM at the run's T (every inner step counted, rounded to whole steps; same warm-up, lr and
 cosine over the longer run) as rows VARIANT@flops, with ltm_vs_this like the other baselines,
-and a table of every variant's steps, tokens, epochs over the train split and FLOPs.
+and a table of every variant's steps, tokens, epochs over the train split and FLOPs. Many epochs
+overfit, so each @flops run is stopped on valid: it keeps the weights of its validation with the
+lowest -ELBO (--eval-every, the first --eval-windows valid windows; ``best.pt``) and is scored
+there (``scored_step``).
 Finished runs in --runs/LABEL with the same config are reused, not trained again.
 """
 
@@ -55,7 +58,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from ltm_pyro.bounds import evaluate_windows  # noqa: E402
-from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from ltm_pyro.checkpoint import BEST_NAME, load_checkpoint, model_from_checkpoint  # noqa: E402
 from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
     add_run_arguments,
@@ -95,8 +98,8 @@ COLUMNS = ["variant", "seed", "params", "tokens_seen", "train_pflops", "train_wa
            "slot_correlation", "bound_ppl_rel_stderr", "ltm_vs_this", "ltm_vs_this_low",
            "ltm_vs_this_high"]
 TUNED_COLUMNS = COLUMNS[:2] + ["slow_lr", "warmup_steps"] + COLUMNS[2:]
-BUDGET_COLUMNS = ["variant", "slow_steps", "tokens_seen", "epochs", "train_pflops",
-                  "flops_vs_ltm"]
+BUDGET_COLUMNS = ["variant", "slow_steps", "scored_step", "tokens_seen", "epochs",
+                  "train_pflops", "flops_vs_ltm"]
 FLOPS_SUFFIX = "@flops"
 SEED_COLUMNS = ["variant", "split", "T_eval", "seeds", "iwae_ppl_mean", "iwae_ppl_sd",
                 "elbo_ppl_mean", "elbo_ppl_sd", "ltm_vs_this_mean", "ltm_vs_this_sd"]
@@ -336,18 +339,19 @@ class Bench:
 
 def trained_run(bench: Bench, config: RunConfig, run_dir: Path) -> tuple:
     """Train ``config`` into ``run_dir`` (not again when the tuning pass did: its wall time
-    is kept) and load it: (wall seconds, model, trained config). The first run loaded fixes
-    the corpus."""
+    is kept) and load it, at its best validation with ``keep_best``: (wall seconds, model,
+    trained config, step loaded). The first run loaded fixes the corpus."""
     if run_dir in bench.walls:
         wall = bench.walls[run_dir]
     else:
         started = time.perf_counter()
         train(config, run_dir, force=True, progress=not bench.args.no_progress)
         wall = time.perf_counter() - started
-    ltm, trained, tokenizer = model_from_checkpoint(load_checkpoint(run_dir), config.train.device)
+    payload = load_checkpoint(run_dir / BEST_NAME if config.train.keep_best else run_dir)
+    ltm, trained, tokenizer = model_from_checkpoint(payload, config.train.device)
     if bench.corpus is None:
         bench.corpus = load_corpus(trained.data, trained.model.context, tokenizer)
-    return wall, ltm, trained
+    return wall, ltm, trained, payload["step"]
 
 
 def score(bench: Bench, name: str, ltm, trained: RunConfig, split: str, steps: int,  # noqa: ANN001
@@ -368,14 +372,15 @@ def run_variant(bench: Bench, name: str, config: RunConfig, seed: int, run_dir: 
     """Train one variant at one seed (or take the tuning pass's run), then score it on every
     split and T_eval."""
     args, base = bench.args, bench.base
-    wall, ltm, trained = trained_run(bench, config, run_dir)
+    wall, ltm, trained, scored_step = trained_run(bench, config, run_dir)
     bench.configs[run_dir.name] = trained.to_dict()
     per_token = run_flops_per_token(trained)
     bench.curves[run_dir.name] = validation_curve(run_dir, trained, per_token)
     used = spent(trained, len(bench.corpus.windows["train"]))
     tokens_seen = used["tokens_seen"]
     bench.budgets.setdefault(name, {
-        "variant": name, "slow_steps": used["max_steps"], "tokens_seen": tokens_seen,
+        "variant": name, "slow_steps": used["max_steps"], "scored_step": scored_step,
+        "tokens_seen": tokens_seen,
         "epochs": used["epochs"], "train_pflops": used["train_flops"] / 1e15})
     trained_t = trained_steps(name, config, base)
     eval_steps = (args.eval_inference_steps or [trained_t]) if ltm.has_latents else [0]
@@ -419,7 +424,7 @@ def tuning_figure(bench: Bench, name: str, config: RunConfig, seed: int, run_dir
     (None, with the reason, when training diverged). The summary is kept for the valid rows
     of the run, should it be chosen."""
     try:
-        wall, ltm, trained = trained_run(bench, config, run_dir)
+        wall, ltm, trained, _ = trained_run(bench, config, run_dir)
     except Diverged as error:
         return {"valid_iwae_ppl": None, "diverged": str(error)}
     bench.walls[run_dir] = wall
@@ -444,8 +449,8 @@ def equal_flop_runs(bench: Bench, runs: dict[str, RunConfig], reference: str
     for name, config in runs.items():
         if config.model_kind in ("ar", "mdlm"):
             steps = equal_flop_steps(sized(runs[reference]), sized(config))
-            found[name + FLOPS_SUFFIX] = replace(config, train=replace(config.train,
-                                                                       max_steps=steps))
+            found[name + FLOPS_SUFFIX] = replace(config, train=replace(
+                config.train, max_steps=steps, keep_best=True))
             if name in bench.points:
                 bench.points[name + FLOPS_SUFFIX] = bench.points[name]
     return found
@@ -552,8 +557,9 @@ def report_extras(bench: Bench, grid: list[GridPoint], ltm_name: str) -> tuple[d
         budgets = payload["budgets"] = budget_rows(bench, ltm_name)
         intro += (
             f" `VARIANT{FLOPS_SUFFIX}`: the same baseline trained for {ltm_name}'s training "
-            "FLOPs (every inner step counted, rounded to whole steps), so on more tokens; "
-            "`flops_vs_ltm` below is its budget over the LTM's.")
+            "FLOPs (every inner step counted, rounded to whole steps), so on more tokens, "
+            "and scored at its validation with the lowest -ELBO (early stopping: "
+            "`scored_step` below); `flops_vs_ltm` is its budget over the LTM's.")
         sections += ("\n\nTraining budgets (first seed; epochs over the train split's "
                      f"{len(bench.corpus.windows['train']):,} windows):\n\n"
                      + markdown_table(budgets, BUDGET_COLUMNS))

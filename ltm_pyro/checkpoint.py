@@ -35,6 +35,7 @@ from .model import LatentThoughtModel
 from .tokenizers import Tokenizer, tokenizer_from_dict
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"  # the validation step with the lowest -ELBO (TrainConfig.keep_best)
 FORMAT = "ltm-pyro-checkpoint"
 VERSION = 2
 PICKLE_VERSION = 1  # the last format that needed a full unpickle (weights_only=False)

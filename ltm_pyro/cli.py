@@ -231,6 +231,9 @@ def _training_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--eval-windows", type=positive_int, help="validation windows scored")
     g.add_argument("--checkpoint-every", type=positive_int,
                    help="write the checkpoint every this many steps")
+    g.add_argument("--keep-best", action="store_true",
+                   help="also keep the weights of the validation with the lowest -ELBO as "
+                   "best.pt (early stopping; evaluate.py --checkpoint RUN/best.pt)")
     g.add_argument("--max-bad-steps", type=positive_int,
                    help="stop after this many non-finite steps in a row (default 10)")
     g.add_argument("--seed", type=non_negative_int, help="seeds data order, noise and weights")
@@ -291,6 +294,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         train_cfg.lr, train_cfg.min_lr = args.slow_lr, args.slow_lr / 10
     train_cfg.device = args.device
     train_cfg.compile = args.compile
+    train_cfg.keep_best = train_cfg.keep_best or args.keep_best
     config.model = _model_of_kind(args, model)
     return config
 

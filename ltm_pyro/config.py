@@ -145,6 +145,7 @@ class TrainConfig:
     eval_samples: int = 1
     log_every: int = 10
     checkpoint_every: int = 100
+    keep_best: bool = False  # also keep the lowest-valid -ELBO weights (best.pt): early stopping
     max_bad_steps: int = 10  # non-finite steps in a row before the run stops
     validate: bool = False  # Pyro's argument checks in training: slow, and fatal on a NaN
     compile: bool = False  # torch.compile decoder and token NLL (fuses memory-bound work)

@@ -1,7 +1,8 @@
 """A training run in an output folder: data, model, dual-rate SVI, logs, checkpoints, plots.
 
 Everything a run writes lives in its folder: ``config.json``, ``metrics.jsonl`` (one JSON
-object per logged step, training and validation), ``checkpoint.pt`` and
+object per logged step, training and validation), ``checkpoint.pt`` (with ``keep_best``
+also ``best.pt``, the weights of the validation with the lowest -ELBO) and
 ``training_curves.png``. Calling ``train`` again on the same folder resumes from the
 checkpoint, and the batches, noise and updates continue exactly as if never interrupted.
 One training process per folder: it holds the folder's lock (``.lock``) while it trains. A
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .amortised import build_encoder
 from .bounds import evaluate_windows
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .checkpoint import BEST_NAME, checkpoint_path, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import BatchSampler, Corpus, load_corpus
 from .decoder import Decoder
@@ -122,6 +123,7 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
         )
     checkpoint_path(out).unlink()
     (out / METRICS_NAME).unlink(missing_ok=True)
+    (out / BEST_NAME).unlink(missing_ok=True)
     return None
 
 
@@ -261,15 +263,17 @@ class TrainingRun:
             return "rerun the same command to start the run again"
         return f"rerun the same command to resume from the checkpoint of step {self.saved_step}"
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, path: Path | None = None) -> None:
+        """The full state at this step, to ``checkpoint.pt`` (or ``path``: best.pt)."""
         try:
-            save_checkpoint(checkpoint_path(self.out), {
+            save_checkpoint(path or checkpoint_path(self.out), {
                 "config": self.config.to_dict(), "tokenizer": self.corpus.tokenizer.to_dict(),
                 "world_size": self.shard.world, "corpus": self.corpus.name,
                 "references": self.corpus.references, **self.state.to_dict()})
         except WriteFailed as failed:
             raise failed.then(self._resumes()) from None
-        self.saved_step = self.state.step
+        if path is None:
+            self.saved_step = self.state.step
 
     def log(self, record: dict) -> None:
         self.records.append(record)
@@ -295,9 +299,15 @@ class TrainingRun:
         self.state.window = LogWindow()
 
     def validate(self, bar: tqdm) -> None:
+        """Score the validation windows; with ``keep_best``, a new lowest -ELBO is saved as
+        best.pt, so a long baseline run can be scored where it was best (early stopping)."""
+        earlier = [r["neg_elbo"] for r in self.records if r["split"] == "valid"]
         self.last_valid = {"split": "valid", "step": self.state.step, **_evaluate(
             self.state.svi.ltm, self.corpus.windows["valid"], self.config, self.device)}
         self.log(self.last_valid)
+        if self.config.train.keep_best and self.last_valid["neg_elbo"] < min(
+                earlier, default=float("inf")):
+            self.checkpoint(self.out / BEST_NAME)
         v = self.last_valid
         bar.write(f"step {v['step']}: valid -ELBO {v['neg_elbo']:.4f} (NLL {v['nll']:.4f} + "
                   f"KL {v['kl']:.4f}) nats/token")

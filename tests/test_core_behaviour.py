@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ltm_pyro import runner
 from ltm_pyro.bounds import evaluate_windows
 from ltm_pyro.checkpoint import (
+    BEST_NAME,
     checkpoint_path,
     load_checkpoint,
     model_from_checkpoint,
@@ -315,6 +316,31 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     a, b = load_checkpoint(reference), load_checkpoint(resumed)
     assert b["step"] == 6
     assert all(torch.equal(a["decoder"][k], b["decoder"][k]) for k in a["decoder"])
+
+
+def test_keep_best_saves_the_weights_of_the_lowest_validation(tmp_path, monkeypatch):
+    """Catches: best.pt written at every validation, at the last one, or with weights other
+    than those validated (early stopping would then score the wrong model)."""
+    figures = iter([4.0, 3.0, 3.5])  # best at the second validation (step 4 of 6), not the last
+    validated = {}
+    evaluate = runner._evaluate
+
+    def scripted(ltm, windows, config, device):  # noqa: ANN001, ANN202
+        validated[len(validated) + 1] = copy.deepcopy(ltm.decoder.state_dict())
+        return {**evaluate(ltm, windows, config, device), "neg_elbo": next(figures)}
+
+    monkeypatch.setattr(runner, "_evaluate", scripted)
+    runner.train(_tiny_run(eval_every=2, checkpoint_every=2, keep_best=True), tmp_path / "run",
+                 progress=False)
+    best = load_checkpoint(tmp_path / "run" / BEST_NAME)
+    assert best["step"] == 4
+    assert all(torch.equal(best["decoder"][k], validated[2][k]) for k in validated[2])
+    assert not all(torch.equal(best["decoder"][k], validated[3][k]) for k in validated[3])
+    assert load_checkpoint(tmp_path / "run")["step"] == 6  # the run itself goes on to the end
+
+    monkeypatch.setattr(runner, "_evaluate", evaluate)
+    runner.train(_tiny_run(max_steps=2, eval_every=2), tmp_path / "plain", progress=False)
+    assert not (tmp_path / "plain" / BEST_NAME).exists()
 
 
 # --- smaller contracts that the mutation run found unguarded --------------------------------

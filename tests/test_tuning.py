@@ -23,7 +23,9 @@ from ltm_pyro.comparisons import (
 )
 from ltm_pyro.config import InferenceConfig, RunConfig, TrainConfig, preset
 from ltm_pyro.errors import UsageError
+from ltm_pyro.files import read_jsonl
 from ltm_pyro.flops import forward_flops_per_token
+from ltm_pyro.runner import METRICS_NAME
 
 from .conftest import REPO, load_script, micro_config
 
@@ -137,6 +139,7 @@ def test_equal_flop_runs_are_the_baselines_at_their_tuned_points():
     for name, config in found.items():
         family = name.removesuffix("@flops")
         assert config.train.max_steps == equal_flop_steps(sized["ltm-T6"], sized[family])
+        assert config.train.keep_best and not runs[family].train.keep_best  # stopped on valid
         assert replace(config, train=runs[family].train) == runs[family]
         assert bench.points[name] == GridPoint(1e-3, 7)
 
@@ -221,6 +224,12 @@ def test_a_tuned_equal_flop_bench_records_its_grid_choices_and_budgets(tmp_path)
     budgets = {b["variant"]: b for b in report["budgets"]}
     for name in ("ar-window@flops", "ar-full@flops"):
         assert "ltm_vs_this" in rows[(name, "test")]
+        # Scored where its validation was best: the step of best.pt, a validation step.
+        family = name.removesuffix("@flops")
+        run = tuning["chosen"][family]["folder"].replace(family, name, 1)
+        best = [r for r in read_jsonl(tmp_path / "runs" / "tuned" / run / METRICS_NAME)
+                if r["split"] == "valid"]
+        assert budgets[name]["scored_step"] == min(best, key=lambda r: r["neg_elbo"])["step"]
         per_step = budgets[name]["train_pflops"] / budgets[name]["slow_steps"]
         gap = abs(budgets[name]["train_pflops"] - budgets["ltm-T2"]["train_pflops"])
         assert gap <= per_step / 2 and budgets[name]["tokens_seen"] > rows[("ar-window",
