@@ -8,12 +8,21 @@ its size-matched AR baselines on it (same preset, token budget and seed), then s
 exact-match accuracy on held-out query strings with exemplars from the training items only.
 The LTM answers greedily from z fitted to the prompt with each --eval-inference-steps (0 = the
 prior mean). Writes LABEL.json, LABEL.md and LABEL.png into --results.
+
+    python experiments/bench_icl.py --seq-len 96 --max-steps 1500 --latents 1,4,16 \
+        --label icl-latents
+
+--latents trains one LTM per latent count (vectors per layer; variants ltm-TT-LN) beside the
+ARs matched to the run flags' LTM, and adds LABEL-latents.png: accuracy against latent size at
+each k, at the largest T_eval, with the ARs' accuracy at the largest k (the scaling axis "few-
+shot accuracy against latent size"; scaling.py's grid trains on another corpus).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,6 +41,7 @@ from ltm_pyro.cli import (  # noqa: E402
     run_main,
 )
 from ltm_pyro.comparisons import comparison_configs  # noqa: E402
+from ltm_pyro.config import RunConfig  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.fewshot import (  # noqa: E402
@@ -47,7 +57,8 @@ from ltm_pyro.runner import train  # noqa: E402
 from ltm_pyro.tokenizers import EOS, Tokenizer, encode_prompt  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
-COLUMNS = ["variant", "params", "tokens_seen", "T_eval", "shots", "items", "accuracy"]
+COLUMNS = ["variant", "latents_per_layer", "params", "tokens_seen", "T_eval", "shots", "items",
+           "accuracy"]
 
 
 def parser() -> OneLineParser:
@@ -63,6 +74,9 @@ def parser() -> OneLineParser:
     p.add_argument("--shots", type=int_list, default=[0, 1, 2, 4, 8])
     p.add_argument("--items", type=positive_int, default=256, help="evaluation items per k")
     p.add_argument("--eval-inference-steps", type=int_list, default=[0, 16, 64])
+    p.add_argument("--latents", type=int_list,
+                   help="latent vectors per layer: one LTM each, e.g. 1,4,16 (default: the run "
+                   "flags' single value)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
@@ -96,8 +110,7 @@ def accuracy_figure(rows: list[dict], chance: float, title: str | None = None): 
         label = variant if variant.startswith("ar") else f"{variant}, T_eval {steps}"
         ax.errorbar([r["shots"] * (1 + offset) or offset for r in points],
                     [r["accuracy"] for r in points],
-                    yerr=[math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / r["items"])
-                          for r in points], fmt="o-", capsize=3, label=label)
+                    yerr=[binomial_se(r) for r in points], fmt="o-", capsize=3, label=label)
     ax.axhline(chance, ls="--", color="grey", lw=1, label="chance (one fixed rule)")
     ax.set_xscale("symlog", linthresh=1)
     shots = sorted({r["shots"] for r in rows})
@@ -111,6 +124,55 @@ def accuracy_figure(rows: list[dict], chance: float, title: str | None = None): 
                           "items per point)")
     ax.legend(fontsize=8)
     return fig
+
+
+def binomial_se(row: dict) -> float:
+    """One standard error of an accuracy over ``items`` independent items."""
+    return math.sqrt(row["accuracy"] * (1 - row["accuracy"]) / row["items"])
+
+
+def latents_figure(rows: list[dict], chance: float, title: str | None = None):  # noqa: ANN201
+    """Accuracy against latent vectors per layer, one curve per k at the largest T_eval, with
+    the ARs' accuracy at the largest k as flat lines: does more latent capacity buy few-shot
+    skill?"""
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(7, 4.8), constrained_layout=True)
+    ltm = [r for r in rows if r["latents_per_layer"]]
+    steps = max(r["T_eval"] for r in ltm)
+    top = max(r["shots"] for r in rows)
+    for shots in sorted({r["shots"] for r in ltm}):
+        points = sorted((r for r in ltm if r["shots"] == shots and r["T_eval"] == steps),
+                        key=lambda r: r["latents_per_layer"])
+        ax.errorbar([r["latents_per_layer"] for r in points], [r["accuracy"] for r in points],
+                    yerr=[binomial_se(r) for r in points], fmt="o-", capsize=3,
+                    label=f"LTM, {shots}-shot")
+    for r in rows:
+        if not r["latents_per_layer"] and r["shots"] == top:
+            ax.axhline(r["accuracy"], ls="-.", lw=1.2, color="black" if r["variant"] ==
+                       "ar-window" else "tab:brown", label=f"{r['variant']}, {top}-shot")
+    ax.axhline(chance, ls="--", color="grey", lw=1, label="chance (one fixed rule)")
+    counts = sorted({r["latents_per_layer"] for r in ltm})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.set_ylim(0, None)
+    ax.set_xlabel("latent thought vectors per layer")
+    ax.set_ylabel("exact-match accuracy (fraction of held-out strings)")
+    ax.set_title(title or f"Few-shot accuracy against latent size (T_eval {steps}, ±1 "
+                          "binomial s.e.)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def variants(base: RunConfig, latents: list[int] | None) -> dict[str, RunConfig]:
+    """The LTM and its matched ARs, or with ``latents`` one LTM per latent count (named
+    ltm-TT-LN) and the ARs matched to the run flags' LTM."""
+    found = comparison_configs(base)
+    if not latents:
+        return found
+    ltm_name = f"ltm-T{base.inference.steps}"
+    ltms = {f"{ltm_name}-L{n}": replace(found[ltm_name], model=replace(
+        base.model, latents_per_layer=n)) for n in latents}
+    return {**ltms, **{name: c for name, c in found.items() if c.model_kind != "ltm"}}
 
 
 def main() -> int:
@@ -128,7 +190,7 @@ def main() -> int:
         raise UsageError(f"a {max(args.shots)}-shot prompt has {longest} tokens, more than the "
                          f"context of {base.model.context}; raise --seq-len or lower --shots")
     rows, configs = [], {}
-    for name, config in comparison_configs(base).items():
+    for name, config in variants(base, args.latents).items():
         run_dir = args.runs / args.label / name
         train(config, run_dir, force=True, progress=not args.no_progress)
         ltm, trained, tokenizer = model_from_checkpoint(load_checkpoint(run_dir),
@@ -138,7 +200,9 @@ def main() -> int:
         for steps in args.eval_inference_steps if ltm.has_latents else [0]:
             for shots in args.shots:
                 items = few_shot_items(task, shots, args.items, seed=1000 + shots)
-                rows.append({"variant": name, "params": count_parameters(trained.model),
+                rows.append({"variant": name, "latents_per_layer": (
+                                 trained.model.latents_per_layer if ltm.has_latents else None),
+                             "params": count_parameters(trained.model),
                              "tokens_seen": tokens_seen, "T_eval": steps, "shots": shots,
                              "items": len(items),
                              "accuracy": accuracy(ltm, tokenizer, items, trained.inference,
@@ -159,6 +223,8 @@ def main() -> int:
         "strings, exemplars training strings. Greedy answers, exact match.\n\n"
         f"{table}\n")
     save_figure(accuracy_figure(rows, chance), args.results / f"{args.label}.png")
+    if args.latents:
+        save_figure(latents_figure(rows, chance), args.results / f"{args.label}-latents.png")
     print(table)
     return 0
 

@@ -84,10 +84,12 @@ def replot(path: Path, baselines_from: Path | None = None) -> list[Path]:
         figures = {path.with_suffix(".png"): curves_figure(
             curves, results["references"], title, borrowed)}
     elif "bench_icl.py" in command:
-        from bench_icl import accuracy_figure
+        from bench_icl import accuracy_figure, latents_figure
 
-        figures = {path.with_suffix(".png"): accuracy_figure(
-            results["rows"], results["blind_guess_accuracy"])}
+        rows, chance = results["rows"], results["blind_guess_accuracy"]
+        figures = {path.with_suffix(".png"): accuracy_figure(rows, chance)}
+        if "--latents" in command:
+            figures[path.with_name(f"{label}-latents.png")] = latents_figure(rows, chance)
     elif "latents_study.py" in command:
         from latents_study import bounds_mi_figure, results_from_report, slots_figure
 

@@ -210,6 +210,38 @@ def test_icl_accuracy_carries_binomial_standard_errors():
     _titled_and_labelled(fig)
 
 
+def test_icl_latents_figure_has_a_curve_per_k_and_the_ars_at_the_largest_k():
+    rows = [{"variant": f"ltm-T16-L{n}", "latents_per_layer": n, "T_eval": t, "shots": k,
+             "items": 256, "accuracy": 0.25 + 0.01 * n + 0.001 * k + (0.1 if t else 0)}
+            for n in (1, 4, 16) for t in (0, 16) for k in (0, 8)]
+    rows += [{"variant": v, "latents_per_layer": None, "T_eval": 0, "shots": k, "items": 256,
+              "accuracy": acc} for v, acc in (("ar-window", 0.4), ("ar-full", 0.2)) for k in (0, 8)]
+    fig = load_script("bench_icl").latents_figure(rows, 0.247)
+    ax = fig.axes[0]
+    curves = [c for c in ax.containers if c.has_yerr]
+    assert len(curves) == 2  # k = 0 and k = 8, each at the largest T_eval only
+    x, y = curves[1].lines[0].get_data()
+    assert list(x) == [1, 4, 16] and list(y) == pytest.approx([0.368, 0.398, 0.518])
+    flat = sorted(line.get_ydata()[0] for line in ax.get_lines() if line.get_xdata()[0] == 0
+                  and len(set(line.get_ydata())) == 1)
+    assert flat == pytest.approx([0.2, 0.247, 0.4])  # ar-full, chance and ar-window at k = 8
+    _titled_and_labelled(fig)
+
+
+def test_icl_latent_grid_trains_one_ltm_per_count_beside_the_base_ars():
+    from ltm_pyro.comparisons import comparison_configs
+    from ltm_pyro.config import preset
+
+    base = preset("tiny")
+    found = load_script("bench_icl").variants(base, [1, 8])
+    steps = base.inference.steps
+    assert list(found) == [f"ltm-T{steps}-L1", f"ltm-T{steps}-L8", "ar-window", "ar-full"]
+    assert [found[f"ltm-T{steps}-L{n}"].model.latents_per_layer for n in (1, 8)] == [1, 8]
+    plain = comparison_configs(base)
+    assert found["ar-window"] == plain["ar-window"] and found["ar-full"] == plain["ar-full"]
+    assert load_script("bench_icl").variants(base, None) == plain
+
+
 def _quality_results(latents_per_layer: int, curves: dict) -> dict:
     config = {"data": {"path": "ptb"}, "model": {"latents_per_layer": latents_per_layer},
               "train": {"max_steps": 300, "batch_size": 16, "seed": 0, "eval_every": 50,
