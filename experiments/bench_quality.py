@@ -62,9 +62,9 @@ from ltm_pyro.checkpoint import BEST_NAME, load_checkpoint, model_from_checkpoin
 from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
     add_run_arguments,
+    add_scoring_arguments,
     config_from_args,
     int_list,
-    non_negative_int,
     positive_float,
     positive_int,
     run_main,
@@ -121,12 +121,7 @@ def parser() -> OneLineParser:
                    help="mdlm: masked-count draws per window for its bound")
     p.add_argument("--train-inference-steps", type=int_list, help="e.g. 4,16,64")
     p.add_argument("--eval-inference-steps", type=int_list, help="default: the training T")
-    p.add_argument("--iw-samples", type=positive_int, default=16)
-    p.add_argument("--elbo-samples", type=positive_int, default=4)
-    p.add_argument("--prior-samples", type=non_negative_int, default=64,
-                   help="draws from the prior for prior_iwae_ppl (0: skip it)")
-    p.add_argument("--mi-samples", type=positive_int, default=4,
-                   help="draws from each window's q for the mutual information")
+    add_scoring_arguments(p)
     p.add_argument("--test-windows", type=positive_int,
                    help="score only the first N windows of each split")
     p.add_argument("--splits", type=split_list, default=["test"],

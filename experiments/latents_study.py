@@ -51,10 +51,10 @@ from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: 
 from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
     add_run_arguments,
+    add_scoring_arguments,
     config_from_args,
     int_list,
     non_negative_int,
-    positive_int,
     run_main,
 )
 from ltm_pyro.comparisons import prior_as_posterior  # noqa: E402
@@ -143,10 +143,7 @@ def parser() -> OneLineParser:
     p.add_argument("--runs", type=Path, default=Path("runs/latents"))
     p.add_argument("--results", type=Path, default=Path("experiments/results/latents"))
     p.add_argument("--eval-steps", type=int_list, help="T_eval values (default: training T)")
-    p.add_argument("--iw-samples", type=positive_int, default=16)
-    p.add_argument("--elbo-samples", type=positive_int, default=4)
-    p.add_argument("--prior-samples", type=non_negative_int, default=64)
-    p.add_argument("--mi-samples", type=positive_int, default=4)
+    add_scoring_arguments(p)
     p.add_argument("--probe-train-windows", type=non_negative_int, default=1024)
     p.add_argument("--report", action="store_true", help="gather the variants into results")
     p.set_defaults(preset="tiny-v1")

@@ -50,6 +50,7 @@ from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: 
 from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
     add_run_arguments,
+    add_scoring_arguments,
     config_from_args,
     int_list,
     positive_float,
@@ -143,12 +144,7 @@ def parser() -> OneLineParser:
                    help="folder for LABEL.json, .md, .png, -trade.png")
     g.add_argument("--score-windows", type=positive_int,
                    help="score the first N valid windows (default: all)")
-    g.add_argument("--iw-samples", type=positive_int, default=16,
-                   help="importance draws per window for iwae_ppl")
-    g.add_argument("--elbo-samples", type=positive_int, default=4,
-                   help="fresh draws per window for elbo_ppl")
-    g.add_argument("--mi-samples", type=positive_int, default=4,
-                   help="draws from each window's q for the mutual information")
+    add_scoring_arguments(g, prior=False)
     g.add_argument("--report", action="store_true",
                    help="gather the grid's finished runs into the results; train nothing")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")

@@ -134,6 +134,21 @@ def print_written_files() -> None:
         print(f"wrote {folder}/: {', '.join(names)}", file=sys.stderr)
 
 
+def add_scoring_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup,
+                          prior: bool = True) -> None:
+    """The Monte-Carlo sizes of ``bounds.evaluate_windows``, named and defaulted alike in every
+    script that scores windows (``prior``: also the prior control's draws)."""
+    p.add_argument("--iw-samples", type=positive_int, default=16,
+                   help="importance draws K per window for iwae_ppl")
+    p.add_argument("--elbo-samples", type=positive_int, default=4,
+                   help="fresh draws S per window for elbo_ppl")
+    if prior:
+        p.add_argument("--prior-samples", type=non_negative_int, default=64,
+                       help="draws from the prior for prior_iwae_ppl (0: skip it)")
+    p.add_argument("--mi-samples", type=positive_int, default=4,
+                   help="draws from each window's q for the mutual information")
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that define a training run (preset plus overrides), shared by the scripts,
     in groups so that ``--help`` reads by topic. Unset flags keep the preset's value."""

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..bounds import evaluate_windows
 from ..checkpoint import load_checkpoint, model_from_checkpoint
-from ..cli import OneLineParser, non_negative_int, positive_int, run_main
+from ..cli import OneLineParser, add_scoring_arguments, non_negative_int, positive_int, run_main
 from ..config import DataConfig
 from ..data import load_corpus
 from ..errors import UsageError
@@ -58,12 +58,7 @@ def parser() -> OneLineParser:
     p.add_argument("--data", help="corpus to score (default: the one the model was trained on)")
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     p.add_argument("--inference-steps", type=non_negative_int, help="default: training T")
-    p.add_argument("--iw-samples", type=positive_int, default=16, help="IWAE samples K")
-    p.add_argument("--elbo-samples", type=positive_int, default=4, help="fresh ELBO draws S")
-    p.add_argument("--prior-samples", type=non_negative_int, default=64,
-                   help="draws from the prior for prior_iwae_ppl (0: skip it)")
-    p.add_argument("--mi-samples", type=positive_int, default=4,
-                   help="draws from each window's q for the mutual information")
+    add_scoring_arguments(p)
     p.add_argument("--bound-samples", type=positive_int, default=64,
                    help="MDLM only: masked-count draws per window for its bound")
     p.add_argument("--max-windows", type=positive_int, help="score only the first N windows")

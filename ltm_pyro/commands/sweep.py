@@ -21,7 +21,14 @@ from matplotlib.figure import Figure
 
 from ..bounds import evaluate_windows
 from ..checkpoint import load_checkpoint, model_from_checkpoint
-from ..cli import OneLineParser, int_list, non_negative_int, positive_int, run_main
+from ..cli import (
+    OneLineParser,
+    add_scoring_arguments,
+    int_list,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
 from ..data import load_corpus
 from ..errors import UsageError
 from ..modes import resolve_device
@@ -39,10 +46,7 @@ def parser() -> OneLineParser:
     p.add_argument("--steps", type=int_list, default=[0, 1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--split", choices=("train", "valid", "test"), default="valid")
     p.add_argument("--max-windows", type=positive_int, default=128)
-    p.add_argument("--iw-samples", type=positive_int, default=16)
-    p.add_argument("--elbo-samples", type=positive_int, default=4)
-    p.add_argument("--mi-samples", type=positive_int, default=4,
-                   help="draws from each window's q for the mutual information")
+    add_scoring_arguments(p, prior=False)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu")
