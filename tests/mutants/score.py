@@ -1,12 +1,17 @@
 """Per-module mutation score from a finished ``mutmut run`` (``make mutation`` runs both).
 
     .venv/bin/python tests/mutants/score.py --mutants mutants \
-        --json experiments/results/mutation/core.json [--notes NOTES.md]
+        --json experiments/results/mutation/core.json [--notes NOTES.md] [--verdicts V.json]
 
 Reads mutmut's verdicts (``mutants/**/*.py.meta``) and counts, per core module: killed (a test
 failed, or the mutant hung or crashed the run), survived (every test passed), no tests (no
 selected test runs the mutated function: as bad as surviving) and not checked. The score is
 killed / (killed + survived + no tests); the goal (issue 20) is 80% per module.
+
+``--verdicts`` adds what was learnt by reading the unkilled mutants after the run: those judged
+equivalent (with the reason) and those killed by tests written since (each checked by applying
+the mutant by hand; a changed test selection makes mutmut discard every verdict). ``score_now``
+counts the latter as killed; ``unexplained`` is what is neither.
 """
 
 from __future__ import annotations
@@ -51,24 +56,39 @@ def main() -> int:
     p.add_argument("--mutants", type=Path, default=Path("mutants"), help="mutmut's folder")
     p.add_argument("--json", type=Path, help="write the scores (and a .md beside) here")
     p.add_argument("--notes", type=Path, help="Markdown file added to the page: what was run")
+    p.add_argument("--verdicts", type=Path,
+                   help="JSON with 'equivalent' {name: reason} and 'killed_by_tests_added_after' "
+                   "{name: test file}: the unkilled mutants read by hand")
     args = p.parse_args()
     notes = args.notes.read_text() if args.notes else ""
+    read = json.loads(args.verdicts.read_text()) if args.verdicts else {}
+    equivalent = read.get("equivalent", {})
+    killed_later = read.get("killed_by_tests_added_after", {})
     rows = []
     for meta in sorted(args.mutants.glob("**/*.py.meta")):
         counts = verdicts(meta)
         judged = counts["killed"] + counts["survived"] + counts["no_tests"]
-        rows.append({"module": str(meta.relative_to(args.mutants))[: -len(".meta")],
-                     "mutants": sum(counts.values()), **counts,
-                     "score": counts["killed"] / judged if judged else None,
-                     "meets_goal": judged > 0 and counts["killed"] / judged >= GOAL,
-                     "unkilled": survivors(meta)})
+        unkilled = survivors(meta)
+        row = {"module": str(meta.relative_to(args.mutants))[: -len(".meta")],
+               "mutants": sum(counts.values()), **counts,
+               "score": counts["killed"] / judged if judged else None, "unkilled": unkilled}
+        killed = counts["killed"]
+        if read:
+            row["equivalent"] = sum(name in equivalent for name in unkilled)
+            row["killed_later"] = sum(name in killed_later for name in unkilled)
+            row["unexplained"] = len(unkilled) - row["equivalent"] - row["killed_later"]
+            killed += row["killed_later"]
+            row["score_now"] = killed / judged if judged else None
+        row["meets_goal"] = judged > 0 and killed / judged >= GOAL
+        rows.append(row)
     columns = ["module", "mutants", "killed", "survived", "no_tests", "not_checked", "score",
+               *(["equivalent", "killed_later", "unexplained", "score_now"] if read else []),
                "meets_goal"]
     table = markdown_table(rows, columns)
     print(table)
     if args.json:
         write_results(args.json, "Mutation score of the core modules", "cpu",
-                      {"goal": GOAL, "notes": notes, "rows": rows},
+                      {"goal": GOAL, "notes": notes, "rows": rows, **read},
                       f"mutmut over the core modules with their fast tests (`make mutation`).\n\n"
                       f"{table}\n\nScore = killed / (killed + survived + no tests); goal "
                       f"{GOAL:.0%} per module. The JSON lists every unkilled mutant by name "

@@ -1,0 +1,30 @@
+"""tests/mutants/score.py: the per-module mutation score, with the unkilled mutants read by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+from .conftest import REPO
+
+
+def test_score_counts_mutants_killed_later_and_leaves_the_rest_unexplained(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("mutation_score",
+                                                  REPO / "tests" / "mutants" / "score.py")
+    score = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score)
+    (tmp_path / "m" / "pkg").mkdir(parents=True)
+    codes = {"pkg.a__mutmut_1": 1, "pkg.a__mutmut_2": 0, "pkg.a__mutmut_3": 0,
+             "pkg.a__mutmut_4": 33, "pkg.a__mutmut_5": None}
+    (tmp_path / "m" / "pkg" / "a.py.meta").write_text(json.dumps({"exit_code_by_key": codes}))
+    (tmp_path / "v.json").write_text(json.dumps({
+        "equivalent": {"pkg.a__mutmut_2": "wording"},
+        "killed_by_tests_added_after": {"pkg.a__mutmut_4": "tests/test_x.py"}}))
+    monkeypatch.setattr(sys, "argv", ["score.py", "--mutants", str(tmp_path / "m"), "--verdicts",
+                                      str(tmp_path / "v.json"), "--json", str(tmp_path / "s.json")])
+    assert score.main() == 0
+    row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
+    assert (row["killed"], row["survived"], row["no_tests"], row["not_checked"]) == (1, 2, 1, 1)
+    assert (row["equivalent"], row["killed_later"], row["unexplained"]) == (1, 1, 1)
+    assert row["score"] == 0.25 and row["score_now"] == 0.5 and not row["meets_goal"]
