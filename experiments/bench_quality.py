@@ -86,7 +86,7 @@ from ltm_pyro.files import read_jsonl  # noqa: E402
 from ltm_pyro.flops import fit_flops_per_token, forward_flops_per_token  # noqa: E402
 from ltm_pyro.mdlm import evaluate_bound  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import METRICS_NAME, Diverged, train  # noqa: E402
+from ltm_pyro.runner import METRICS_NAME, Diverged, finished_run, train  # noqa: E402
 from ltm_pyro.scaling import spent  # noqa: E402
 from ltm_pyro.uncertainty import mean_and_sd, paired_bootstrap  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
@@ -338,6 +338,8 @@ def trained_run(bench: Bench, config: RunConfig, run_dir: Path) -> tuple:
     trained config, step loaded). The first run loaded fixes the corpus."""
     if run_dir in bench.walls:
         wall = bench.walls[run_dir]
+    elif finished_run(run_dir, config):  # reused from an earlier invocation: time unknown here
+        wall = None
     else:
         started = time.perf_counter()
         train(config, run_dir, force=True, progress=not bench.args.no_progress)
@@ -391,7 +393,8 @@ def run_variant(bench: Bench, name: str, config: RunConfig, seed: int, run_dir: 
         bench.rows.append({
             "variant": name, "seed": seed, **tuned, "params": count_parameters(trained.model),
             "tokens_seen": tokens_seen, "train_pflops": tokens_seen * per_token / 1e15,
-            "train_wall_s": round(wall, 1), "split": split, "T_eval": steps,
+            "train_wall_s": None if wall is None else round(wall, 1), "split": split,
+            "T_eval": steps,
             "eval_passes": eval_passes(trained, steps, args.iw_samples, args.bound_samples),
             **summary})
         print(markdown_table(bench.rows[-1:], bench.columns), flush=True)
@@ -428,7 +431,8 @@ def tuning_figure(bench: Bench, name: str, config: RunConfig, seed: int, run_dir
     bench.cached[(run_dir, "valid", steps)] = summary
     print(f"tuning {name} at {GridPoint(config.train.lr, config.train.warmup_steps).label}: "
           f"valid iwae_ppl {summary['iwae_ppl']:.4f}", flush=True)
-    return {"valid_iwae_ppl": summary["iwae_ppl"], "train_wall_s": round(wall, 1)}
+    return {"valid_iwae_ppl": summary["iwae_ppl"],
+            "train_wall_s": None if wall is None else round(wall, 1)}
 
 
 def equal_flop_runs(bench: Bench, runs: dict[str, RunConfig], reference: str

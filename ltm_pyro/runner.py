@@ -73,6 +73,16 @@ def _comparable(config: dict) -> dict:
     return {**config, "model": model}
 
 
+def finished_run(out: Path, config: RunConfig) -> bool:
+    """Whether ``out`` already holds ``config`` trained to its last step, so ``train`` would
+    only reload it (benchmarks then report no training time for it)."""
+    if not checkpoint_path(out).exists():
+        return False
+    payload = load_checkpoint(out)
+    return (payload["step"] >= config.train.max_steps
+            and _comparable(payload["config"]) == _comparable(config.to_dict()))
+
+
 def _claim_folder(out: Path) -> None:
     """Create the folder and check it can be written."""
     if out.exists() and not out.is_dir():

@@ -343,6 +343,19 @@ def test_keep_best_saves_the_weights_of_the_lowest_validation(tmp_path, monkeypa
     assert not (tmp_path / "plain" / BEST_NAME).exists()
 
 
+def test_finished_run_is_only_the_same_config_at_its_last_step(tmp_path):
+    """Catches: a benchmark taking an unfinished or differently configured run for a finished
+    one (it would then report no training time, or score the wrong model)."""
+    config = _tiny_run(max_steps=2, eval_every=2, checkpoint_every=2)
+    assert not runner.finished_run(tmp_path / "run", config)
+    runner.train(config, tmp_path / "run", progress=False)
+    assert runner.finished_run(tmp_path / "run", config)
+    assert not runner.finished_run(tmp_path / "run", _tiny_run(max_steps=3, eval_every=2,
+                                                                checkpoint_every=2))
+    other = _tiny_run(max_steps=2, eval_every=2, checkpoint_every=2, lr=1e-2)
+    assert not runner.finished_run(tmp_path / "run", other)
+
+
 # --- smaller contracts that the mutation run found unguarded --------------------------------
 
 
