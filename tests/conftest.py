@@ -9,6 +9,7 @@ from types import ModuleType
 import pyro
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ltm_pyro.config import InferenceConfig, ModelConfig
 from ltm_pyro.decoder import Decoder
@@ -76,3 +77,13 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared corpus {path} not present (set LTM_PYRO_DATA)")
     return path
+
+
+def sequence_nll(decoder: Decoder, tokens: torch.Tensor, z: torch.Tensor | None,
+                 mask: torch.Tensor) -> torch.Tensor:
+    """Each sequence's summed next-token NLL, written out with cross-entropy: the reference
+    the step tests compare the library's losses and gradients against."""
+    logits = decoder(tokens[:, :-1], z)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(),
+                          reduction="none").view(tokens.shape[0], -1)
+    return (nll * mask).sum(-1)

@@ -13,7 +13,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ltm_pyro import runner
 from ltm_pyro.amortised import Encoder, build_encoder
@@ -33,7 +32,7 @@ from ltm_pyro.inference import fit_local_posterior, slot_offsets
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior
 from ltm_pyro.svi import DualRateSVI
 
-from .conftest import micro_config
+from .conftest import micro_config, sequence_nll
 from .test_core_behaviour import _records, _sharpened, _tiny_run, train_stopped_then_resumed
 
 
@@ -56,14 +55,6 @@ def _encoded(inference: InferenceConfig, head_scale: float = 0.0, seed: int = 0,
 def _kl(loc: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """KL(N(loc, exp(log_var)) || N(0, 1)) per slot [B, N_z]."""
     return 0.5 * (log_var.exp() + loc**2 - 1 - log_var).sum(-1)
-
-
-def _nll(decoder: Decoder, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor
-         ) -> torch.Tensor:
-    logits = decoder(tokens[:, :-1], z)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(),
-                          reduction="none").view(tokens.shape[0], -1)
-    return (nll * mask).sum(-1)
 
 
 # --- the proposal is the start -------------------------------------------------------------
@@ -137,13 +128,14 @@ def test_slow_step_is_unchanged_in_meaning_and_the_encoder_gets_its_own_gradient
                               start=proposal.detach())
     q = fit.posterior
     z = q.loc + q.scale * torch.randn(q.loc.shape, generator=generator)
-    slow = (_nll(twin.decoder, tokens, z, mask).sum() + _kl(q.loc, q.log_var).sum()) / mask.sum()
+    slow = (sequence_nll(twin.decoder, tokens, z, mask).sum()
+            + _kl(q.loc, q.log_var).sum()) / mask.sum()
     decoder_grads = torch.autograd.grad(slow, list(twin.decoder.parameters()))
     if loss == "elbo":
         noise = torch.randn(q.loc.shape, generator=generator)
         z_e = proposal.loc + torch.exp(0.5 * proposal.log_var) * noise
         per_slot = _kl(proposal.loc, proposal.log_var).clamp(min=0.5)
-        own = (_nll(twin.decoder, tokens, z_e, mask).sum() + per_slot.sum()) / mask.sum()
+        own = (sequence_nll(twin.decoder, tokens, z_e, mask).sum() + per_slot.sum()) / mask.sum()
     else:
         fitted = torch.distributions.Normal(q.loc, q.scale)
         proposed = torch.distributions.Normal(proposal.loc, proposal.scale)
@@ -242,7 +234,7 @@ def _elbo_per_token(ltm: LatentThoughtModel, tokens: torch.Tensor, q: LocalPoste
     generator = torch.Generator().manual_seed(99)
     mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1)
     with torch.no_grad():
-        nll = sum(_nll(ltm.decoder, tokens,
+        nll = sum(sequence_nll(ltm.decoder, tokens,
                        q.loc + q.scale * torch.randn(q.loc.shape, generator=generator), mask)
                   for _ in range(draws)) / draws
         return -float((nll + _kl(q.loc, q.log_var).sum(-1)).sum() / mask.sum())

@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from pyro.infer import TraceMeanField_ELBO
 
 from ltm_pyro.amortised import Encoder
@@ -28,7 +27,7 @@ from ltm_pyro.errors import UsageError
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior
 from ltm_pyro.svi import DualRateSVI, kl_weight_at, slow_optimizer, warmup_cosine
 
-from .conftest import micro_config
+from .conftest import micro_config, sequence_nll
 
 
 def _encoded(inference: InferenceConfig, head_scale: float = 0.3) -> LatentThoughtModel:
@@ -43,14 +42,6 @@ def _encoded(inference: InferenceConfig, head_scale: float = 0.3) -> LatentThoug
 
 def _snapshot(*modules: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for m in modules for p in m.parameters()]
-
-
-def _nll(decoder: Decoder, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor
-         ) -> torch.Tensor:
-    logits = decoder(tokens[:, :-1], z)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(),
-                          reduction="none").view(tokens.shape[0], -1)
-    return (nll * mask).sum(-1)
 
 
 # --- schedules ------------------------------------------------------------------------------
@@ -197,7 +188,7 @@ def test_a_model_without_latents_takes_plain_language_model_steps(batch):
     tokens, mask = batch
     ar = LatentThoughtModel(Decoder(micro_config(latents_per_layer=0)))
     twin = copy.deepcopy(ar.decoder)
-    loss = _nll(twin, tokens, None, mask).sum() / mask.sum()
+    loss = sequence_nll(twin, tokens, None, mask).sum() / mask.sum()
     expected = torch.autograd.grad(loss, list(twin.parameters()))
     svi = DualRateSVI(ar, InferenceConfig(), TrainConfig(max_steps=10, warmup_steps=1,
                                                         grad_clip=1e9))
@@ -226,7 +217,7 @@ def test_the_encoders_elbo_is_weighted_like_the_fits_during_the_ramp(batch):
         torch.randn(proposal.loc.shape, generator=generator)
     z = proposal.loc + proposal.scale * torch.randn(proposal.loc.shape, generator=generator)
     kl = 0.5 * (proposal.log_var.exp() + proposal.loc**2 - 1 - proposal.log_var).sum()
-    own = (_nll(twin.decoder, tokens, z, mask).sum() + 0.25 * kl) / mask.sum()
+    own = (sequence_nll(twin.decoder, tokens, z, mask).sum() + 0.25 * kl) / mask.sum()
     expected = torch.autograd.grad(own, list(twin.encoder.parameters()))
 
     train = TrainConfig(max_steps=10, warmup_steps=1, kl_warmup_steps=4, grad_clip=1e9)
