@@ -116,14 +116,19 @@ def accuracy_figure(rows: list[dict], chance: float, title: str | None = None): 
     shots = sorted({r["shots"] for r in rows})
     ax.set_xticks(shots, [str(k) for k in shots])
     ax.set_xlim(-0.5, max(shots) * 1.25 + 0.5)
-    ax.set_ylim(0, None)
     items = sorted({r["items"] for r in rows})
-    ax.set_xlabel("shots k (examples in the prompt)")
-    ax.set_ylabel("exact-match accuracy (fraction of held-out strings)")
-    ax.set_title(title or f"Few-shot accuracy, ±1 binomial s.e. ({'/'.join(map(str, items))} "
-                          "items per point)")
-    ax.legend(fontsize=8)
+    label_accuracy_axes(ax, "shots k (examples in the prompt)", title or (
+        f"Few-shot accuracy, ±1 binomial s.e. ({'/'.join(map(str, items))} items per point)"))
     return fig
+
+
+def label_accuracy_axes(ax, xlabel: str, title: str) -> None:  # noqa: ANN001 - an Axes
+    """What both accuracy figures share: accuracy from 0 on y, labels, title and legend."""
+    ax.set_ylim(0, None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("exact-match accuracy (fraction of held-out strings)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
 
 
 def binomial_se(row: dict) -> float:
@@ -154,12 +159,8 @@ def latents_figure(rows: list[dict], chance: float, title: str | None = None):  
     counts = sorted({r["latents_per_layer"] for r in ltm})
     ax.set_xscale("log", base=2)
     ax.set_xticks(counts, [str(n) for n in counts])
-    ax.set_ylim(0, None)
-    ax.set_xlabel("latent thought vectors per layer")
-    ax.set_ylabel("exact-match accuracy (fraction of held-out strings)")
-    ax.set_title(title or f"Few-shot accuracy against latent size (T_eval {steps}, ±1 "
-                          "binomial s.e.)")
-    ax.legend(fontsize=8)
+    label_accuracy_axes(ax, "latent thought vectors per layer", title or (
+        f"Few-shot accuracy against latent size (T_eval {steps}, ±1 binomial s.e.)"))
     return fig
 
 

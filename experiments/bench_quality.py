@@ -392,7 +392,7 @@ def run_variant(bench: Bench, name: str, config: RunConfig, seed: int, run_dir: 
                  } if name in bench.points else {}
         bench.rows.append({
             "variant": name, "seed": seed, **tuned, "params": count_parameters(trained.model),
-            "tokens_seen": tokens_seen, "train_pflops": tokens_seen * per_token / 1e15,
+            "tokens_seen": tokens_seen, "train_pflops": used["train_flops"] / 1e15,
             "train_wall_s": None if wall is None else round(wall, 1), "split": split,
             "T_eval": steps,
             "eval_passes": eval_passes(trained, steps, args.iw_samples, args.bound_samples),

@@ -73,14 +73,18 @@ def _comparable(config: dict) -> dict:
     return {**config, "model": model}
 
 
+def _same_run(payload: dict, config: RunConfig) -> bool:
+    """Whether a checkpoint was written by a run of ``config`` (so it may be resumed)."""
+    return _comparable(payload["config"]) == _comparable(config.to_dict())
+
+
 def finished_run(out: Path, config: RunConfig) -> bool:
     """Whether ``out`` already holds ``config`` trained to its last step, so ``train`` would
     only reload it (benchmarks then report no training time for it)."""
     if not checkpoint_path(out).exists():
         return False
     payload = load_checkpoint(out)
-    return (payload["step"] >= config.train.max_steps
-            and _comparable(payload["config"]) == _comparable(config.to_dict()))
+    return payload["step"] >= config.train.max_steps and _same_run(payload, config)
 
 
 def _claim_folder(out: Path) -> None:
@@ -124,7 +128,7 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
     if not checkpoint_path(out).exists():
         return None
     payload = load_checkpoint(out)
-    if _comparable(payload["config"]) == _comparable(config.to_dict()):
+    if _same_run(payload, config):
         return payload
     if not force:
         raise UsageError(
