@@ -79,7 +79,7 @@ from ltm_pyro.comparisons import (  # noqa: E402
     with_slow_schedule,
 )
 from ltm_pyro.config import InferenceConfig, RunConfig  # noqa: E402
-from ltm_pyro.data import load_corpus  # noqa: E402
+from ltm_pyro.data import load_corpus, sample_windows  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.files import read_jsonl  # noqa: E402
@@ -122,8 +122,14 @@ def parser() -> OneLineParser:
     p.add_argument("--train-inference-steps", type=int_list, help="e.g. 4,16,64")
     p.add_argument("--eval-inference-steps", type=int_list, help="default: the training T")
     add_scoring_arguments(p)
-    p.add_argument("--test-windows", type=positive_int,
-                   help="score only the first N windows of each split")
+    windows = p.add_mutually_exclusive_group()
+    windows.add_argument("--test-windows", type=positive_int,
+                         help="score only the first N windows of each split")
+    windows.add_argument("--sample-windows", type=positive_int,
+                         help="score a random subset of N windows of each split (seeded by "
+                         "--sample-seed; the same windows for every model)")
+    p.add_argument("--sample-seed", type=int, default=0,
+                   help="seed of --sample-windows' subset")
     p.add_argument("--splits", type=split_list, default=["test"],
                    help="comma-separated splits to score, e.g. valid,test (choose settings on "
                    "valid, report test)")
@@ -325,7 +331,10 @@ class Bench:
         return TUNED_COLUMNS if self.points else COLUMNS
 
     def windows(self, split: str):  # noqa: ANN201 - a tensor of windows
-        return self.corpus.windows[split][: self.args.test_windows]
+        windows = self.corpus.windows[split]
+        if self.args.sample_windows:
+            return sample_windows(windows, self.args.sample_windows, self.args.sample_seed)
+        return windows[: self.args.test_windows]
 
     def folder(self, name: str, seed: int, seeds: list[int]) -> Path:
         return self.args.runs / self.args.label / folder_name(name, seed, seeds,
@@ -539,6 +548,13 @@ def budget_rows(bench: Bench, reference: str) -> list[dict]:
             for budget in bench.budgets.values()]
 
 
+def scored_windows(args: argparse.Namespace) -> str:
+    """Which windows of each split the tables score, as the page's intro says it."""
+    if args.sample_windows:
+        return f"a random subset of {args.sample_windows} (seed {args.sample_seed}) of the"
+    return f"first {args.test_windows or 'all'}"
+
+
 def report_extras(bench: Bench, grid: list[GridPoint], ltm_name: str) -> tuple[dict, str, str]:
     """What tuning and --equal-flops add to the results: JSON entries, a sentence for the
     page's introduction and the page's sections."""
@@ -576,7 +592,7 @@ def write_report(bench: Bench, with_mdlm: bool, grid: list[GridPoint], ltm_name:
         "corpus": corpus.name, "references": corpus.references, "rows": bench.rows,
         "over_seeds": seed_rows, "curves": bench.curves, "configs": bench.configs, **extras,
     },
-        f"Splits {', '.join(args.splits)} of `{corpus.name}` (first {args.test_windows or 'all'} "
+        f"Splits {', '.join(args.splits)} of `{corpus.name}` ({scored_windows(args)} "
         "windows each); perplexities per predicted token. `elbo_ppl` and "
         "`iwae_ppl` are valid bounds; `recon_ppl` leaves the KL out (paper-style, not a bound). "
         "`ltm_vs_this`: the LTM's iwae_ppl (at its training T, same seed) relative to the row's "

@@ -134,6 +134,16 @@ def to_windows(ids: list[int], seq_len: int) -> Tensor:
     return stream.unfold(0, seq_len + 1, seq_len)
 
 
+def sample_windows(windows: Tensor, n: int, seed: int) -> Tensor:
+    """A seeded random subset of n windows, in corpus order: a split's first n windows are its
+    first few documents, not a sample of the split."""
+    if n >= len(windows):
+        return windows
+    generator = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(windows), generator=generator)[:n].sort().values
+    return windows[picked]
+
+
 def text_corpus(path: Path, config: DataConfig, seq_len: int,
                 tokenizer: Tokenizer | None = None) -> Corpus:
     """Windows of a text corpus; the tokenizer is fitted on train unless one is given."""

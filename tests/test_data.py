@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from ltm_pyro.config import DataConfig
-from ltm_pyro.data import BatchSampler, builtin_corpus, read_splits, text_corpus, to_windows
+from ltm_pyro.data import (
+    BatchSampler,
+    builtin_corpus,
+    read_splits,
+    sample_windows,
+    text_corpus,
+    to_windows,
+)
 from ltm_pyro.errors import UsageError
 from ltm_pyro.synthetic import TopicStyleProcess
 from ltm_pyro.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer, tokenizer_from_dict
@@ -129,3 +136,14 @@ def test_wikitext2_has_the_literatures_token_counts():
     counts = {split: len(tokenizer.encode((folder / f"{split}.txt").read_text(encoding="utf-8")))
               for split in ("train", "valid", "test")}
     assert counts == {"train": 2_088_628, "valid": 217_646, "test": 245_569}
+
+
+def test_sampled_windows_are_a_seeded_subset_in_corpus_order():
+    windows = torch.arange(100).unsqueeze(1).repeat(1, 3)
+    picked = sample_windows(windows, 10, seed=3)
+    rows = picked[:, 0].tolist()
+    assert len(set(rows)) == 10 and rows == sorted(rows)
+    assert torch.equal(picked, sample_windows(windows, 10, seed=3))
+    assert not torch.equal(picked, sample_windows(windows, 10, seed=4))
+    assert rows != list(range(10))  # not the first windows
+    assert torch.equal(sample_windows(windows, 100, seed=3), windows)
