@@ -22,6 +22,7 @@ import torch
 from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 
+from ltm_pyro.bounds import evaluate_windows
 from ltm_pyro.config import InferenceConfig
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.inference import fast_lr, fit_local_posterior
@@ -223,3 +224,27 @@ def test_free_bits_latent_term_is_one_figure_per_sequence():
     layers = per_slot.view(4, 2, 2).sum(-1)
     torch.testing.assert_close(by_layer, layers.clamp(min=0.3).sum(-1))
     assert by_layer.shape == (4,)
+
+
+def test_an_evaluation_fit_with_free_bits_fits_what_training_fits():
+    """``evaluate_windows(fit_free_bits=True)`` must fit q with the training objective (free
+    bits), and by default with the plain ELBO: the reported KL is that of the fit asked for."""
+    ltm = _sharpened(scale=0.1)
+    windows = torch.randint(0, 23, (6, 13), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(6, 12)
+    config = InferenceConfig(steps=4, lr_max=0.02, lr_min=0.02, free_bits=0.25,
+                             free_bits_group="layer", init_log_var=0.0)
+
+    def kl_per_window(training: bool) -> float:
+        fit = fit_local_posterior(ltm, windows, mask, config, torch.Generator().manual_seed(0),
+                                  training=training)
+        q = fit.posterior
+        kl = 0.5 * (q.loc ** 2 + q.log_var.exp() - 1 - q.log_var)
+        return kl.sum().item() / len(windows)
+
+    figures = {free_bits: evaluate_windows(ltm, windows, config, batch_size=6, latent_stats=True,
+                                           fit_free_bits=free_bits)["kl_per_window"]
+               for free_bits in (False, True)}
+    assert figures[True] == pytest.approx(kl_per_window(True), rel=1e-4)
+    assert figures[False] == pytest.approx(kl_per_window(False), rel=1e-4)
+    assert abs(figures[True] - figures[False]) > 1e-3
