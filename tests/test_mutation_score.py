@@ -28,3 +28,28 @@ def test_score_counts_mutants_killed_later_and_leaves_the_rest_unexplained(tmp_p
     assert (row["killed"], row["survived"], row["no_tests"], row["not_checked"]) == (1, 2, 1, 1)
     assert (row["equivalent"], row["killed_later"], row["unexplained"]) == (1, 1, 1)
     assert row["score"] == 0.25 and row["score_now"] == 0.5 and not row["meets_goal"]
+
+
+def test_a_later_run_replaces_the_verdicts_it_reached_and_readings_merge(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("mutation_score",
+                                                  REPO / "tests" / "mutants" / "score.py")
+    score = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score)
+    first = {"pkg.a__mutmut_1": 0, "pkg.a__mutmut_2": 1, "pkg.a__mutmut_3": None}
+    rest = {"pkg.a__mutmut_1": None, "pkg.a__mutmut_2": None, "pkg.a__mutmut_3": 0}
+    for name, codes in (("m1", first), ("m2", rest)):
+        (tmp_path / name / "pkg").mkdir(parents=True)
+        (tmp_path / name / "pkg" / "a.py.meta").write_text(
+            json.dumps({"exit_code_by_key": codes}))
+    (tmp_path / "v1.json").write_text(json.dumps(
+        {"equivalent": {"pkg.a__mutmut_1": "wording"}}))
+    (tmp_path / "v2.json").write_text(json.dumps(
+        {"equivalent": {"pkg.a__mutmut_3": "device"}}))
+    monkeypatch.setattr(sys, "argv", [
+        "score.py", "--mutants", str(tmp_path / "m1"), "--mutants", str(tmp_path / "m2"),
+        "--verdicts", str(tmp_path / "v1.json"), "--verdicts", str(tmp_path / "v2.json"),
+        "--json", str(tmp_path / "s.json")])
+    assert score.main() == 0
+    row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
+    assert (row["killed"], row["survived"], row.get("not_checked", 0)) == (1, 2, 0)
+    assert (row["equivalent"], row["unexplained"]) == (2, 0)

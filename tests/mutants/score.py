@@ -3,6 +3,9 @@
     .venv/bin/python tests/mutants/score.py --mutants mutants \
         --json experiments/results/mutation/core.json [--notes NOTES.md] [--verdicts V.json]
 
+``--mutants`` and ``--verdicts`` may be repeated: the runs' verdicts are merged (a later run
+replaces an earlier one's verdict), and so are the readings.
+
 Reads mutmut's verdicts (``mutants/**/*.py.meta``) and counts, per core module: killed (a test
 failed, or the mutant hung or crashed the run), survived (every test passed), no tests (no
 selected test runs the mutated function: as bad as surviving) and not checked. The score is
@@ -32,9 +35,22 @@ NO_TESTS = {5, 33}
 GOAL = 0.8
 
 
-def verdicts(meta: Path) -> Counter:
+def merged_codes(folders: list[Path]) -> dict[str, dict[str, int | None]]:
+    """Each module's exit code per mutant over one or more runs' folders: a later run's
+    verdict replaces an earlier one's (a run that stopped part-way, then one over the rest)."""
+    modules: dict[str, dict[str, int | None]] = {}
+    for folder in folders:
+        for meta in sorted(folder.glob("**/*.py.meta")):
+            codes = modules.setdefault(str(meta.relative_to(folder))[: -len(".meta")], {})
+            for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+                if code is not None or name not in codes:
+                    codes[name] = code
+    return dict(sorted(modules.items()))
+
+
+def verdicts(codes: dict[str, int | None]) -> Counter:
     counts: Counter = Counter()
-    for code in json.loads(meta.read_text())["exit_code_by_key"].values():
+    for code in codes.values():
         if code in KILLED:
             counts["killed"] += 1
         elif code in SURVIVED:
@@ -46,30 +62,35 @@ def verdicts(meta: Path) -> Counter:
     return counts
 
 
-def survivors(meta: Path) -> list[str]:
-    codes = json.loads(meta.read_text())["exit_code_by_key"]
+def survivors(codes: dict[str, int | None]) -> list[str]:
     return sorted(name for name, code in codes.items() if code in SURVIVED | NO_TESTS)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mutants", type=Path, default=Path("mutants"), help="mutmut's folder")
+    p.add_argument("--mutants", type=Path, action="append",
+                   help="mutmut's folder (default: mutants); repeat to merge runs, later ones "
+                   "replacing earlier verdicts")
     p.add_argument("--json", type=Path, help="write the scores (and a .md beside) here")
     p.add_argument("--notes", type=Path, help="Markdown file added to the page: what was run")
-    p.add_argument("--verdicts", type=Path,
+    p.add_argument("--verdicts", type=Path, action="append",
                    help="JSON with 'equivalent' {name: reason} and 'killed_by_tests_added_after' "
                    "{name: test file}: the unkilled mutants read by hand")
     args = p.parse_args()
     notes = args.notes.read_text() if args.notes else ""
-    read = json.loads(args.verdicts.read_text()) if args.verdicts else {}
+    read: dict = {}
+    for path in args.verdicts or []:
+        for key, value in json.loads(path.read_text()).items():
+            read[key] = {**read[key], **value} if isinstance(value, dict) and key in read \
+                else value
     equivalent = read.get("equivalent", {})
     killed_later = read.get("killed_by_tests_added_after", {})
     rows = []
-    for meta in sorted(args.mutants.glob("**/*.py.meta")):
-        counts = verdicts(meta)
+    for module, codes in merged_codes(args.mutants or [Path("mutants")]).items():
+        counts = verdicts(codes)
         judged = counts["killed"] + counts["survived"] + counts["no_tests"]
-        unkilled = survivors(meta)
-        row = {"module": str(meta.relative_to(args.mutants))[: -len(".meta")],
+        unkilled = survivors(codes)
+        row = {"module": module,
                "mutants": sum(counts.values()), **counts,
                "score": counts["killed"] / judged if judged else None, "unkilled": unkilled}
         killed = counts["killed"]
