@@ -90,3 +90,111 @@ def test_matched_ar_config_with_an_explicit_mlp_width(mlp_hidden):
     # A uniform MLP width matches to within half a hidden unit (3 d L weights).
     half_unit = 3 * config.d_model * config.n_layers / 2
     assert abs(count_parameters(ar) - count_parameters(config)) <= half_unit
+
+
+def test_rms_norm_is_the_written_out_formula_with_its_gain():
+    """Catches: ``RMSNorm`` dividing by its learned gain instead of multiplying by it, which
+    no test saw while every gain sat at its initial ones."""
+    norm = Decoder(micro_config()).norm
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 3.0, 32))
+    x = 3 * torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(0))
+    expected = x / torch.sqrt((x * x).mean(-1, keepdim=True) + norm.eps) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_embedding_is_added_to_the_latents_in_their_dtype(dtype):
+    """Catches: ``slot_roles="embedding"`` replacing the latents by None, subtracting the
+    slot embedding instead of adding it, or adding it uncast (``.to(None)``: bf16 latents
+    under autocast promoted to float32 before the key projection). The keys and values of
+    latents z are those a zero embedding gives for z + embedding, added in z's dtype."""
+    torch.manual_seed(0)
+    cross = Decoder(micro_config(slot_roles="embedding")).layers[0].cross_attention
+    rotation = torch.stack((torch.ones(2, 8), torch.zeros(2, 8)), -1)  # two slots, no turn
+    z = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    bf16 = dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        keys, values = cross.keys_values(z, rotation)
+        shifted = z + cross.slot_embedding.to(dtype)
+        cross.slot_embedding.zero_()
+        expected_keys, expected_values = cross.keys_values(shifted, rotation)
+    assert keys.dtype == expected_keys.dtype
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+
+
+def test_bidirectional_decoder_sees_later_tokens_and_refuses_a_cache():
+    """Catches: self-attention left causal in a bidirectional (MDLM) decoder (``mask is None
+    or causal``), and the KV-cache refusal turned round (``cache is None``), which makes the
+    plain bidirectional pass raise and lets a cached one through."""
+    torch.manual_seed(0)
+    decoder = Decoder(micro_config(bidirectional=True, latents_per_layer=0, window=None))
+    tokens = torch.randint(0, 23, (2, 13), generator=torch.Generator().manual_seed(0))
+    changed = tokens.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 23
+    with torch.no_grad():
+        diff = (decoder.eval()(tokens) - decoder(changed)).abs().amax(-1)
+    assert torch.all(diff > 0)  # every position, the first included, sees the last token
+    with pytest.raises(ValueError, match="no KV cache"):
+        decoder(tokens[:, :3], cache=decoder.new_cache())
+
+
+def test_inputs_longer_than_the_context_are_refused_with_their_length():
+    """Catches: the length check written ``start - length > max_tokens`` (never true: a
+    too-long input fails deep inside RoPE instead), and its message lost or counting
+    ``start - length`` tokens; with a cache the length counts the cached tokens too."""
+    decoder = _decoder(None)  # a context of 20
+    tokens = torch.randint(0, 23, (2, 21), generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="^sequence of 21 tokens exceeds the context of 20$"):
+            decoder(tokens, z)
+        cache = decoder.new_cache()
+        decoder(tokens[:, :15], z, cache)
+        with pytest.raises(ValueError, match="^sequence of 21 tokens exceeds the context of 20$"):
+            decoder(tokens[:, 15:], z, cache)
+        assert decoder(tokens[:, 15:20], z, cache).shape == (2, 5, 23)  # exactly the context
+
+
+@pytest.mark.parametrize("window", [4, None])
+def test_decoder_runs_on_the_device_of_its_input(window):
+    """Catches: the RoPE tables (token or latent positions) or the window mask built on the
+    default device instead of the input's, or the tables looked up for device None: on any
+    other device the decoder then mixes devices. ``meta`` (the shape-only device that
+    ``count_parameters`` builds on) stands for an accelerator in this CPU-only suite."""
+    with torch.device("meta"):
+        decoder = Decoder(micro_config(context=20, window=window))
+    meta = torch.device("meta")  # the forward runs outside the block: no default device
+    tokens = torch.zeros(3, 20, dtype=torch.long, device=meta)
+    z = torch.zeros(3, 4, 32, device=meta)
+    out = decoder(tokens, z)
+    assert out.shape == (3, 20, 23) and out.device == meta
+    cache = decoder.new_cache()
+    decoder(tokens[:, :6], z, cache)
+    out = decoder(tokens[:, 6:7], z, cache)
+    assert out.shape == (3, 1, 23) and out.device == meta
+
+
+def test_a_window_covering_the_input_runs_plain_causal_attention(monkeypatch):
+    """Catches: a window exactly as long as the input still building a mask (``window >
+    length``): such a window excludes nothing, so self-attention must run as SDPA's plain
+    causal call (no mask materialised, the fused causal kernel), exactly as with no window."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    tokens = torch.randint(0, 23, (2, 7), generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unwindowed = _decoder(None)(tokens[:, :6], z)
+        calls.clear()
+        covered = _decoder(6)(tokens[:, :6], z)
+        assert calls.count((True, True)) == 2 and all(no_mask for no_mask, _ in calls)
+        calls.clear()
+        _decoder(6)(tokens, z)  # one token more than the window: now a mask is needed
+        assert calls.count((False, False)) == 2
+    torch.testing.assert_close(covered, unwindowed, rtol=0, atol=0)
