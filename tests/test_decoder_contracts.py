@@ -17,7 +17,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ltm_pyro.decoder import Decoder, count_parameters, matched_ar_config
+from ltm_pyro.decoder import (
+    Decoder,
+    apply_rope,
+    count_parameters,
+    matched_ar_config,
+    rope_angles,
+)
 
 from .conftest import micro_config
 
@@ -198,3 +204,68 @@ def test_a_window_covering_the_input_runs_plain_causal_attention(monkeypatch):
         _decoder(6)(tokens, z)  # one token more than the window: now a mask is needed
         assert calls.count((False, False)) == 2
     torch.testing.assert_close(covered, unwindowed, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rotates_each_interleaved_pair_by_position_times_its_frequency(
+        monkeypatch, compiling, dtype):
+    """Catches: the real (cos/sin) form of ``apply_rope`` that runs under ``torch.compile``
+    (``--compile``) using sin for cos, indexing past the pair, taking the wrong half of a
+    pair, flipping the sign of ``imag * sin``, or stacking the rotated halves on the wrong
+    axis. Both forms must be the written-out RoPE: pair i = (x[2i], x[2i+1]) turned by
+    angle position * base^(-2i/d), at token positions and at fractional latent positions.
+    ``is_compiling`` is forced here (a real compilation is the slow compiled-model test)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    head_dim, base = 8, 10000.0
+    positions = torch.tensor([0.0, 1.0, 2.0, 7.0, 2.5, 13.75])  # latent positions: fractional
+    x = torch.randn(2, 3, len(positions), head_dim,
+                    generator=torch.Generator().manual_seed(0)).to(dtype)
+    rotated = apply_rope(x, rope_angles(head_dim, positions, base))
+    assert rotated.shape == x.shape and rotated.dtype == dtype
+    xd = x.double()
+    expected = torch.empty_like(xd)
+    for i in range(head_dim // 2):
+        angle = positions.double() * base ** (-2 * i / head_dim)
+        a, b = xd[..., 2 * i], xd[..., 2 * i + 1]
+        expected[..., 2 * i] = a * angle.cos() - b * angle.sin()
+        expected[..., 2 * i + 1] = a * angle.sin() + b * angle.cos()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(rotated.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_missing_latents_and_a_cache_for_a_bidirectional_decoder_are_refused_by_name():
+    """Catches: the two refusals of ``hidden_states`` raised with their message lost or
+    altered (``ValueError(None)``, decorated or re-cased text): the messages are what a
+    caller sees of a decoder given no latents, or an MDLM denoiser given a KV cache."""
+    tokens = torch.randint(0, 23, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with pytest.raises(ValueError,
+                           match="^this decoder cross-attends to latents: pass z$"):
+            Decoder(micro_config())(tokens)
+        mdlm = Decoder(micro_config(bidirectional=True, latents_per_layer=0, window=None))
+        with pytest.raises(ValueError,
+                           match="^a bidirectional decoder has no KV cache: every step sees all$"):
+            mdlm(tokens, cache=mdlm.new_cache())
+
+
+def test_latents_of_another_dtype_are_cast_to_the_decoders():
+    """Catches: the latents passed to the blocks uncast (``z_l.to(None)``): a float32
+    decoder given float64 or bf16 latents (outside autocast), or a bf16 decoder given
+    float32 ones, then fails in the cross-attention projections. The result must be that
+    of the latents converted to the decoder's dtype first, with or without a KV cache."""
+    decoder = _decoder(4)
+    tokens = torch.randint(0, 23, (2, 6), generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for latents in (z.double(), z.bfloat16()):
+            expected = decoder(tokens, latents.float())
+            torch.testing.assert_close(decoder(tokens, latents), expected, rtol=0, atol=0)
+            cache = decoder.new_cache()
+            decoder(tokens[:, :5], latents, cache)
+            torch.testing.assert_close(decoder(tokens[:, 5:], latents, cache),
+                                       expected[:, 5:], rtol=1e-4, atol=1e-4)
+        decoder.to(torch.bfloat16)
+        out = decoder(tokens, z)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, decoder(tokens, z.bfloat16()), rtol=0, atol=0)
