@@ -269,3 +269,59 @@ def test_latents_of_another_dtype_are_cast_to_the_decoders():
         out = decoder(tokens, z)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out, decoder(tokens, z.bfloat16()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(vocab_size=0), r"^ModelConfig\.vocab_size must be set \(from the tokenizer\)$"),
+    (dict(d_model=32, n_heads=3), "^d_model must split into an even head dimension per head$"),
+    (dict(d_model=36, n_heads=4), "^d_model must split into an even head dimension per head$"),
+    (dict(bidirectional=True, latents_per_layer=2, window=None),
+     r"^a bidirectional \(MDLM\) decoder has no latents and no window$"),
+    (dict(bidirectional=True, latents_per_layer=0, window=4),
+     r"^a bidirectional \(MDLM\) decoder has no latents and no window$"),
+])
+def test_unbuildable_shapes_are_refused_by_name(overrides, message):
+    """Catches: a decoder built with no vocabulary (``vocab_size < 0``: an empty embedding
+    table before the tokenizer has set it), a width that does not split evenly over the
+    heads (32 over 3) or splits into odd head dimensions (36 over 4: RoPE turns pairs)
+    let through when only one of the two holds (``and``), an MDLM denoiser given latents
+    but no window let through (``and``), and each refusal's message lost or altered."""
+    with pytest.raises(ValueError, match=message):
+        Decoder(micro_config(**overrides))
+
+
+def test_each_slot_role_adds_the_weights_it_documents():
+    """Catches: ``slot_roles="value"`` building a shared value projection (the role's name
+    mistyped in the test for it) and ``"embedding"`` a single vector [kv_dim] shared by the
+    slots instead of one per slot, [S, kv_dim]. Per layer, ``"value"`` gives each of the S
+    slots its own z_dim x d value weights ((S - 1) z_dim d more than shared), ``"key-value"``
+    its own key and value weights (twice that), ``"embedding"`` an S x z_dim table; the
+    extra weights count in ``count_parameters``."""
+    slots, z_dim, d, layers = 3, 8, 32, 2
+    config = micro_config(latents_per_layer=slots, latent_dim=z_dim, context=12)
+    shared = count_parameters(config)
+    extra = {"value": (slots - 1) * z_dim * d, "key-value": 2 * (slots - 1) * z_dim * d,
+             "embedding": slots * z_dim}
+    for roles, per_layer in extra.items():
+        assert count_parameters(replace(config, slot_roles=roles)) == shared + layers * per_layer
+    cross = Decoder(replace(config, slot_roles="embedding")).layers[0].cross_attention
+    assert cross.slot_embedding.shape == (slots, z_dim)
+
+
+@pytest.mark.parametrize("roles", ["value", "key-value", "embedding"])
+def test_slot_roles_tell_identical_latents_apart_by_their_values(roles):
+    """Catches: the same two mutants by behaviour. The same latent vector in every slot of a
+    layer gives every slot the same values under ``"shared"`` (only the keys' RoPE differs);
+    the levers exist to give each slot its own values, so under them no two agree."""
+    torch.manual_seed(0)
+    config = micro_config(latents_per_layer=3, latent_dim=8, context=12)
+    rotation = torch.stack((torch.ones(3, 8), torch.zeros(3, 8)), -1)  # no turn
+    z = torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(1)).expand(2, 3, 8)
+    with torch.no_grad():
+        shared = Decoder(config).layers[0].cross_attention
+        _, values = shared.keys_values(z, rotation)  # [B, H, S, hd]
+        assert torch.equal(values[:, :, 0], values[:, :, 1])
+        lever = Decoder(replace(config, slot_roles=roles)).layers[0].cross_attention
+        _, values = lever.keys_values(z, rotation)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert (values[:, :, a] - values[:, :, b]).abs().amax() > 1e-3
