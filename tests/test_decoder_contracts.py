@@ -325,3 +325,72 @@ def test_slot_roles_tell_identical_latents_apart_by_their_values(roles):
         _, values = lever.keys_values(z, rotation)
     for a, b in ((0, 1), (0, 2), (1, 2)):
         assert (values[:, :, a] - values[:, :, b]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("roles", ["shared", "value", "key-value", "embedding"])
+def test_every_documented_slot_role_builds_and_an_unknown_one_is_refused_by_name(roles):
+    """Catches: one of the four ``SlotRoles`` of ``ModelConfig`` (``"value"``,
+    ``"embedding"``) mistyped or re-cased in the decoder's list of known roles, so that a
+    documented lever refuses to build, and the refusal of an unknown role raised with its
+    message lost (``ValueError(None)``): the message names the role the caller passed."""
+    decoder = Decoder(micro_config(slot_roles=roles))
+    assert decoder.config.slot_roles == roles
+    wrong = roles.upper() if roles != "shared" else "values"
+    with pytest.raises(ValueError, match=f"^unknown slot_roles '{wrong}'$"):
+        Decoder(micro_config(slot_roles=wrong))
+
+
+def test_mdlm_embedding_table_has_the_mask_tokens_extra_row():
+    """Catches: the bidirectional (MDLM) embedding table built one row short
+    (``vocab_size - 1``) instead of one row longer than the vocabulary: the mask token, id
+    ``vocab_size``, must embed, and the tied output scores vocab_size + 1 classes."""
+    vocab = 23
+    mdlm = Decoder(micro_config(vocab_size=vocab, bidirectional=True, latents_per_layer=0,
+                                window=None))
+    assert mdlm.mask_token == vocab
+    assert mdlm.tok_embeddings.weight.shape == (vocab + 1, 32)
+    assert mdlm.output.weight is mdlm.tok_embeddings.weight
+    tokens = torch.tensor([[0, vocab - 1, mdlm.mask_token, vocab]])
+    with torch.no_grad():
+        assert mdlm(tokens).shape == (1, 4, vocab + 1)
+    assert Decoder(micro_config(vocab_size=vocab)).tok_embeddings.weight.shape == (vocab, 32)
+
+
+def test_residual_output_projections_start_scaled_down_by_depth():
+    """Catches: the MLP's output projection (``w2``) not recognised as a residual output,
+    so it starts at std 0.02 instead of 0.02 / sqrt(2 n_layers) as the attention output
+    (``wo``) does (GPT-2's depth scaling, the released init); every other linear map and
+    the (tied) embedding start at 0.02. Sample stds of 700 to 3000 weights, fixed seed,
+    within 25% (about ten standard errors; the two stds differ by a factor sqrt(2 L) = 2)."""
+    torch.manual_seed(0)
+    layers = 2
+    decoder = Decoder(micro_config(n_layers=layers))
+    residual = 0.02 / (2 * layers) ** 0.5
+
+    def close(weight, std):
+        return abs(weight.std().item() / std - 1) < 0.25 and abs(weight.mean().item()) < std / 5
+
+    for block in decoder.layers:
+        assert block.feed_forward.w2.weight.numel() >= 3000
+        for module in (block.feed_forward.w2, block.self_attention.wo, block.cross_attention.wo):
+            assert close(module.weight, residual)
+        for module in (block.feed_forward.w1, block.feed_forward.w3, block.self_attention.wq,
+                       block.self_attention.wk, block.cross_attention.wv):
+            assert close(module.weight, 0.02)
+    assert close(decoder.tok_embeddings.weight, 0.02)
+
+
+def test_slot_embedding_starts_at_the_priors_scale():
+    """Catches: the per-slot embedding (``slot_roles="embedding"``) initialised with a mean
+    of 1 or a std of 2 instead of the prior's N(0, 1) that the comment states (each slot's
+    embedding moves its keys and values as much as a typical latent draw does).
+    8 slots x 128 dims x 2 layers, fixed seed, bounds many standard errors wide (mean within
+    0.2, std within 15%)."""
+    torch.manual_seed(0)
+    decoder = Decoder(micro_config(slot_roles="embedding", latents_per_layer=8,
+                                   latent_dim=128, context=16))
+    table = torch.cat([block.cross_attention.slot_embedding.detach()
+                       for block in decoder.layers])
+    assert table.shape == (16, 128) and torch.isfinite(table).all()
+    assert abs(table.mean().item()) < 0.2
+    assert 0.85 < table.std().item() < 1.15
