@@ -9,11 +9,17 @@ import sys
 from .conftest import REPO
 
 
-def test_score_counts_mutants_killed_later_and_leaves_the_rest_unexplained(tmp_path, monkeypatch):
+def _score_module():  # noqa: ANN202 - the script loaded as a module
+    """tests/mutants/score.py is a script, not a package module: load it from its path."""
     spec = importlib.util.spec_from_file_location("mutation_score",
                                                   REPO / "tests" / "mutants" / "score.py")
     score = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(score)
+    return score
+
+
+def test_score_counts_mutants_killed_later_and_leaves_the_rest_unexplained(tmp_path, monkeypatch):
+    score = _score_module()
     (tmp_path / "m" / "pkg").mkdir(parents=True)
     codes = {"pkg.a__mutmut_1": 1, "pkg.a__mutmut_2": 0, "pkg.a__mutmut_3": 0,
              "pkg.a__mutmut_4": 33, "pkg.a__mutmut_5": None}
@@ -31,10 +37,7 @@ def test_score_counts_mutants_killed_later_and_leaves_the_rest_unexplained(tmp_p
 
 
 def test_a_later_run_replaces_the_verdicts_it_reached_and_readings_merge(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("mutation_score",
-                                                  REPO / "tests" / "mutants" / "score.py")
-    score = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(score)
+    score = _score_module()
     first = {"pkg.a__mutmut_1": 0, "pkg.a__mutmut_2": 1, "pkg.a__mutmut_3": None}
     rest = {"pkg.a__mutmut_1": None, "pkg.a__mutmut_2": None, "pkg.a__mutmut_3": 0}
     for name, codes in (("m1", first), ("m2", rest)):
