@@ -63,6 +63,7 @@ from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
     add_run_arguments,
     add_scoring_arguments,
+    add_window_arguments,
     config_from_args,
     int_list,
     positive_float,
@@ -79,7 +80,7 @@ from ltm_pyro.comparisons import (  # noqa: E402
     with_slow_schedule,
 )
 from ltm_pyro.config import InferenceConfig, RunConfig  # noqa: E402
-from ltm_pyro.data import load_corpus, sample_windows  # noqa: E402
+from ltm_pyro.data import describe_selection, load_corpus, select_windows  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.files import read_jsonl  # noqa: E402
@@ -122,14 +123,7 @@ def parser() -> OneLineParser:
     p.add_argument("--train-inference-steps", type=int_list, help="e.g. 4,16,64")
     p.add_argument("--eval-inference-steps", type=int_list, help="default: the training T")
     add_scoring_arguments(p)
-    windows = p.add_mutually_exclusive_group()
-    windows.add_argument("--test-windows", type=positive_int,
-                         help="score only the first N windows of each split")
-    windows.add_argument("--sample-windows", type=positive_int,
-                         help="score a random subset of N windows of each split (seeded by "
-                         "--sample-seed; the same windows for every model)")
-    p.add_argument("--sample-seed", type=int, default=0,
-                   help="seed of --sample-windows' subset")
+    add_window_arguments(p, "--test-windows")
     p.add_argument("--splits", type=split_list, default=["test"],
                    help="comma-separated splits to score, e.g. valid,test (choose settings on "
                    "valid, report test)")
@@ -331,10 +325,8 @@ class Bench:
         return TUNED_COLUMNS if self.points else COLUMNS
 
     def windows(self, split: str):  # noqa: ANN201 - a tensor of windows
-        windows = self.corpus.windows[split]
-        if self.args.sample_windows:
-            return sample_windows(windows, self.args.sample_windows, self.args.sample_seed)
-        return windows[: self.args.test_windows]
+        return select_windows(self.corpus.windows[split], self.args.test_windows,
+                              self.args.sample_windows, self.args.sample_seed)
 
     def folder(self, name: str, seed: int, seeds: list[int]) -> Path:
         return self.args.runs / self.args.label / folder_name(name, seed, seeds,
@@ -550,9 +542,7 @@ def budget_rows(bench: Bench, reference: str) -> list[dict]:
 
 def scored_windows(args: argparse.Namespace) -> str:
     """Which windows of each split the tables score, as the page's intro says it."""
-    if args.sample_windows:
-        return f"a random subset of {args.sample_windows} (seed {args.sample_seed}) of the"
-    return f"first {args.test_windows or 'all'}"
+    return describe_selection(args.test_windows, args.sample_windows, args.sample_seed)
 
 
 def report_extras(bench: Bench, grid: list[GridPoint], ltm_name: str) -> tuple[dict, str, str]:
@@ -593,7 +583,7 @@ def write_report(bench: Bench, with_mdlm: bool, grid: list[GridPoint], ltm_name:
         "over_seeds": seed_rows, "curves": bench.curves, "configs": bench.configs, **extras,
     },
         f"Splits {', '.join(args.splits)} of `{corpus.name}` ({scored_windows(args)} "
-        "windows each); perplexities per predicted token. `elbo_ppl` and "
+        "of each split); perplexities per predicted token. `elbo_ppl` and "
         "`iwae_ppl` are valid bounds; `recon_ppl` leaves the KL out (paper-style, not a bound). "
         "`ltm_vs_this`: the LTM's iwae_ppl (at its training T, same seed) relative to the row's "
         "on the same windows, ppl_LTM / ppl_row - 1 (negative: the LTM is better), with a "

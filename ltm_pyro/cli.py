@@ -149,6 +149,21 @@ def add_scoring_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup,
                    help="draws from each window's q for the mutual information")
 
 
+def add_window_arguments(p: argparse.ArgumentParser, first_flag: str = "--max-windows",
+                         first_default: int | None = None) -> None:
+    """Which windows of a split to score: the first N, or a seeded random subset (a split's
+    first windows are its first few documents, not a sample of it); see
+    ``data.select_windows``."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(first_flag, type=positive_int, default=first_default,
+                       help="score only the first N windows of each split")
+    group.add_argument("--sample-windows", type=positive_int,
+                       help="score a random subset of N windows of each split (seeded by "
+                       "--sample-seed; the same windows for every model)")
+    p.add_argument("--sample-seed", type=non_negative_int, default=0,
+                   help="seed of --sample-windows' subset")
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that define a training run (preset plus overrides), shared by the scripts,
     in groups so that ``--help`` reads by topic. Unset flags keep the preset's value."""

@@ -144,6 +144,21 @@ def sample_windows(windows: Tensor, n: int, seed: int) -> Tensor:
     return windows[picked]
 
 
+def select_windows(windows: Tensor, first: int | None, sample: int | None, seed: int) -> Tensor:
+    """The windows a script scores: a seeded random subset of ``sample`` windows when given,
+    else the first ``first`` (all when None)."""
+    if sample:
+        return sample_windows(windows, sample, seed)
+    return windows[:first]
+
+
+def describe_selection(first: int | None, sample: int | None, seed: int) -> str:
+    """Which windows ``select_windows`` picks, in words for a results page."""
+    if sample:
+        return f"a random subset of {sample} windows (seed {seed})"
+    return f"the first {first} windows" if first else "all windows"
+
+
 def text_corpus(path: Path, config: DataConfig, seq_len: int,
                 tokenizer: Tokenizer | None = None) -> Corpus:
     """Windows of a text corpus; the tokenizer is fitted on train unless one is given."""

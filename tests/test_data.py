@@ -6,8 +6,10 @@ from ltm_pyro.config import DataConfig
 from ltm_pyro.data import (
     BatchSampler,
     builtin_corpus,
+    describe_selection,
     read_splits,
     sample_windows,
+    select_windows,
     text_corpus,
     to_windows,
 )
@@ -147,3 +149,13 @@ def test_sampled_windows_are_a_seeded_subset_in_corpus_order():
     assert not torch.equal(picked, sample_windows(windows, 10, seed=4))
     assert rows != list(range(10))  # not the first windows
     assert torch.equal(sample_windows(windows, 100, seed=3), windows)
+
+
+def test_window_selection_is_the_sample_when_given_else_the_first_and_says_which():
+    windows = torch.arange(100).unsqueeze(1)
+    assert torch.equal(select_windows(windows, 7, None, 0), windows[:7])
+    assert torch.equal(select_windows(windows, None, None, 0), windows)
+    assert torch.equal(select_windows(windows, 7, 5, 2), sample_windows(windows, 5, 2))
+    assert describe_selection(7, None, 0) == "the first 7 windows"
+    assert describe_selection(None, None, 0) == "all windows"
+    assert describe_selection(None, 5, 2) == "a random subset of 5 windows (seed 2)"

@@ -11,7 +11,7 @@ import pytest
 from ltm_pyro.bounds import evaluate_windows
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
 from ltm_pyro.config import preset
-from ltm_pyro.data import load_corpus
+from ltm_pyro.data import load_corpus, sample_windows
 from ltm_pyro.decoder import count_parameters, matched_ar_config
 from ltm_pyro.flops import forward_flops_per_token, training_flops_per_token
 
@@ -34,12 +34,15 @@ def _write_corpus(folder, words, seed):
         (folder / f"{split}.txt").write_text(text + "\n")
 
 
-def _scored(run, split, steps, iw_samples, elbo_samples, max_windows=None) -> dict:
-    """The scripts' figures computed in-process from the library, as a script's user would."""
+def _scored(run, split, steps, iw_samples, elbo_samples, max_windows=None, sample=None,
+            **scoring) -> dict:
+    """The scripts' figures computed in-process from the library, as a script's user would
+    (``sample``: the seeded random subset ``(n, seed)`` instead of the first windows)."""
     ltm, config, tokenizer = model_from_checkpoint(load_checkpoint(run))
     windows = load_corpus(config.data, config.model.context, tokenizer).windows[split]
-    return evaluate_windows(ltm, windows[:max_windows], config.inference, steps=steps,
-                            elbo_samples=elbo_samples, iw_samples=iw_samples, seed=0)
+    windows = sample_windows(windows, *sample) if sample else windows[:max_windows]
+    return evaluate_windows(ltm, windows, config.inference, steps=steps,
+                            elbo_samples=elbo_samples, iw_samples=iw_samples, seed=0, **scoring)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +119,40 @@ def test_inference_step_sweep_writes_json_and_png(trained, tmp_path):
         assert 0 <= row["mutual_info_per_window"] <= row["mutual_info_cap"] + 1e-9
     assert rows[0]["recon_ppl"] != pytest.approx(rows[1]["recon_ppl"], rel=1e-6)
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_sweep_scores_a_sampled_subset_with_the_prior_control_once(trained, tmp_path):
+    result = script("sweep_inference_steps.py", "--checkpoint", str(trained / "run"),
+                    "--steps", "0,2", "--sample-windows", "8", "--sample-seed", "3",
+                    "--iw-samples", "2", "--prior-samples", "4", "--out", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert (saved["windows"], saved["sample_windows"], saved["sample_seed"]) == (8, 8, 3)
+    first, second = saved["rows"]
+    expected = _scored(trained / "run", "valid", steps=0, iw_samples=2, elbo_samples=4,
+                       sample=(8, 3), prior_samples=4)
+    assert first["iwae_ppl"] == pytest.approx(expected["iwae_ppl"], rel=1e-6)
+    assert first["prior_iwae_ppl"] == pytest.approx(expected["prior_iwae_ppl"], rel=1e-6)
+    assert "prior_iwae_ppl" not in second
+    assert "random subset of 8 windows (seed 3)" in (tmp_path / "s.md").read_text()
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_sampled_subset_it_names(trained, tmp_path):
+    out = tmp_path / "eval.json"
+    result = script("evaluate.py", "--checkpoint", str(trained / "run"), "--sample-windows", "8",
+                    "--sample-seed", "5", "--iw-samples", "2", "--prior-samples", "0",
+                    "--json", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    expected = _scored(trained / "run", "valid", steps=None, iw_samples=2, elbo_samples=4,
+                       sample=(8, 5))
+    saved = json.loads(out.read_text())
+    assert saved["iwae_ppl"] == pytest.approx(expected["iwae_ppl"], rel=1e-6)
+    assert saved["window_selection"] == "a random subset of 8 windows (seed 5)"
+    both = script("evaluate.py", "--checkpoint", str(trained / "run"), "--sample-windows", "8",
+                  "--max-windows", "4", "--no-progress")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "ltm-s"])

@@ -91,7 +91,8 @@ def test_every_family_gets_the_same_grid_and_its_own_choice(monkeypatch, tmp_pat
         return {"valid_iwae_ppl": 50.0 if point == best[name] else 60.0 + point[1] / 1000}
 
     monkeypatch.setattr(bench_quality, "tuning_figure", fake_figure)
-    args = SimpleNamespace(runs=tmp_path, label="t", test_windows=None, sample_windows=None)
+    args = SimpleNamespace(runs=tmp_path, label="t", test_windows=None, sample_windows=None,
+                           sample_seed=0)
     bench = bench_quality.Bench(args, base)
     bench.corpus = SimpleNamespace(windows={"valid": torch.zeros(10, 13)})
     tuned = bench_quality.tune(bench, runs, grid, seeds=[3, 4])

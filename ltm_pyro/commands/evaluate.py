@@ -30,9 +30,16 @@ from tqdm.auto import tqdm
 
 from ..bounds import evaluate_windows
 from ..checkpoint import load_checkpoint, model_from_checkpoint
-from ..cli import OneLineParser, add_scoring_arguments, non_negative_int, positive_int, run_main
+from ..cli import (
+    OneLineParser,
+    add_scoring_arguments,
+    add_window_arguments,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
 from ..config import DataConfig
-from ..data import load_corpus
+from ..data import describe_selection, load_corpus, select_windows
 from ..errors import UsageError
 from ..files import write_json
 from ..mdlm import evaluate_bound
@@ -61,7 +68,7 @@ def parser() -> OneLineParser:
     add_scoring_arguments(p)
     p.add_argument("--bound-samples", type=positive_int, default=64,
                    help="MDLM only: masked-count draws per window for its bound")
-    p.add_argument("--max-windows", type=positive_int, help="score only the first N windows")
+    add_window_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu")
@@ -77,7 +84,8 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
     data = config.data if args.data is None else DataConfig(path=args.data,
                                                             tokenizer=tokenizer.kind)
     corpus = load_corpus(data, config.model.context, tokenizer)
-    windows = corpus.windows[args.split][: args.max_windows]
+    windows = select_windows(corpus.windows[args.split], args.max_windows, args.sample_windows,
+                             args.sample_seed)
     if known_token_count(tokenizer, windows) == 0:
         raise UsageError(f"no token of {data.path} is in the checkpoint's vocabulary; "
                          "evaluate on a corpus in the training language and tokenization")
@@ -112,6 +120,8 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
         "zero_shot": args.data is not None and corpus.name != payload.get("corpus"),
         "split": args.split,
         "windows": len(windows),
+        "window_selection": describe_selection(args.max_windows, args.sample_windows,
+                                               args.sample_seed),
         "unk_rate": unknown,
         "references": corpus.references,
         "seed": args.seed,

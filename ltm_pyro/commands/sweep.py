@@ -5,12 +5,14 @@ r"""Test-time inference scaling: one checkpoint scored at several numbers of inf
     (or: python experiments/sweep_inference_steps.py with the same flags)
 
 Writes OUT.json (one row per T_eval: elbo_ppl, iwae_ppl, recon_ppl, per-token terms and
-what z carries: KL and mutual information per window, slot correlation; see
+what z carries: KL and mutual information per window, slot correlation, and on the first
+row the prior control prior_iwae_ppl (the prior as proposal; it does not depend on T); see
 docs/latent-diagnostics.md) and OUT.png (the three perplexities against T_eval, log-scaled,
 with the corpus' references of the split, and the MI and KL against T_eval). The MI estimate
 is capped at log N for N windows: `--split train` with a larger `--max-windows` raises the
-cap (those windows were trained on). `python experiments/replot.py OUT.json` redraws OUT.png
-from OUT.json.
+cap (those windows were trained on); `--sample-windows N` scores a seeded random subset
+instead of the first windows, which are the split's first few documents.
+`python experiments/replot.py OUT.json` redraws OUT.png from OUT.json.
 """
 
 from __future__ import annotations
@@ -24,20 +26,21 @@ from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..cli import (
     OneLineParser,
     add_scoring_arguments,
+    add_window_arguments,
     int_list,
     non_negative_int,
     positive_int,
     run_main,
 )
-from ..data import load_corpus
+from ..data import describe_selection, load_corpus, select_windows
 from ..errors import UsageError
 from ..modes import resolve_device
 from ..report import markdown_table, write_results
 from ..viz import bounds_against_steps, save_figure
 
 COLUMNS = ["inference_steps", "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl",
-           "recon_ppl", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-           "mutual_info_cap", "slot_correlation", "slot_linear_r2"]
+           "prior_iwae_ppl", "recon_ppl", "kl_per_window", "mutual_info_per_window",
+           "mutual_info_stderr", "mutual_info_cap", "slot_correlation", "slot_linear_r2"]
 
 FIT_TEXT = {"elbo": "the ELBO",
             "free-bits": "the training fits' objective, free bits included"}
@@ -48,8 +51,8 @@ def parser() -> OneLineParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder or checkpoint.pt")
     p.add_argument("--steps", type=int_list, default=[0, 1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--split", choices=("train", "valid", "test"), default="valid")
-    p.add_argument("--max-windows", type=positive_int, default=128)
-    add_scoring_arguments(p, prior=False)
+    add_window_arguments(p, first_default=128)
+    add_scoring_arguments(p)
     p.add_argument("--fit", choices=("elbo", "free-bits"), default="elbo",
                    help="what each window's fit maximises: the ELBO, or the training fits' "
                    "free-bits objective (the bounds stay valid: any q gives one)")
@@ -81,24 +84,28 @@ def main() -> int:
         raise UsageError("--fit free-bits: the checkpoint was trained without free bits, so its "
                          "fits maximise the ELBO; drop --fit")
     corpus = load_corpus(config.data, config.model.context, tokenizer)
-    windows = corpus.windows[args.split][: args.max_windows]
+    windows = select_windows(corpus.windows[args.split], args.max_windows, args.sample_windows,
+                             args.sample_seed)
     rows = []
     for steps in args.steps:
         rows.append(evaluate_windows(
             ltm, windows, config.inference, steps=steps, batch_size=args.batch_size,
             elbo_samples=args.elbo_samples, iw_samples=args.iw_samples, seed=args.seed,
             device=device, latent_stats=True, mi_samples=args.mi_samples,
-            fit_free_bits=args.fit == "free-bits"))
+            fit_free_bits=args.fit == "free-bits",
+            prior_samples=args.prior_samples if not rows else 0))
         print(markdown_table(rows[-1:], COLUMNS), flush=True)
     table = markdown_table(rows, COLUMNS)
     results = {
         "checkpoint_step": payload["step"], "corpus": corpus.name, "split": args.split,
-        "windows": len(windows), "fit": args.fit,
+        "windows": len(windows), "sample_windows": args.sample_windows,
+        "sample_seed": args.sample_seed, "fit": args.fit,
         "trained_inference_steps": config.inference.steps, "references": corpus.references,
         "rows": rows, "config": config.to_dict(),
     }
+    selection = describe_selection(len(windows), args.sample_windows, args.sample_seed)
     write_results(args.out.with_suffix(".json"), "Test-time inference steps", device, results,
-                  f"Bounds on the first {len(windows)} `{args.split}` windows of `{corpus.name}` "
+                  f"Bounds on {selection} of the `{args.split}` split of `{corpus.name}` "
                   f"against the inference steps T fitted per sequence (trained with T = "
                   f"{config.inference.steps}; checkpoint step {payload['step']}; each fit "
                   f"maximises {FIT_TEXT[args.fit]}).\n\n{table}\n\n"
