@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pyro
 
-from .config import PRESETS, RECIPES, ModelConfig, RunConfig, apply_recipe, preset
+from .config import PRESETS, RECIPES, ModelConfig, RunConfig, TrainConfig, apply_recipe, preset
 from .decoder import matched_ar_config
 from .errors import UsageError
 from .files import written_files
 from .mdlm import mdlm_model_config
+from .svi import kl_cycle_length
 from .tokenizers import TOKENIZERS
 
 
@@ -257,6 +258,9 @@ def _training_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--kl-warmup-steps", type=non_negative_int,
                    help="ramp the KL weight from 0 over these steps (against posterior collapse;"
                    " validation always uses the full weight, so reported numbers stay bounds)")
+    g.add_argument("--kl-cycles", type=positive_int,
+                   help="cyclical annealing: restart the KL warm-up at the start of each of "
+                   "this many equal cycles of --max-steps (default 1: one warm-up)")
     g.add_argument("--eval-every", type=positive_int, help="validate every this many steps")
     g.add_argument("--eval-windows", type=positive_int, help="validation windows scored")
     g.add_argument("--checkpoint-every", type=positive_int,
@@ -307,6 +311,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (train_cfg, "warmup_steps", args.warmup_steps),
         (train_cfg, "decoder_grads", args.decoder_grads),
         (train_cfg, "kl_warmup_steps", args.kl_warmup_steps),
+        (train_cfg, "kl_cycles", args.kl_cycles),
         (train_cfg, "eval_every", args.eval_every),
         (train_cfg, "eval_windows", args.eval_windows),
         (train_cfg, "checkpoint_every", args.checkpoint_every),
@@ -322,11 +327,24 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         inference.lr_max, inference.lr_min = args.fast_lr, args.fast_lr / 10
     if args.slow_lr is not None:
         train_cfg.lr, train_cfg.min_lr = args.slow_lr, args.slow_lr / 10
+    _check_kl_cycles(train_cfg)
     train_cfg.device = args.device
     train_cfg.compile = args.compile
     train_cfg.keep_best = train_cfg.keep_best or args.keep_best
     config.model = _model_of_kind(args, model)
     return config
+
+
+def _check_kl_cycles(train: TrainConfig) -> None:
+    """Cyclical annealing needs a warm-up that ends within each cycle, or z never sees the
+    full KL before the next restart."""
+    if train.kl_cycles == 1:
+        return
+    cycle = kl_cycle_length(train)
+    if not 0 < train.kl_warmup_steps < cycle:
+        raise UsageError(
+            f"--kl-cycles {train.kl_cycles} restarts the KL warm-up every {cycle} steps: give "
+            f"a --kl-warmup-steps between 1 and {cycle - 1} (e.g. {cycle // 2}, half a cycle)")
 
 
 def _model_of_kind(args: argparse.Namespace, model: ModelConfig) -> ModelConfig:

@@ -140,6 +140,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     decoder_grads: DecoderGrads = "final"
     kl_warmup_steps: int = 0  # KL weight ramps linearly from 0 over these slow steps
+    kl_cycles: int = 1  # > 1: the ramp restarts at each of this many equal cycles (cyclical)
     eval_every: int = 50
     eval_windows: int = 64
     eval_samples: int = 1
@@ -191,7 +192,9 @@ class RunConfig:
         return (f"{self.model_kind} (preset {self.preset}, recipe {self.recipe}): d {m.d_model}, "
                 f"{m.n_layers} layers, context {m.context}, window {m.window or 'full'}; "
                 f"{latents}; {t.max_steps} steps of {t.batch_size} windows, lr {t.lr:g}, "
-                f"KL warm-up {t.kl_warmup_steps}, seed {t.seed}")
+                f"KL warm-up {t.kl_warmup_steps}"
+                f"{f' in each of {t.kl_cycles} cycles' if t.kl_cycles > 1 else ''}, "
+                f"seed {t.seed}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:

@@ -42,9 +42,20 @@ def warmup_cosine(step: int, config: TrainConfig) -> float:
 
 def kl_weight_at(step: int, inference: InferenceConfig, train: TrainConfig) -> float:
     """The KL weight of slow step ``step`` (0-based): a linear ramp over ``kl_warmup_steps``
-    to ``inference.kl_weight`` (the full weight, at which every bound is scored)."""
+    to ``inference.kl_weight`` (the full weight, at which every bound is scored). With
+    ``kl_cycles`` C > 1 the ramp restarts at the start of each of C equal cycles of the run
+    (cyclical annealing, Fu et al. 2019: each restart lets z take information back before the
+    KL is paid in full again)."""
     ramp = train.kl_warmup_steps
-    return inference.kl_weight * (min(1.0, (step + 1) / ramp) if ramp else 1.0)
+    if not ramp:
+        return inference.kl_weight
+    position = step % kl_cycle_length(train) if train.kl_cycles > 1 else step
+    return inference.kl_weight * min(1.0, (position + 1) / ramp)
+
+
+def kl_cycle_length(train: TrainConfig) -> int:
+    """Slow steps per KL annealing cycle (the last cycle may be shorter)."""
+    return math.ceil(train.max_steps / train.kl_cycles)
 
 
 def slow_optimizer(decoder: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:

@@ -8,6 +8,7 @@ from ltm_pyro import svi as svi_module
 from ltm_pyro.bounds import evaluate_windows
 from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args
 from ltm_pyro.config import InferenceConfig, TrainConfig, preset
+from ltm_pyro.errors import UsageError
 from ltm_pyro.inference import (
     FreeBitsMeanFieldELBO,
     SyncFreeMeanFieldELBO,
@@ -152,3 +153,17 @@ def test_levers_are_off_by_default_and_set_by_flags():
     assert config.inference.init_loc_scale == 0.25
     with pytest.raises(SystemExit):
         p.parse_args(["--free-bits", "-1"])
+
+
+@pytest.mark.parametrize("warmup", ["0", "50"])
+def test_kl_cycles_need_a_warm_up_shorter_than_a_cycle(warmup):
+    p = OneLineParser()
+    add_run_arguments(p)
+    good = config_from_args(p.parse_args(["--max-steps", "100", "--kl-cycles", "4",
+                                          "--kl-warmup-steps", "12"]))
+    assert (good.train.kl_cycles, good.train.kl_warmup_steps) == (4, 12)
+    assert "KL warm-up 12 in each of 4 cycles" in good.summary()
+    with pytest.raises(UsageError, match="between 1 and 24"):
+        config_from_args(p.parse_args(["--max-steps", "100", "--kl-cycles", "4",
+                                       "--kl-warmup-steps", warmup]))
+

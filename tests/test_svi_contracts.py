@@ -68,6 +68,19 @@ def test_kl_weight_ramps_to_the_full_weight_and_holds_it():
     assert kl_weight_at(7, inference, TrainConfig(kl_warmup_steps=0)) == 0.5
 
 
+def test_cyclical_annealing_restarts_the_ramp_each_cycle_and_ends_at_the_full_weight():
+    """Cyclical annealing: with 3 cycles of 4 steps and a 2-step ramp the weight restarts at
+    each cycle's first step. Catches: the ramp counted from the run's start, or restarts that
+    never reach the full weight."""
+    inference = InferenceConfig(kl_weight=1.0)
+    train = TrainConfig(max_steps=12, kl_warmup_steps=2, kl_cycles=3)
+    weights = [kl_weight_at(step, inference, train) for step in range(12)]
+    assert weights == pytest.approx([0.5, 1, 1, 1] * 3)
+    uneven = TrainConfig(max_steps=10, kl_warmup_steps=2, kl_cycles=3)  # cycles of 4, 4, 2
+    assert [kl_weight_at(s, inference, uneven) for s in range(10)] == pytest.approx(
+        [0.5, 1, 1, 1, 0.5, 1, 1, 1, 0.5, 1])
+
+
 # --- the training fit's objective -----------------------------------------------------------
 
 
