@@ -119,6 +119,10 @@ VARIANTS: dict[str, list[str]] = {
     "ltm-prior-fb-sym-kv-klwarm": ["--init-log-var", "0", "--free-bits", "1",
                                    "--init-loc-scale", "0.5", "--slot-roles", "key-value",
                                    "--kl-warmup-steps", "200"],
+    # Cyclical KL annealing (Fu et al. 2019): 4 cycles of 100 steps, each ramping over half.
+    "ltm-prior-fb-sym-kv-cyc4": ["--init-log-var", "0", "--free-bits", "1",
+                                 "--init-loc-scale", "0.5", "--slot-roles", "key-value",
+                                 "--kl-warmup-steps", "50", "--kl-cycles", "4"],
     # The windowed AR matched to a slot-role LTM's parameter count (a wider MLP).
     "ar-window-value": ["--model", "ar", "--match-params", "--slot-roles", "value"],
     "ar-window-kv": ["--model", "ar", "--match-params", "--slot-roles", "key-value"],
