@@ -24,8 +24,9 @@ at the variant's training T, the prior-proposal control. Two extra views at the 
 
 Per-variant figures are kept in the run folder (study.json, so variants may be trained by
 separate invocations); --report gathers them into experiments/results/latents/LABEL.{json,md}
-and LABEL.png (iwae_ppl and MI against T_eval) and LABEL-slots.png (slot-correlation
-heatmaps of each layer's posterior means).
+and LABEL.png (iwae_ppl and MI against T_eval), LABEL-slots.png (slot-correlation
+heatmaps of each layer's posterior means) and LABEL-training.png (validation -ELBO, and the
+MI and KL per window, against training tokens, from each run's metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ from ltm_pyro.cli import (  # noqa: E402
     non_negative_int,
     run_main,
 )
-from ltm_pyro.comparisons import prior_as_posterior  # noqa: E402
+from ltm_pyro.comparisons import prior_as_posterior, tokens_per_step  # noqa: E402
+from ltm_pyro.config import RunConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
-from ltm_pyro.files import write_json  # noqa: E402
+from ltm_pyro.files import read_jsonl, write_json  # noqa: E402
 from ltm_pyro.flops import (  # noqa: E402
     fit_flops_per_token,
     forward_flops_per_token,
@@ -69,7 +71,7 @@ from ltm_pyro.inference import fit_local_posterior  # noqa: E402
 from ltm_pyro.latent_use import slot_linear_r2  # noqa: E402
 from ltm_pyro.modes import evaluating  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import train  # noqa: E402
+from ltm_pyro.runner import METRICS_NAME, train  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
 # Each variant: flags added to the study's own run flags (same tokens, seed and data).
@@ -338,6 +340,57 @@ def slots_figure(results: list[dict], title: str | None = None):  # noqa: ANN201
     return fig
 
 
+CURVE_KEYS = ("neg_elbo", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
+              "mutual_info_cap")
+
+
+def training_curve(run_dir: Path, config: RunConfig) -> list[dict]:
+    """A variant's validation records against training tokens: the -ELBO and what z carries
+    (the runner scores ``eval_windows`` valid windows at each evaluation, so the MI cap is
+    log of that count, lower than the tables')."""
+    metrics = run_dir / METRICS_NAME
+    if not metrics.exists():
+        return []
+    tokens = tokens_per_step(config)
+    return [{"step": r["step"], "tokens": r["step"] * tokens,
+             **{key: r.get(key) for key in CURVE_KEYS}}
+            for r in read_jsonl(metrics) if r["split"] == "valid"]
+
+
+def training_figure(curves: dict[str, list[dict]], title: str | None = None):  # noqa: ANN201
+    """Validation -ELBO (AR: NLL) and the LTMs' MI and KL per window against training tokens:
+    when z starts to carry information, and whether it keeps it."""
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    colours = dict(zip(curves, sns.color_palette("tab10", max(10, len(curves)))))
+    caps = []
+    for name, points in curves.items():
+        tokens = [p["tokens"] for p in points]
+        axes[0].plot(tokens, [p["neg_elbo"] for p in points], "o-", color=colours[name],
+                     label=name)
+        latent = [p for p in points if p.get("kl_per_window")]  # an AR has no KL
+        if not latent:
+            continue
+        x = [p["tokens"] for p in latent]
+        axes[1].errorbar(x, [p["mutual_info_per_window"] for p in latent],
+                         yerr=[p["mutual_info_stderr"] or 0.0 for p in latent], fmt="o-",
+                         capsize=3, color=colours[name], label=f"{name}: MI")
+        axes[1].plot(x, [p["kl_per_window"] for p in latent], ":", color=colours[name],
+                     label=f"{name}: KL")
+        caps.append(latent[-1]["mutual_info_cap"])
+    if caps:
+        axes[1].axhline(max(caps), ls="--", color="grey", lw=1,
+                        label=f"MI cap log N = {max(caps):.2f} (N: validation windows)")
+    axes[0].set(xlabel="training tokens", ylabel="validation -ELBO (nats/token; AR: NLL)",
+                title="Bound during training")
+    axes[1].set(xlabel="training tokens", ylabel="nats per window (valid)", ylim=(0, None),
+                title="What z carries (MI, ±1 s.e.) and costs (KL, dotted) during training")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "Latent levers during training (validation records)")
+    return fig
+
+
 def results_from_report(report_json: dict) -> list[dict]:
     """The per-variant results of a LABEL.json written by ``report``, as the figures take
     them (``python experiments/replot.py LABEL.json`` redraws both figures from it)."""
@@ -360,11 +413,14 @@ def report(argv_base: list[str], args: argparse.Namespace) -> None:
     notes = notes_path.read_text() if notes_path.exists() else ""
     flags = "\n".join(f"- `{r['variant']}`: `{' '.join(r['flags']) or '(none)'}`" for r in results)
     references = results[0]["references"] if results else {}
+    curves = {r["variant"]: training_curve(args.runs / args.label / r["variant"],
+                                           RunConfig.from_dict(r["config"]))
+              for r in results}
     write_results(args.results / f"{args.label}.json", f"Latent levers: {args.label}", "cpu",
                   {"rows": rows, "variants": {r["variant"]: r["flags"] for r in results},
                    "slot_matrices": {r["variant"]: r["slot_matrices"] for r in results},
                    "configs": {r["variant"]: r["config"] for r in results},
-                   "references": references},
+                   "curves": curves, "references": references},
                   f"Variants (each adds these flags to the command's; same tokens and seed):\n\n"
                   f"{flags}\n\nAll windows of each split (N = 256: MI cap log N = 5.55 nats). "
                   "Perplexities per predicted token; `iwae_ppl`/`elbo_ppl` are valid bounds; "
@@ -378,6 +434,7 @@ def report(argv_base: list[str], args: argparse.Namespace) -> None:
                   f"{references}\n\n{notes}")
     save_figure(bounds_mi_figure(results), args.results / f"{args.label}.png")
     save_figure(slots_figure(results), args.results / f"{args.label}-slots.png")
+    save_figure(training_figure(curves), args.results / f"{args.label}-training.png")
 
 
 def main() -> int:

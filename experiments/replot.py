@@ -6,10 +6,10 @@
 
 The script that wrote the JSON (its ``command``) picks the figure: bench_quality.py (validation
 -ELBO against tokens and FLOPs, from ``curves``), bench_icl.py (accuracy against shots with
-binomial error bars, from ``rows``), latents_study.py (LABEL.png and LABEL-slots.png, from
-``rows`` and ``slot_matrices``) and ltm-sweep / sweep_inference_steps.py (bounds against
-T_eval, from ``rows``, with the references of the swept split). Each PNG is written beside its
-JSON, under the same name.
+binomial error bars, from ``rows``), latents_study.py (LABEL.png, LABEL-slots.png and
+LABEL-training.png, from ``rows``, ``slot_matrices`` and ``curves``) and ltm-sweep /
+sweep_inference_steps.py (bounds against T_eval, from ``rows``, with the references of the
+swept split). Each PNG is written beside its JSON, under the same name.
 
 --baselines-from adds to a bench_quality figure the curves of variants it lacks (a run with
 --no-ar has no AR curves) from another bench_quality JSON, drawn dashed and labelled with that
@@ -91,12 +91,19 @@ def replot(path: Path, baselines_from: Path | None = None) -> list[Path]:
         if "--latents" in command:
             figures[path.with_name(f"{label}-latents.png")] = latents_figure(rows, chance)
     elif "latents_study.py" in command:
-        from latents_study import bounds_mi_figure, results_from_report, slots_figure
+        from latents_study import (
+            bounds_mi_figure,
+            results_from_report,
+            slots_figure,
+            training_figure,
+        )
 
         variants = results_from_report(results)
         figures = {path.with_suffix(".png"): bounds_mi_figure(
                        variants, f"{label}: latent levers against T_eval (valid split)"),
                    path.with_name(f"{label}-slots.png"): slots_figure(variants)}
+        if results.get("curves"):
+            figures[path.with_name(f"{label}-training.png")] = training_figure(results["curves"])
     elif "sweep" in command:
         from ltm_pyro.commands.sweep import figure
 

@@ -294,3 +294,33 @@ def test_hover_scatter_svg_has_one_titled_point_per_document_and_escapes_text():
     ys = [float(c.get("cy")) for c in circles]
     assert xs == sorted(xs) and ys[1] < ys[0] < ys[2]  # larger y is drawn higher
     assert "PCA of posterior means" in svg and "component 1" in svg
+
+
+def test_latents_training_curves_read_valid_records_and_draw_mi_for_ltms_only(tmp_path):
+    study = load_script("latents_study")
+    from ltm_pyro.config import preset
+
+    config = preset("tiny")
+    run = tmp_path / "ltm"
+    run.mkdir()
+    records = [{"split": "train", "step": 10, "neg_elbo": 9.0},
+               {"split": "valid", "step": 100, "neg_elbo": 4.2, "kl_per_window": 7.0,
+                "mutual_info_per_window": 3.5, "mutual_info_stderr": 0.1,
+                "mutual_info_cap": math.log(64)},
+               {"split": "valid", "step": 200, "neg_elbo": 4.1, "kl_per_window": 9.0,
+                "mutual_info_per_window": 4.0, "mutual_info_stderr": 0.05,
+                "mutual_info_cap": math.log(64)}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    curve = study.training_curve(run, config)
+    tokens = config.train.batch_size * config.model.context
+    assert [(p["step"], p["tokens"], p["mutual_info_per_window"]) for p in curve] == [
+        (100, 100 * tokens, 3.5), (200, 200 * tokens, 4.0)]
+    assert study.training_curve(tmp_path / "missing", config) == []
+    ar = [{**p, "kl_per_window": 0.0, "mutual_info_per_window": 0.0} for p in curve]
+    fig = study.training_figure({"ltm": curve, "ar-window": ar})
+    _titled_and_labelled(fig)
+    bound, carried = fig.axes[:2]
+    assert _labels(bound) == ["ltm", "ar-window"]
+    assert "ltm: MI" in _labels(carried) and "ltm: KL" in _labels(carried)
+    assert not any(label.startswith("ar-window") for label in _labels(carried))
+    assert carried.get_ylim()[0] == 0
