@@ -7,8 +7,10 @@ r"""Scaling grid: model width and depth, latent count and width, and T, at fixed
     python experiments/scaling.py --label tiny-grid --preset tiny-v1 --widths 32,64 \
         --latents 4 --steps 4,16 --budget tokens,flops --report
 
-Every LTM of --widths x --depths x --latents x --latent-dims x --steps and, for the AR family,
-one model per width x depth (no latents, no inference steps), each with the run flags'
+Every LTM of --widths x --depths x --latents x --latent-dims x --steps (for --families sa
+also the same grid with semi-amortised inference: an encoder proposes q's start, T steps refine
+it; the plain ltm family never has an encoder) and, for the AR family, one model per width x
+depth (no latents, no inference steps), each with the run flags'
 everything else (preset, recipe, overrides, seed, data). An unset axis takes the run flags'
 single value. Each model trains once per budget: --budget tokens gives every model --tokens
 training tokens; --budget flops gives every model --flops training FLOPs, counted with every
@@ -80,6 +82,9 @@ from ltm_pyro.scaling import (  # noqa: E402
 from ltm_pyro.viz import readable_log_ticks, save_figure  # noqa: E402
 
 RESULT_NAME = "scaling.json"
+FAMILY_NAMES = {"ltm": "LTM", "sa": "semi-amortised LTM", "ar": "AR"}
+#: Each family's frontier line in the figures: (line style, colour).
+FRONTIER_STYLES = {"ar": ("--", "grey"), "ltm": ("-", "black"), "sa": (":", "darkred")}
 COLUMNS = ["budget", "run", "params", "T", "max_steps", "tokens_seen", "epochs", "train_flops",
            "train_wall_s", "eval_passes", "iwae_ppl", "elbo_ppl", "recon_ppl", "kl_per_window",
            "mutual_info_per_window", "active_units"]
@@ -118,8 +123,10 @@ def parser() -> OneLineParser:
     p = OneLineParser.from_doc(__doc__)
     add_run_arguments(p)
     g = p.add_argument_group("the grid (unset axis: the run flags' single value)")
-    g.add_argument("--families", type=choice_list(FAMILIES), default=",".join(FAMILIES),
-                   help="model families: ltm, and ar (no latents, same widths and depths)")
+    g.add_argument("--families", type=choice_list(FAMILIES), default="ltm,ar",
+                   help="model families: ltm; sa, the LTM with semi-amortised inference (an "
+                   "encoder of --encoder-layers blocks, default 2, proposes q's start; T steps "
+                   "refine it); and ar (no latents, same widths and depths)")
     g.add_argument("--widths", type=int_list, help="model widths d_model, e.g. 32,64")
     g.add_argument("--depths", type=int_list, help="decoder blocks n_layers, e.g. 2,4")
     g.add_argument("--latents", type=int_list, help="LTM: latent vectors per layer, e.g. 2,4")
@@ -279,7 +286,8 @@ def row(run: dict, stored: dict, train_windows: int, iw_samples: int) -> dict:
 def series_label(r: dict, by_budget: bool) -> str:
     """A row's line in the figures: the family, and for an LTM its latents and T."""
     label = "AR" if r["family"] == "ar" else (
-        f"LTM k{r['latents_per_layer']} z{r['latent_dim'] or 'd'} T{r['T']}")
+        f"{FAMILY_NAMES[r['family']]} k{r['latents_per_layer']} z{r['latent_dim'] or 'd'} "
+        f"T{r['T']}")
     return f"{label}, {r['budget']}" if by_budget else label
 
 
@@ -341,7 +349,7 @@ def frontier_figure(rows: list[dict], curves: dict[str, list[dict]],
                     "-", lw=0.8, alpha=0.45, color=colour)
             ax.plot(r[key], r["iwae_ppl"], markers[size_label(r)], color=colour, ms=8,
                     mec="black", mew=0.6)
-        for family, style in (("ar", ("--", "grey")), ("ltm", ("-", "black"))):
+        for family, style in FRONTIER_STYLES.items():
             mine = [r for r in rows if r["family"] == family]
             best = [mine[i] for i in pareto_frontier([r[key] for r in mine],
                                                      [r["iwae_ppl"] for r in mine])]
@@ -356,20 +364,22 @@ def frontier_figure(rows: list[dict], curves: dict[str, list[dict]],
         perplexity_axis(ax)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("valid perplexity bound per token (log scale)")
-    axes[1].legend(handles=_legend(colours, markers, references), fontsize=7,
+    families = {r["family"] for r in rows}
+    axes[1].legend(handles=_legend(colours, markers, references, families), fontsize=7,
                    loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title or "Valid bound against the training budget, with each family's "
                           "Pareto frontier")
     return fig
 
 
-def _legend(colours: dict, markers: dict, references: dict) -> list:
+def _legend(colours: dict, markers: dict, references: dict, families: set[str]) -> list:
     handles = [Line2D([], [], color=c, marker="o", ls="", label=s) for s, c in colours.items()]
     handles += [Line2D([], [], color="grey", marker=m, ls="", label=s)
                 for s, m in markers.items()]
-    handles += [Line2D([], [], color="black", ls="-", lw=1.8, label="LTM Pareto frontier"),
-                Line2D([], [], color="grey", ls="--", lw=1.8, label="AR Pareto frontier"),
-                Line2D([], [], color="grey", lw=0.8, alpha=0.6,
+    handles += [Line2D([], [], color=colour, ls=ls, lw=1.8,
+                       label=f"{FAMILY_NAMES[family]} Pareto frontier")
+                for family, (ls, colour) in FRONTIER_STYLES.items() if family in families]
+    handles += [Line2D([], [], color="grey", lw=0.8, alpha=0.6,
                        label="valid elbo_ppl while training")]
     names = {"unigram_entropy_valid": ("--", "exp(unigram entropy (valid))"),
              "entropy_floor_valid": (":", "exp(entropy floor (valid))")}
@@ -391,7 +401,8 @@ def trade_figure(rows: list[dict], tolerance: float = 0.15, title: str | None = 
     for ax, key in ((axes[0], "params"), (axes[1], "T")):
         lines: dict[tuple, list[dict]] = {}
         for r in rows:
-            line = series_label(r, by_budget) if key == "params" else (size_label(r), r["budget"])
+            line = series_label(r, by_budget) if key == "params" else (
+                size_label(r), r["budget"], r["family"] == "sa")
             lines.setdefault(line, []).append(r)
         for line, members in lines.items():
             members.sort(key=lambda r: r[key])
@@ -414,7 +425,7 @@ def trade_figure(rows: list[dict], tolerance: float = 0.15, title: str | None = 
     axes[1].set_xlim(-0.3, max(steps) * 1.5 + 0.5)
     axes[1].set(xlabel="inference steps T in training and scoring (AR: 0)",
                 title="against inference steps (grey lines join one width and depth)")
-    handles = _legend(colours, markers, {})[: len(colours) + len(markers)]
+    handles = _legend(colours, markers, {}, set())[: len(colours) + len(markers)]
     handles += [Line2D([], [], marker="o", ms=12, mfc="none", mec=ring[g], ls="",
                        label=f"equal FLOPs #{g + 1} (±{tolerance:.0%}): "
                              f"{si(rows[members[0]]['train_flops'])}")

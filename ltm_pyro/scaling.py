@@ -1,7 +1,9 @@
 """The scaling grid (``experiments/scaling.py``): grid points, budgets, Pareto frontiers.
 
-A grid point is one model: a family (``ltm``, or ``ar``: no latents), a width and a depth,
-and for the LTM a latent count per layer, a latent width and the inference steps T. A budget
+A grid point is one model: a family (``ltm``; ``sa``, the LTM with semi-amortised inference:
+an encoder proposes q's start and T steps refine it; or ``ar``: no latents), a width and a
+depth, and for the latent families a latent count per layer, a latent width and the
+inference steps T. A budget
 fixes how long each point trains: ``tokens`` gives every model the same training tokens,
 ``flops`` the same training FLOPs counted by ``flops.training_flops_per_token`` (every inner
 step included), so a model whose iteration costs more gets fewer steps. Budgets turn into
@@ -17,7 +19,9 @@ from .comparisons import step_flops, tokens_per_step
 from .config import RunConfig
 from .errors import UsageError
 
-FAMILIES = ("ltm", "ar")
+FAMILIES = ("ltm", "sa", "ar")
+LATENT_FAMILIES = ("ltm", "sa")
+SA_ENCODER_LAYERS = 2  # the sa family's encoder depth unless the run flags set one
 BUDGETS = ("tokens", "flops")
 
 
@@ -35,7 +39,8 @@ class GridPoint:
 
     @property
     def name(self) -> str:
-        """``ar-d64-L2`` or ``ltm-d64-L2-k4-z8-T16`` (``z=d``: latent width = model width)."""
+        """``ar-d64-L2``, ``ltm-d64-L2-k4-z8-T16`` or ``sa-d64-L2-k4-z8-T4`` (``zd``: latent
+        width = model width)."""
         size = f"{self.family}-d{self.d_model}-L{self.n_layers}"
         if self.family == "ar":
             return size
@@ -46,8 +51,9 @@ class GridPoint:
 def grid_points(families: Sequence[str], widths: Sequence[int], depths: Sequence[int],
                 latents: Sequence[int], latent_dims: Sequence[int | None],
                 steps: Sequence[int]) -> list[GridPoint]:
-    """Every LTM of widths x depths x latents x latent_dims x steps, and one AR per width x
-    depth (an AR has no latents and no inference steps), in that order, without repeats."""
+    """Every LTM (and semi-amortised LTM) of widths x depths x latents x latent_dims x
+    steps, and one AR per width x depth (an AR has no latents and no inference steps), in
+    that order, without repeats."""
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
         raise UsageError(f"unknown family {', '.join(unknown) or '(none)'}; choose among "
@@ -60,23 +66,29 @@ def grid_points(families: Sequence[str], widths: Sequence[int], depths: Sequence
             if family == "ar":
                 points.append(GridPoint("ar", d, layers))
                 continue
-            points += [GridPoint("ltm", d, layers, k, z, t)
+            points += [GridPoint(family, d, layers, k, z, t)
                        for k in latents for z in latent_dims for t in steps]
     return list(dict.fromkeys(points))
 
 
 def point_config(base: RunConfig, point: GridPoint) -> RunConfig:
     """The run flags' config with the point's shape and T (an AR: no latents, ``model_kind``
-    ar). The heads stay the run flags'; each width must split into them."""
+    ar). An ``ltm`` point fits q from its start alone (no encoder); an ``sa`` point has the run
+    flags' encoder, or one of ``SA_ENCODER_LAYERS`` blocks. The heads stay the run flags';
+    each width must split into them."""
     heads = base.model.n_heads
     if point.d_model % heads or (point.d_model // heads) % 2:
         raise UsageError(f"width {point.d_model} does not split into {heads} heads of an even "
                          "size; choose widths that do, or set --n-heads")
     model = replace(base.model, d_model=point.d_model, n_layers=point.n_layers,
                     latents_per_layer=point.latents_per_layer, latent_dim=point.latent_dim)
-    inference = replace(base.inference, steps=point.steps) if point.family == "ltm" else (
-        base.inference)
-    return replace(base, model_kind=point.family, model=model, inference=inference,
+    inference = base.inference
+    if point.family in LATENT_FAMILIES:
+        encoder = (base.inference.encoder_layers or SA_ENCODER_LAYERS) if (
+            point.family == "sa") else 0
+        inference = replace(inference, steps=point.steps, encoder_layers=encoder)
+    kind = "ar" if point.family == "ar" else "ltm"
+    return replace(base, model_kind=kind, model=model, inference=inference,
                    train=replace(base.train))
 
 

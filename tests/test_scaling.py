@@ -63,6 +63,19 @@ def test_grid_has_every_ltm_and_one_ar_per_width_and_depth():
         point_config(_base(), GridPoint("ar", 18, 1))  # 18 / 2 heads = 9, odd
 
 
+def test_semi_amortised_family_is_the_ltm_grid_with_an_encoder_and_the_ltm_has_none():
+    points = grid_points(["ltm", "sa", "ar"], [16], [1], [2], [4], [2, 8])
+    assert [p.name for p in points] == ["ltm-d16-L1-k2-z4-T2", "ltm-d16-L1-k2-z4-T8",
+                                        "sa-d16-L1-k2-z4-T2", "sa-d16-L1-k2-z4-T8", "ar-d16-L1"]
+    base = _base()
+    sa = point_config(base, points[2])
+    assert (sa.model_kind, sa.inference.encoder_layers, sa.inference.steps) == ("ltm", 2, 2)
+    base.inference.encoder_layers = 3  # the run flags' encoder: sa keeps it, ltm drops it
+    assert point_config(base, points[3]).inference.encoder_layers == 3
+    assert point_config(base, points[0]).inference.encoder_layers == 0
+    assert point_config(base, points[4]).model_kind == "ar"
+
+
 def test_flop_budget_gives_each_run_steps_within_a_step_of_the_budget():
     base, budget = _base(), 3.0e9
     steps = {}
@@ -219,6 +232,20 @@ def test_frontier_figure_draws_each_familys_pareto_frontier():
     staircases = [line for line in flops_ax.get_lines() if line.get_drawstyle() == "steps-post"]
     # AR: both runs (the larger is better); LTM: the 64-wide run is worse at more FLOPs.
     assert sorted(list(line.get_ydata()) for line in staircases) == [[85.0, 75.0], [90.0, 80.0]]
+
+
+def test_frontier_figure_draws_the_semi_amortised_frontier_only_when_it_has_runs():
+    scaling = load_script("scaling")
+    sa = {**_rows()[2], "family": "sa", "run": "sa-d32-T4", "train_flops": 3e9, "iwae_ppl": 84.0}
+    fig = scaling.frontier_figure([*_rows(), sa], {}, {})
+    legend = {t.get_text() for t in fig.axes[1].get_legend().get_texts()}
+    assert "semi-amortised LTM Pareto frontier" in legend
+    assert "semi-amortised LTM k4 z8 T4" in legend
+    staircases = [line for line in fig.axes[1].get_lines() if line.get_drawstyle() == "steps-post"]
+    assert [84.0] in [list(line.get_ydata()) for line in staircases]
+    plain = scaling.frontier_figure(_rows(), {}, {})
+    assert "semi-amortised LTM Pareto frontier" not in {
+        t.get_text() for t in plain.axes[1].get_legend().get_texts()}
 
 
 def test_trade_figure_rings_runs_of_equal_flops():
