@@ -47,6 +47,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from ltm_pyro.amortised import count_encoder_parameters  # noqa: E402
 from ltm_pyro.bounds import evaluate_windows  # noqa: E402
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from ltm_pyro.cli import (  # noqa: E402
@@ -85,9 +86,9 @@ RESULT_NAME = "scaling.json"
 FAMILY_NAMES = {"ltm": "LTM", "sa": "semi-amortised LTM", "ar": "AR"}
 #: Each family's frontier line in the figures: (line style, colour).
 FRONTIER_STYLES = {"ar": ("--", "grey"), "ltm": ("-", "black"), "sa": (":", "darkred")}
-COLUMNS = ["budget", "run", "params", "T", "max_steps", "tokens_seen", "epochs", "train_flops",
-           "train_wall_s", "eval_passes", "iwae_ppl", "elbo_ppl", "recon_ppl", "kl_per_window",
-           "mutual_info_per_window", "active_units"]
+COLUMNS = ["budget", "run", "params", "encoder_params", "T", "max_steps", "tokens_seen",
+           "epochs", "train_flops", "train_wall_s", "eval_passes", "iwae_ppl", "elbo_ppl",
+           "recon_ppl", "kl_per_window", "mutual_info_per_window", "active_units"]
 #: Run flags that an axis of the grid replaces: giving both is ambiguous.
 AXIS_FLAGS = {"widths": "d_model", "depths": "n_layers", "latents": "latents_per_layer",
               "latent_dims": "latent_dim", "steps": "inference_steps"}
@@ -279,6 +280,7 @@ def row(run: dict, stored: dict, train_windows: int, iw_samples: int) -> dict:
     config, point = run["config"], run["point"]
     return {"budget": run["budget"], "run": run["dir"].name, **asdict(point),
             "T": point.steps, "params": count_parameters(config.model),
+            "encoder_params": count_encoder_parameters(config.model, config.inference),
             **spent(config, train_windows), "train_wall_s": stored["train_wall_s"],
             "eval_passes": eval_passes(config, iw_samples), **stored["summary"]}
 
@@ -394,20 +396,22 @@ def trade_figure(rows: list[dict], tolerance: float = 0.15, title: str | None = 
     ``tolerance`` ringed and numbered alike, so a bigger AR and a smaller LTM with more T can
     be read at equal FLOPs."""
     sns.set_theme(style="whitegrid")
+    # A model's size: its decoder and, if semi-amortised, its encoder.
+    rows = [{**r, "size": r["params"] + (r.get("encoder_params") or 0)} for r in rows]
     colours, markers, by_budget = _styles(rows)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
     groups = equal_flop_groups([r["train_flops"] for r in rows], tolerance)
     ring = dict(zip(range(len(groups)), sns.color_palette("dark", len(groups))))
-    for ax, key in ((axes[0], "params"), (axes[1], "T")):
+    for ax, key in ((axes[0], "size"), (axes[1], "T")):
         lines: dict[tuple, list[dict]] = {}
         for r in rows:
-            line = series_label(r, by_budget) if key == "params" else (
+            line = series_label(r, by_budget) if key == "size" else (
                 size_label(r), r["budget"], r["family"] == "sa")
             lines.setdefault(line, []).append(r)
         for line, members in lines.items():
             members.sort(key=lambda r: r[key])
             ax.plot([r[key] for r in members], [r["iwae_ppl"] for r in members], "-", lw=1,
-                    color=colours[line] if key == "params" else "grey", alpha=0.7)
+                    color=colours[line] if key == "size" else "grey", alpha=0.7)
         for r in rows:
             ax.plot(r[key], r["iwae_ppl"], markers[size_label(r)],
                     color=colours[series_label(r, by_budget)], ms=8, mec="black", mew=0.6)
@@ -418,7 +422,8 @@ def trade_figure(rows: list[dict], tolerance: float = 0.15, title: str | None = 
         ax.set_ylabel("valid iwae_ppl (perplexity bound per token, log scale)")
     axes[0].set_xscale("log")
     readable_log_ticks(axes[0])
-    axes[0].set(xlabel="parameters (k = 1e3, M = 1e6)", title="against model size")
+    axes[0].set(xlabel="parameters, decoder + encoder if any (k = 1e3, M = 1e6)",
+                title="against model size")
     steps = sorted({r["T"] for r in rows})
     axes[1].set_xscale("symlog", linthresh=1, base=2)
     axes[1].set_xticks(steps, [str(t) for t in steps])
@@ -453,8 +458,8 @@ def equal_flop_tables(rows: list[dict], tolerance: float = 0.15) -> str:
     for g, members in enumerate(equal_flop_groups([r["train_flops"] for r in rows], tolerance)):
         group = sorted((rows[i] for i in members), key=lambda r: r["iwae_ppl"])
         parts.append(f"Equal FLOPs #{g + 1} (within {tolerance:.0%}):\n\n" + markdown_table(
-            group, ["run", "budget", "params", "T", "train_flops", "tokens_seen", "epochs",
-                    "iwae_ppl"]))
+            group, ["run", "budget", "params", "encoder_params", "T", "train_flops",
+                    "tokens_seen", "epochs", "iwae_ppl"]))
     return "\n\n".join(parts) or "No two runs of this grid have equal training FLOPs."
 
 

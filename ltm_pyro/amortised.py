@@ -105,6 +105,14 @@ def build_encoder(model: ModelConfig, inference: InferenceConfig) -> Encoder | N
     return Encoder(model, inference)
 
 
+def count_encoder_parameters(model: ModelConfig, inference: InferenceConfig) -> int:
+    """Parameters of the encoder ``build_encoder`` makes (0 without one): a semi-amortised
+    LTM's size is its decoder's plus these. Built on the CPU (its fixed slot offsets are drawn
+    there), then dropped."""
+    encoder = build_encoder(model, inference)
+    return 0 if encoder is None else sum(p.numel() for p in encoder.parameters())
+
+
 def gaussian_kl(q: LocalPosterior, p: LocalPosterior) -> Tensor:
     """KL(q || p) between diagonal Gaussians, summed over a window's latents: [B]."""
     ratio = torch.exp(q.log_var - p.log_var)

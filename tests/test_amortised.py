@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ltm_pyro import runner
-from ltm_pyro.amortised import Encoder, build_encoder
+from ltm_pyro.amortised import Encoder, build_encoder, count_encoder_parameters
 from ltm_pyro.bounds import evaluate_windows
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
 from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args
@@ -171,6 +171,16 @@ def test_flops_count_the_encoder():
     assert encoder_flops_per_token(config, base) == 0
     assert training_flops_per_token(config, 4, "final", base) == training_flops_per_token(
         config, 4)
+
+
+@pytest.mark.parametrize("loc_scale", [0.0, 0.5])  # 0.5: the encoder holds slot offsets
+def test_encoder_parameters_are_counted_as_built(loc_scale):
+    config = micro_config()
+    inference = InferenceConfig(encoder_layers=2, init_loc_scale=loc_scale)
+    built = build_encoder(config, inference)
+    assert count_encoder_parameters(config, inference) == sum(
+        p.numel() for p in built.parameters()) > 0
+    assert count_encoder_parameters(config, InferenceConfig()) == 0
 
 
 # --- runs, flags, checkpoints ----------------------------------------------------------------

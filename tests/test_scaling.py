@@ -243,6 +243,9 @@ def test_frontier_figure_draws_the_semi_amortised_frontier_only_when_it_has_runs
     assert "semi-amortised LTM k4 z8 T4" in legend
     staircases = [line for line in fig.axes[1].get_lines() if line.get_drawstyle() == "steps-post"]
     assert [84.0] in [list(line.get_ydata()) for line in staircases]
+    trade = scaling.trade_figure([*_rows(), {**sa, "encoder_params": 5000}])
+    sizes = {x for line in trade.axes[0].get_lines() for x in line.get_xdata()}
+    assert 32000 + 5000 in sizes  # a semi-amortised model's size counts its encoder
     plain = scaling.frontier_figure(_rows(), {}, {})
     assert "semi-amortised LTM Pareto frontier" not in {
         t.get_text() for t in plain.axes[1].get_legend().get_texts()}
