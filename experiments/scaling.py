@@ -405,6 +405,8 @@ def trade_figure(rows: list[dict], tolerance: float = 0.15, title: str | None = 
     for ax, key in ((axes[0], "size"), (axes[1], "T")):
         lines: dict[tuple, list[dict]] = {}
         for r in rows:
+            # Against T, an AR (T 0) continues its size's LTM line; the semi-amortised
+            # family draws its own.
             line = series_label(r, by_budget) if key == "size" else (
                 size_label(r), r["budget"], r["family"] == "sa")
             lines.setdefault(line, []).append(r)
