@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pyro
 
-from .config import PRESETS, RECIPES, ModelConfig, RunConfig, TrainConfig, apply_recipe, preset
+from .config import PRESETS, RECIPES, ModelConfig, RunConfig, apply_recipe, preset
 from .decoder import matched_ar_config
 from .errors import UsageError
 from .files import written_files
 from .mdlm import mdlm_model_config
-from .svi import kl_cycle_length
+from .svi import check_kl_cycles
 from .tokenizers import TOKENIZERS
 
 
@@ -327,24 +327,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         inference.lr_max, inference.lr_min = args.fast_lr, args.fast_lr / 10
     if args.slow_lr is not None:
         train_cfg.lr, train_cfg.min_lr = args.slow_lr, args.slow_lr / 10
-    _check_kl_cycles(train_cfg)
+    check_kl_cycles(train_cfg)  # refused at parse time, before any data is read
     train_cfg.device = args.device
     train_cfg.compile = args.compile
     train_cfg.keep_best = train_cfg.keep_best or args.keep_best
     config.model = _model_of_kind(args, model)
     return config
-
-
-def _check_kl_cycles(train: TrainConfig) -> None:
-    """Cyclical annealing needs a warm-up that ends within each cycle, or z never sees the
-    full KL before the next restart."""
-    if train.kl_cycles == 1:
-        return
-    cycle = kl_cycle_length(train)
-    if not 0 < train.kl_warmup_steps < cycle:
-        raise UsageError(
-            f"--kl-cycles {train.kl_cycles} restarts the KL warm-up every {cycle} steps: give "
-            f"a --kl-warmup-steps between 1 and {cycle - 1} (e.g. {cycle // 2}, half a cycle)")
 
 
 def _model_of_kind(args: argparse.Namespace, model: ModelConfig) -> ModelConfig:

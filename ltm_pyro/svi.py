@@ -58,6 +58,19 @@ def kl_cycle_length(train: TrainConfig) -> int:
     return math.ceil(train.max_steps / train.kl_cycles)
 
 
+def check_kl_cycles(train: TrainConfig) -> None:
+    """Cyclical annealing needs a warm-up that ends within each cycle, or z never sees the
+    full KL before the next restart (checked for command-line and Python users alike)."""
+    if train.kl_cycles == 1:
+        return
+    cycle = kl_cycle_length(train)
+    if not 0 < train.kl_warmup_steps < cycle:
+        raise UsageError(
+            f"--kl-cycles {train.kl_cycles} restarts the KL warm-up every {cycle} steps: give "
+            f"a --kl-warmup-steps (TrainConfig.kl_warmup_steps) between 1 and {cycle - 1} "
+            f"(e.g. {cycle // 2}, half a cycle)")
+
+
 def slow_optimizer(decoder: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm gains are not decayed)."""
     params = [p for p in decoder.parameters() if p.requires_grad]
@@ -124,6 +137,7 @@ class DualRateSVI:
         shard: Shard | None = None,
         elbo: ELBO | None = None,
     ) -> None:
+        check_kl_cycles(train)
         self.ltm = ltm
         self.inference = inference
         self.train = train

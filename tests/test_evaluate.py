@@ -129,6 +129,7 @@ def test_sweep_scores_a_sampled_subset_with_the_prior_control_once(trained, tmp_
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "s.json").read_text())
     assert (saved["windows"], saved["sample_windows"], saved["sample_seed"]) == (8, 8, 3)
+    assert saved["window_selection"] == "a random subset of 8 windows (seed 3)"
     first, second = saved["rows"]
     expected = _scored(trained / "run", "valid", steps=0, iw_samples=2, elbo_samples=4,
                        sample=(8, 3), prior_samples=4)

@@ -81,6 +81,17 @@ def test_cyclical_annealing_restarts_the_ramp_each_cycle_and_ends_at_the_full_we
         [0.5, 1, 1, 1, 0.5, 1, 1, 1, 0.5, 1])
 
 
+def test_a_cycle_without_a_warm_up_that_ends_within_it_is_refused_from_python_too(batch):
+    """The command line refuses it at parse time (test_latent_levers); a notebook building
+    the config by hand meets the same one-line refusal when the SVI is built."""
+    ltm = LatentThoughtModel(Decoder(micro_config()))
+    for warmup in (0, 4):  # cycles of 4 steps: no ramp, or one that never ends
+        with pytest.raises(UsageError, match="between 1 and 3"):
+            DualRateSVI(ltm, InferenceConfig(), TrainConfig(max_steps=12, kl_cycles=3,
+                                                            kl_warmup_steps=warmup))
+    DualRateSVI(ltm, InferenceConfig(), TrainConfig(max_steps=12, kl_cycles=3, kl_warmup_steps=2))
+
+
 # --- the training fit's objective -----------------------------------------------------------
 
 

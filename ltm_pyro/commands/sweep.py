@@ -96,14 +96,14 @@ def main() -> int:
             prior_samples=args.prior_samples if not rows else 0))
         print(markdown_table(rows[-1:], COLUMNS), flush=True)
     table = markdown_table(rows, COLUMNS)
+    selection = describe_selection(len(windows), args.sample_windows, args.sample_seed)
     results = {
         "checkpoint_step": payload["step"], "corpus": corpus.name, "split": args.split,
         "windows": len(windows), "sample_windows": args.sample_windows,
-        "sample_seed": args.sample_seed, "fit": args.fit,
+        "sample_seed": args.sample_seed, "window_selection": selection, "fit": args.fit,
         "trained_inference_steps": config.inference.steps, "references": corpus.references,
         "rows": rows, "config": config.to_dict(),
     }
-    selection = describe_selection(len(windows), args.sample_windows, args.sample_seed)
     write_results(args.out.with_suffix(".json"), "Test-time inference steps", device, results,
                   f"Bounds on {selection} of the `{args.split}` split of `{corpus.name}` "
                   f"against the inference steps T fitted per sequence (trained with T = "
