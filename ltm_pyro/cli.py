@@ -51,6 +51,10 @@ def probability(text: str) -> float:
     return _number(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
+def rate_below_one(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
 def finite_float(text: str) -> float:
     return _number(text, float, lambda v: True, "a finite number")
 
@@ -261,6 +265,10 @@ def _training_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--kl-cycles", type=positive_int,
                    help="cyclical annealing: restart the KL warm-up at the start of each of "
                    "this many equal cycles of --max-steps (default 1: one warm-up)")
+    g.add_argument("--word-dropout", type=rate_below_one,
+                   help="in training only, zero each input word's embedding with this "
+                   "probability (word dropout: the decoder must take those words from z; "
+                   "evaluation scores the intact text) (default 0)")
     g.add_argument("--eval-every", type=positive_int, help="validate every this many steps")
     g.add_argument("--eval-windows", type=positive_int, help="validation windows scored")
     g.add_argument("--checkpoint-every", type=positive_int,
@@ -312,6 +320,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (train_cfg, "decoder_grads", args.decoder_grads),
         (train_cfg, "kl_warmup_steps", args.kl_warmup_steps),
         (train_cfg, "kl_cycles", args.kl_cycles),
+        (train_cfg, "word_dropout", args.word_dropout),
         (train_cfg, "eval_every", args.eval_every),
         (train_cfg, "eval_windows", args.eval_windows),
         (train_cfg, "checkpoint_every", args.checkpoint_every),

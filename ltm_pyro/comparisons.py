@@ -50,8 +50,10 @@ def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None
             ar_model = matched_ar_config(replace(base.model, window=window))
             found[name] = replace(base, model_kind="ar", model=ar_model)
     if with_mdlm:
+        # MDLM masks its inputs itself: word dropout is the causal decoders' lever only.
         found["mdlm"] = replace(base, model_kind="mdlm",
-                                model=mdlm_model_config(base.model, match_params=True))
+                                model=mdlm_model_config(base.model, match_params=True),
+                                train=replace(base.train, word_dropout=0.0))
     return found
 
 

@@ -141,6 +141,11 @@ class TrainConfig:
     decoder_grads: DecoderGrads = "final"
     kl_warmup_steps: int = 0  # KL weight ramps linearly from 0 over these slow steps
     kl_cycles: int = 1  # > 1: the ramp restarts at each of this many equal cycles (cyclical)
+    # Word dropout (Bowman et al. 2016): in training only, each input token's embedding is
+    # zeroed with this probability (one draw per window and step, the same in the fit and the
+    # slow step), so the decoder has to take what those words said from z. Evaluation never
+    # drops words; every reported figure scores the intact text.
+    word_dropout: float = 0.0
     eval_every: int = 50
     eval_windows: int = 64
     eval_samples: int = 1
@@ -194,6 +199,7 @@ class RunConfig:
                 f"{latents}; {t.max_steps} steps of {t.batch_size} windows, lr {t.lr:g}, "
                 f"KL warm-up {t.kl_warmup_steps}"
                 f"{f' in each of {t.kl_cycles} cycles' if t.kl_cycles > 1 else ''}, "
+                f"{f'word dropout {t.word_dropout:g}, ' if t.word_dropout else ''}"
                 f"seed {t.seed}")
 
     @classmethod

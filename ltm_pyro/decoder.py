@@ -12,7 +12,9 @@ has one more row, the mask token: the denoiser of the masked-diffusion baseline 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -223,6 +225,7 @@ class Decoder(nn.Module):
         self.output = nn.Linear(config.d_model, rows, bias=False)
         self.output.weight = self.tok_embeddings.weight  # tied
         self._rope_cache: dict[torch.device, dict] = {}
+        self.input_keep: Tensor | None = None  # set only by ``dropping_words``
         self._init_weights()
 
     @property
@@ -328,6 +331,11 @@ class Decoder(nn.Module):
             mask = self._cached_mask(cache, length, tokens.device)
             layer_caches = cache.layers
         h = self.tok_embeddings(tokens)
+        if self.input_keep is not None:
+            if cache is not None or self.input_keep.shape != tokens.shape:
+                raise ValueError(f"word dropout's keep mask {tuple(self.input_keep.shape)} "
+                                 f"does not match the inputs {tuple(tokens.shape)}")
+            h = h * self.input_keep.unsqueeze(-1).to(h.dtype)
         for block, z_l, layer_cache in zip(self.layers, z_layers, layer_caches):
             h = block(h, z_l.to(h.dtype) if z_l is not None else None, rope, mask, layer_cache)
         if cache is not None:
@@ -339,6 +347,18 @@ class Decoder(nn.Module):
                 cache: DecodingCache | None = None) -> Tensor:
         """Next-token logits [B, T, V]."""
         return self.output(self.hidden_states(tokens, z, cache))
+
+
+@contextlib.contextmanager
+def dropping_words(decoder: Decoder, keep: Tensor | None) -> Iterator[Decoder]:
+    """Word dropout meanwhile: input positions where ``keep`` [B, T] is 0 enter the decoder
+    as a zero embedding (Bowman et al. 2016), so what those words said has to come from z.
+    Only the training step enters this; ``keep`` None leaves the decoder as it is."""
+    decoder.input_keep = keep
+    try:
+        yield decoder
+    finally:
+        decoder.input_keep = None
 
 
 def count_parameters(config: ModelConfig) -> int:

@@ -210,6 +210,9 @@ class MaskedDiffusionTrainer:
                  generator: torch.Generator | None = None, shard: Shard | None = None) -> None:
         if shard is not None and shard.distributed:
             raise UsageError("--model mdlm trains in one process: run it without torchrun")
+        if train.word_dropout:
+            raise UsageError("--word-dropout is for causal decoders; MDLM already masks its "
+                             "inputs: drop the flag for --model mdlm")
         self.ltm = ltm
         self.decoder = ltm.decoder
         self.train = train

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import torch
 from pyro.infer import ELBO
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from .amortised import gaussian_kl
 from .config import InferenceConfig, TrainConfig
+from .decoder import dropping_words
 from .distributed import Shard, data_parallel
 from .errors import UsageError
 from .inference import fit_local_posterior, fit_objective, frozen
@@ -69,6 +71,13 @@ def check_kl_cycles(train: TrainConfig) -> None:
             f"--kl-cycles {train.kl_cycles} restarts the KL warm-up every {cycle} steps: give "
             f"a --kl-warmup-steps (TrainConfig.kl_warmup_steps) between 1 and {cycle - 1} "
             f"(e.g. {cycle // 2}, half a cycle)")
+
+
+def check_word_dropout(train: TrainConfig) -> None:
+    """Refuse a word-dropout rate that is not a probability below 1, in one line."""
+    if not 0.0 <= train.word_dropout < 1.0:
+        raise UsageError(f"--word-dropout {train.word_dropout:g} is not a probability below 1;"
+                         " give a rate in [0, 1), e.g. 0.25")
 
 
 def slow_optimizer(decoder: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -138,6 +147,7 @@ class DualRateSVI:
         elbo: ELBO | None = None,
     ) -> None:
         check_kl_cycles(train)
+        check_word_dropout(train)
         self.ltm = ltm
         self.inference = inference
         self.train = train
@@ -159,8 +169,25 @@ class DualRateSVI:
             self.shard.distributed) else ltm
 
     def step(self, tokens: Tensor, mask: Tensor) -> StepStats:
+        """One iteration: fit this batch's q (fast loop), then one slow decoder step; with
+        word dropout both see the same inputs dropped."""
+        self.ltm.decoder.train()
+        with dropping_words(self.ltm.decoder, self._word_keep(tokens)):
+            return self._step(tokens, mask)
+
+    def _word_keep(self, tokens: Tensor) -> Tensor | None:
+        """This step's word-dropout keep mask [B, T] over input positions (None: no word
+        dropout). Drawn as normals through the shard, so each window gets the draw a single
+        process would give it, and thresholded at the rate's normal quantile."""
+        rate = self.train.word_dropout
+        if not rate:
+            return None
+        draw = self.shard.randn((tokens.shape[0], tokens.shape[1] - 1), self.generator,
+                                tokens.device)
+        return draw >= NormalDist().inv_cdf(rate)
+
+    def _step(self, tokens: Tensor, mask: Tensor) -> StepStats:
         decoder = self.ltm.decoder
-        decoder.train()
         self.optimizer.zero_grad(set_to_none=True)
         tokens_in_batch = self.shard.total(mask.sum())  # the global batch's, under torchrun
         kl_weight = kl_weight_at(self.step_count, self.inference, self.train)
