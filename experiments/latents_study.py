@@ -125,6 +125,13 @@ VARIANTS: dict[str, list[str]] = {
     "ltm-prior-fb-sym-kv-cyc4": ["--init-log-var", "0", "--free-bits", "1",
                                  "--init-loc-scale", "0.5", "--slot-roles", "key-value",
                                  "--kl-warmup-steps", "50", "--kl-cycles", "4"],
+    # Word dropout (Bowman et al. 2016): a quarter of the input words hidden in training, so
+    # the decoder has to take them from z; the matched AR trains with the same rate.
+    "ltm-prior-fb-sym-kv-wd25": ["--init-log-var", "0", "--free-bits", "1",
+                                 "--init-loc-scale", "0.5", "--slot-roles", "key-value",
+                                 "--word-dropout", "0.25"],
+    "ar-window-kv-wd25": ["--model", "ar", "--match-params", "--slot-roles", "key-value",
+                          "--word-dropout", "0.25"],
     # The windowed AR matched to a slot-role LTM's parameter count (a wider MLP).
     "ar-window-value": ["--model", "ar", "--match-params", "--slot-roles", "value"],
     "ar-window-kv": ["--model", "ar", "--match-params", "--slot-roles", "key-value"],

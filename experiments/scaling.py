@@ -229,15 +229,23 @@ def score_settings(args: argparse.Namespace) -> dict:
             "elbo_samples": args.elbo_samples, "mi_samples": args.mi_samples}
 
 
-def finished(run: dict, settings: dict) -> dict | None:
-    """The run's stored result when it was trained with this config and scored with these
-    settings, else None."""
+def stored_result(run: dict) -> dict | None:
+    """The run's stored result when it was trained with this config, else None. The stored
+    config is read back through ``RunConfig.from_dict``, so a field added to the library
+    since (at its default) does not make a finished run look different."""
     path = run["dir"] / RESULT_NAME
     if not path.exists():
         return None
     stored = json.loads(path.read_text())
-    same = stored.get("config") == plain(run["config"]) and stored.get("settings") == settings
+    same = plain(RunConfig.from_dict(stored["config"])) == plain(run["config"])
     return stored if same else None
+
+
+def finished(run: dict, settings: dict) -> dict | None:
+    """The run's stored result when it was trained with this config and scored with these
+    settings, else None."""
+    stored = stored_result(run)
+    return stored if stored is not None and stored.get("settings") == settings else None
 
 
 def validation_curve(run_dir: Path, config: RunConfig) -> list[dict]:
@@ -251,9 +259,10 @@ def train_and_score(args: argparse.Namespace, run: dict, windows, settings: dict
     """Train (or resume, or find finished) the run, score it on valid at its training T and
     store the result in its folder."""
     config = run["config"]
+    previous = stored_result(run)  # scored before with other settings: already trained
     started = time.perf_counter()
     train(config, run["dir"], force=True, progress=not args.no_progress)
-    wall = time.perf_counter() - started
+    wall = previous["train_wall_s"] if previous else round(time.perf_counter() - started, 1)
     ltm, trained, _ = model_from_checkpoint(load_checkpoint(run["dir"]), config.train.device)
     summary = evaluate_windows(
         ltm, windows, trained.inference, steps=trained.inference.steps,
@@ -261,7 +270,7 @@ def train_and_score(args: argparse.Namespace, run: dict, windows, settings: dict
         iw_samples=args.iw_samples, seed=config.train.seed, device=config.train.device,
         latent_stats=True, mi_samples=args.mi_samples)
     stored = {"point": asdict(run["point"]), "config": plain(config), "settings": settings,
-              "train_wall_s": round(wall, 1), "summary": summary,
+              "train_wall_s": wall, "summary": summary,
               "curve": validation_curve(run["dir"], config)}
     write_json(run["dir"] / RESULT_NAME, stored)
     return stored

@@ -172,6 +172,33 @@ def test_grid_writes_results_with_configs_and_reuses_finished_runs(tmp_path, mon
         assert scaling.main() == 0
         again = json.loads((results / "micro.json").read_text())
         assert again["rows"] == rows
+    # A result stored before the library added a config field (here word_dropout, at its
+    # default) is still the same run: reused, not retrained.
+    stored_files = sorted((tmp_path / "runs" / "micro").glob(f"*/{scaling.RESULT_NAME}"))
+    assert len(stored_files) == len({r["run"] for r in rows})  # budgets can share a run
+    for path in stored_files:
+        stored = json.loads(path.read_text())
+        del stored["config"]["train"]["word_dropout"]
+        path.write_text(json.dumps(stored))
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *MICRO_GRID, *out, "--budget", "tokens,flops",
+                                      "--flops", flops])
+    assert scaling.main() == 0
+    # Scored again with other settings, a finished run keeps its training's wall time (its
+    # resume, which finds it done, is not a training time).
+    monkeypatch.undo()
+    walls = {r["run"]: r["train_wall_s"] for r in rows}
+    for path in stored_files:
+        stored = json.loads(path.read_text())
+        stored["train_wall_s"] = walls[path.parent.name] + 1000.0
+        path.write_text(json.dumps(stored))
+    assert _run_script(monkeypatch, *MICRO_GRID, *out, "--budget", "tokens,flops", "--flops",
+                       flops, "--iw-samples", "3") == 0
+    rescored = json.loads((results / "micro.json").read_text())["rows"]
+    assert {r["run"]: r["train_wall_s"] for r in rescored} == {
+        name: wall + 1000.0 for name, wall in walls.items()}
+    scaling = load_script("scaling")
+    monkeypatch.setattr(scaling, "train", refuse)
+    monkeypatch.setattr(scaling, "evaluate_windows", refuse)
     # A changed setting (another seed) is a different run: trained, not reused.
     monkeypatch.setattr(sys, "argv", [SCRIPT, *MICRO_GRID, *out, "--seed", "1"])
     with pytest.raises(AssertionError, match="trained or scored again"):
