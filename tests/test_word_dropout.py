@@ -92,7 +92,9 @@ def test_no_word_dropout_draws_nothing(ltm, batch, monkeypatch):
     tokens, mask = batch
     generator = torch.Generator().manual_seed(0)
     svi = DualRateSVI(ltm, InferenceConfig(steps=2), TrainConfig(), generator=generator)
+    state = generator.get_state()
     assert svi._word_keep(tokens) is None
+    assert torch.equal(generator.get_state(), state)
     seen = _spy_on_masks(ltm, monkeypatch)
     svi.step(tokens, mask)
     assert seen and all(m is None for m in seen)
