@@ -553,7 +553,7 @@ def report_extras(bench: Bench, grid: list[GridPoint], ltm_name: str) -> tuple[d
         record = payload["tuning"] = tuning_record(bench, grid)
         intro += (
             " Equal tuning: every family was trained at each point of the grid below (seed "
-            f"{record['seed']}) and scored on valid (first {record['windows']} windows) by "
+            f"{record['seed']}) and scored on valid ({scored_windows(bench.args)}) by "
             "iwae_ppl at its training T (ltm-no-inference fitted like the LTM; mdlm: its "
             "bound); each row is its family's chosen point (`slow_lr`, `warmup_steps`).")
         sections += ("\n\nTuning (valid iwae_ppl at each grid point; lowest chosen):\n\n"

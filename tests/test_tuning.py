@@ -92,7 +92,7 @@ def test_every_family_gets_the_same_grid_and_its_own_choice(monkeypatch, tmp_pat
 
     monkeypatch.setattr(bench_quality, "tuning_figure", fake_figure)
     args = SimpleNamespace(runs=tmp_path, label="t", test_windows=None, sample_windows=None,
-                           sample_seed=0)
+                           sample_seed=0, equal_flops=False)
     bench = bench_quality.Bench(args, base)
     bench.corpus = SimpleNamespace(windows={"valid": torch.zeros(10, 13)})
     tuned = bench_quality.tune(bench, runs, grid, seeds=[3, 4])
@@ -106,6 +106,9 @@ def test_every_family_gets_the_same_grid_and_its_own_choice(monkeypatch, tmp_pat
     record = bench_quality.tuning_record(bench, grid)
     assert record["chosen"]["mdlm"]["valid_iwae_ppl"] == 50.0 and len(record["grid"]) == 3
     assert record["seed"] == 3 and record["windows"] == 10
+    bench.args.sample_windows = 4
+    _, intro, _ = bench_quality.report_extras(bench, grid, "ltm-T6")
+    assert "scored on valid (a random subset of 4 windows (seed 0))" in intro
 
 
 @pytest.mark.parametrize("decoder_grads", ["final", "trajectory"])
