@@ -271,6 +271,10 @@ def _training_arguments(g: argparse._ArgumentGroup) -> None:
                    "evaluation scores the intact text) (default 0)")
     g.add_argument("--eval-every", type=positive_int, help="validate every this many steps")
     g.add_argument("--eval-windows", type=positive_int, help="validation windows scored")
+    g.add_argument("--eval-prior-control", type=non_negative_int, metavar="K",
+                   help="at each validation also score iwae_ppl and prior_iwae_ppl with K "
+                   "importance draws from q and from the prior, and their ratio "
+                   "prior_control (> 0: the decoder uses z) (default 0: skip)")
     g.add_argument("--checkpoint-every", type=positive_int,
                    help="write the checkpoint every this many steps")
     g.add_argument("--keep-best", action="store_true",
@@ -323,6 +327,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (train_cfg, "word_dropout", args.word_dropout),
         (train_cfg, "eval_every", args.eval_every),
         (train_cfg, "eval_windows", args.eval_windows),
+        (train_cfg, "eval_prior_control", args.eval_prior_control),
         (train_cfg, "checkpoint_every", args.checkpoint_every),
         (train_cfg, "max_bad_steps", args.max_bad_steps),
         (train_cfg, "seed", args.seed),

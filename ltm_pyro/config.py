@@ -149,6 +149,10 @@ class TrainConfig:
     eval_every: int = 50
     eval_windows: int = 64
     eval_samples: int = 1
+    # > 0: each validation also scores iwae_ppl and prior_iwae_ppl with this many importance
+    # draws from the fitted q and from the prior (the prior control, so a run shows whether
+    # the decoder comes to use z as it trains; 2K more decoder passes per window).
+    eval_prior_control: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
     keep_best: bool = False  # also keep the lowest-valid -ELBO weights (best.pt): early stopping

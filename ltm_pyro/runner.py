@@ -148,19 +148,25 @@ LATENT_KEYS = ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
 
 def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,
               device: torch.device) -> dict:
-    """Validation figures at the full KL weight, with what the latents carry (``latent_use``;
-    no prior control)."""
+    """Validation figures at the full KL weight, with what the latents carry (``latent_use``)
+    and, with ``eval_prior_control`` K > 0 and latents, the prior control: ``iwae_ppl`` and
+    ``prior_iwae_ppl`` from K draws each, and ``prior_control`` = their ratio - 1."""
+    cfg = config.train
     if config.model_kind == "mdlm":
-        return validation_record(ltm.decoder, windows[: config.train.eval_windows],
-                                 config.train, device)
+        return validation_record(ltm.decoder, windows[: cfg.eval_windows], cfg, device)
+    control = cfg.eval_prior_control if ltm.has_latents else 0
     summary = evaluate_windows(
-        ltm, windows[: config.train.eval_windows], config.inference,
-        batch_size=config.train.batch_size, elbo_samples=config.train.eval_samples,
-        iw_samples=1, seed=config.train.seed, device=device, latent_stats=True,
+        ltm, windows[: cfg.eval_windows], config.inference, batch_size=cfg.batch_size,
+        elbo_samples=cfg.eval_samples, iw_samples=max(control, 1), seed=cfg.seed,
+        device=device, latent_stats=True, prior_samples=control,
     )
-    return {"neg_elbo": -summary["elbo_per_token"], "nll": summary["nll_per_token"],
-            "kl": summary["kl_per_token"], "elbo_ppl": summary["elbo_ppl"],
-            "recon_ppl": summary["recon_ppl"], **{k: summary[k] for k in LATENT_KEYS}}
+    record = {"neg_elbo": -summary["elbo_per_token"], "nll": summary["nll_per_token"],
+              "kl": summary["kl_per_token"], "elbo_ppl": summary["elbo_ppl"],
+              "recon_ppl": summary["recon_ppl"], **{k: summary[k] for k in LATENT_KEYS}}
+    if control:
+        record.update(iwae_ppl=summary["iwae_ppl"], prior_iwae_ppl=summary["prior_iwae_ppl"],
+                      prior_control=summary["prior_iwae_ppl"] / summary["iwae_ppl"] - 1)
+    return record
 
 
 class Interrupted(Exception):
@@ -323,8 +329,10 @@ class TrainingRun:
                 earlier, default=float("inf")):
             self.checkpoint(self.out / BEST_NAME)
         v = self.last_valid
+        control = (f"; prior as proposal {v['prior_control']:+.2%} against q"
+                   if "prior_control" in v else "")
         bar.write(f"step {v['step']}: valid -ELBO {v['neg_elbo']:.4f} (NLL {v['nll']:.4f} + "
-                  f"KL {v['kl']:.4f}) nats/token")
+                  f"KL {v['kl']:.4f}) nats/token{control}")
 
     def save_curves(self) -> None:
         if self.shard.is_main:

@@ -46,6 +46,18 @@ def _bound_panels(axes, records: list[dict], references: dict[str, float] | None
             ax.legend(fontsize=8)
 
 
+def _prior_control_axis(ax, records: list[dict]) -> None:  # noqa: ANN001
+    """The prior control (--eval-prior-control) on a right-hand axis: how much worse the
+    prior is than q as the importance proposal; at or below 0 the decoder does not use z."""
+    right = ax.twinx()
+    right.plot([r["step"] for r in records], [100 * r["prior_control"] for r in records],
+               "D--", color="C4", label="prior as proposal, % worse than q (right)")
+    right.axhline(0, ls=":", lw=1, color="C4")
+    right.set_ylabel("prior_iwae_ppl / iwae_ppl - 1 (%)")
+    right.grid(False)
+    right.legend(fontsize=8, loc="lower right")
+
+
 def _latent_panels(axes, records: list[dict]) -> None:  # noqa: ANN001
     """KL and MI per window, active units, slot correlation: the validation diagnostics of
     ``latent_use`` (docs/latent-diagnostics.md)."""
@@ -66,6 +78,9 @@ def _latent_panels(axes, records: list[dict]) -> None:  # noqa: ANN001
         ax.axhline(total, ls="--", lw=1, color="grey", label=f"all {total} coordinates")
     ax.set(title="Active units (valid)", xlabel="training step", ylim=(0, None),
            ylabel="coordinates with Var(E[z]) > 0.01")
+    controlled = [r for r in latent if "prior_control" in r]
+    if controlled:
+        _prior_control_axis(ax, controlled)
     ax = axes[2]
     correlation = [math.nan if r.get("slot_correlation") is None else r["slot_correlation"]
                    for r in latent]

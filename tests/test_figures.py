@@ -35,7 +35,9 @@ def _labels(ax) -> list[str]:  # noqa: ANN001 - an Axes
 
 def _titled_and_labelled(fig) -> None:  # noqa: ANN001 - a Figure
     for ax in fig.axes:
-        if ax.get_label() == "<colorbar>":
+        twin = len(ax.get_shared_x_axes().get_siblings(ax)) > 1 and not ax.get_title()
+        if ax.get_label() == "<colorbar>" or twin:  # a twin's title is its sibling's
+            assert not twin or ax.get_ylabel(), ax
             continue
         assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), ax
 
@@ -121,6 +123,18 @@ def test_training_curves_draw_the_latent_diagnostics_when_records_carry_them():
     assert list(slots.get_lines()[0].get_ydata()) == pytest.approx([0.91, 0.92, 0.93])
     assert "all 64 coordinates" in _labels(by_title["Active units (valid)"])
     assert fig.get_suptitle() == "a run"
+
+
+def test_training_curves_draw_the_prior_control_when_records_carry_it():
+    records = _records(latent=True)
+    for record, control in zip([r for r in records if r["split"] == "valid"], (0.0, 0.01, 0.03)):
+        record["prior_control"] = control
+    fig = training_curves(records, REFERENCES, "a run")
+    assert len(fig.axes) == 7
+    _titled_and_labelled(fig)
+    right = next(ax for ax in fig.axes if ax.get_ylabel().startswith("prior_iwae_ppl"))
+    assert list(right.get_lines()[0].get_ydata()) == pytest.approx([0.0, 1.0, 3.0])
+    assert len(training_curves(_records(latent=True), REFERENCES).axes) == 6
 
 
 @pytest.mark.parametrize("records", [_records(latent=False), _records(latent=True, ar=True)],

@@ -239,6 +239,29 @@ def test_validation_records_carry_latent_use():
     assert record["mutual_info_cap"] == pytest.approx(math.log(16))
 
 
+def test_validation_records_carry_the_prior_control_when_asked():
+    """--eval-prior-control K: both proposals get K draws, and the ratio is reported; an AR
+    (no z to draw) skips it. The K draws advance the evaluation's own generator (never the
+    training's), so the other figures are other Monte-Carlo draws of the same quantities."""
+    config = RunConfig(model=micro_config(), inference=HONEST,
+                       train=TrainConfig(eval_windows=16, batch_size=8, eval_prior_control=8))
+    ltm, windows = LatentThoughtModel(Decoder(config.model)), _windows(20)
+    record = _evaluate(ltm, windows, config, torch.device("cpu"))
+    direct = evaluate_windows(ltm, windows[:16], HONEST, batch_size=8, iw_samples=8,
+                              prior_samples=8, seed=config.train.seed)
+    assert record["iwae_ppl"] == pytest.approx(direct["iwae_ppl"])
+    assert record["prior_iwae_ppl"] == pytest.approx(direct["prior_iwae_ppl"])
+    assert record["prior_control"] == pytest.approx(
+        direct["prior_iwae_ppl"] / direct["iwae_ppl"] - 1)
+    plain = _evaluate(ltm, windows, replace(config, train=replace(
+        config.train, eval_prior_control=0)), torch.device("cpu"))
+    assert record.keys() - plain.keys() == {"iwae_ppl", "prior_iwae_ppl", "prior_control"}
+    ar_config = replace(config, model_kind="ar", model=micro_config(latents_per_layer=0))
+    ar = _evaluate(LatentThoughtModel(Decoder(ar_config.model)), windows, ar_config,
+                   torch.device("cpu"))
+    assert not {"iwae_ppl", "prior_iwae_ppl", "prior_control"} & ar.keys()
+
+
 def test_no_inference_ablation_trains_with_q_equal_to_the_prior():
     base = RunConfig(model=micro_config(), inference=HONEST)
     assert NO_INFERENCE not in comparison_configs(base)  # other callers keep their variants
