@@ -58,19 +58,25 @@ def _prior_control_axis(ax, records: list[dict]) -> None:  # noqa: ANN001
     right.legend(fontsize=8, loc="lower right")
 
 
+def information_panel(ax, xs: list, records: list[dict], xlabel: str) -> None:  # noqa: ANN001
+    """KL and mutual information per window (± its standard error, under its cap log N) of
+    validation records, against ``xs`` (training steps or tokens)."""
+    ax.plot(xs, [r["kl_per_window"] for r in records], "o-", label="KL per window")
+    ax.errorbar(xs, [r["mutual_info_per_window"] for r in records],
+                yerr=[r.get("mutual_info_stderr", 0.0) for r in records], fmt="s-", capsize=3,
+                label="MI I(x; z) ± 1 s.e.")
+    ax.axhline(records[-1]["mutual_info_cap"], ls="--", lw=1, color="grey",
+               label="MI cap log N")
+    ax.set(title="What z costs and carries (valid)", xlabel=xlabel, ylabel="nats per window",
+           ylim=(0, None))
+
+
 def _latent_panels(axes, records: list[dict]) -> None:  # noqa: ANN001
     """KL and MI per window, active units, slot correlation: the validation diagnostics of
     ``latent_use`` (docs/latent-diagnostics.md)."""
     latent = [r for r in records if r.get("split") == "valid" and r.get("kl_per_window")]
     steps = [r["step"] for r in latent]
-    ax = axes[0]
-    ax.plot(steps, [r["kl_per_window"] for r in latent], "o-", label="KL per window")
-    ax.errorbar(steps, [r["mutual_info_per_window"] for r in latent],
-                yerr=[r.get("mutual_info_stderr", 0.0) for r in latent], fmt="s-", capsize=3,
-                label="MI I(x; z) ± 1 s.e.")
-    ax.axhline(latent[-1]["mutual_info_cap"], ls="--", lw=1, color="grey", label="MI cap log N")
-    ax.set(title="What z costs and carries (valid)", xlabel="training step",
-           ylabel="nats per window", ylim=(0, None))
+    information_panel(axes[0], steps, latent, "training step")
     total = latent[-1].get("active_units_total")
     ax = axes[1]
     ax.plot(steps, [r["active_units"] for r in latent], "o-", color="C2", label="active units")

@@ -1,0 +1,119 @@
+r"""Does the decoder come to use z as it trains? (issue 13, latent use against training tokens)
+
+    python experiments/latent_use_over_training.py --label ptb-tiny-T4-long \
+        --data ../shared/data/ptb --inference-steps 4 --slow-lr 3e-3 --max-steps 2000 \
+        --eval-every 200 --eval-windows 128
+
+Trains one run into --runs/LABEL (the runner's own resume: the same command continues a
+stopped run, and a finished run is reported without training again) with the prior control
+at every validation (``--eval-prior-control``, 32 draws unless told), then writes
+--results/LABEL.{json,md,png}: each validation's iwae_ppl and prior_iwae_ppl (the same K
+draws from the fitted q and from the prior), their ratio ``prior_control``, and the KL and
+mutual information per window, against training tokens. A prior control that stays at or
+below 0 as tokens grow says the decoder does not learn to use z at this size and budget; one
+that rises says it does, and from when.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args, run_main  # noqa: E402
+from ltm_pyro.config import RunConfig  # noqa: E402
+from ltm_pyro.errors import UsageError  # noqa: E402
+from ltm_pyro.files import read_jsonl  # noqa: E402
+from ltm_pyro.report import markdown_table, write_results  # noqa: E402
+from ltm_pyro.runner import METRICS_NAME, finished_run, train  # noqa: E402
+from ltm_pyro.viz import information_panel, save_figure  # noqa: E402
+
+DEFAULT_DRAWS = 32
+COLUMNS = ["step", "tokens_seen", "neg_elbo", "nll", "kl", "iwae_ppl", "prior_iwae_ppl",
+           "prior_control", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
+           "active_units", "slot_correlation"]
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser.from_doc(__doc__)
+    p.add_argument("--label", required=True, help="name of the run and of its results")
+    p.add_argument("--runs", type=Path, default=Path("runs/latents"), help="run folders")
+    p.add_argument("--results", type=Path, default=Path("experiments/results/latents"))
+    p.add_argument("--force", action="store_true",
+                   help="start over in a run folder that holds another config")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_run_arguments(p)
+    return p
+
+
+def controlled(config: RunConfig) -> RunConfig:
+    """The run with the prior control at every validation (32 draws unless told)."""
+    if config.model_kind != "ltm" or not config.model.latents_per_layer:
+        raise UsageError("latent use over training needs an LTM with latents; drop --model "
+                         "and --latents-per-layer 0")
+    draws = config.train.eval_prior_control or DEFAULT_DRAWS
+    return replace(config, train=replace(config.train, eval_prior_control=draws))
+
+
+def validation_rows(records: list[dict], config: RunConfig) -> list[dict]:
+    """Each validation record, with the training tokens seen before it."""
+    per_step = config.train.batch_size * config.model.context
+    return [{**r, "tokens_seen": r["step"] * per_step} for r in records
+            if r.get("split") == "valid"]
+
+
+def figure(rows: list[dict], title: str):  # noqa: ANN201 - a Figure
+    """Bounds, the prior control and what z carries, against training tokens."""
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), constrained_layout=True)
+    tokens = [r["tokens_seen"] for r in rows]
+    ax = axes[0]
+    ax.plot(tokens, [r["iwae_ppl"] for r in rows], "o-", label="iwae_ppl (q as proposal)")
+    ax.plot(tokens, [r["prior_iwae_ppl"] for r in rows], "s--",
+            label="prior_iwae_ppl (prior as proposal)")
+    ax.set(title="Valid bounds", xlabel="training tokens", ylabel="perplexity (log)",
+           yscale="log")
+    ax = axes[1]
+    ax.plot(tokens, [100 * r["prior_control"] for r in rows], "D-", color="C4")
+    ax.axhline(0, ls=":", color="grey", label="0: z unused at evaluation")
+    ax.set(title="Prior control (valid)", xlabel="training tokens",
+           ylabel="prior_iwae_ppl / iwae_ppl - 1 (%)")
+    information_panel(axes[2], tokens, rows, "training tokens")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def main() -> int:
+    args = parser().parse_args()
+    config = controlled(config_from_args(args))
+    run_dir = args.runs / args.label
+    if not finished_run(run_dir, config):
+        train(config, run_dir, force=args.force, progress=not args.no_progress)
+    rows = validation_rows(read_jsonl(run_dir / METRICS_NAME), config)
+    draws = config.train.eval_prior_control
+    write_results(args.results / f"{args.label}.json", args.label, config.train.device, {
+        "run": str(run_dir), "config": config.to_dict(), "rows": rows},
+        f"Run `{run_dir}`: {config.summary()}. Each row is a validation on the first "
+        f"{config.train.eval_windows} valid windows at T_eval {config.inference.steps}: "
+        f"`iwae_ppl` and `prior_iwae_ppl` from {draws} importance draws of the fitted q and "
+        "of the prior, `prior_control` their ratio - 1 (above 0: fitting q to the window "
+        "helps, so the decoder uses z), KL and mutual information in nats per window "
+        "(docs/latent-diagnostics.md).\n\n" + markdown_table(rows, COLUMNS))
+    save_figure(figure(rows, f"{args.label}: latent use against training tokens"),
+                args.results / f"{args.label}.png")
+    print(markdown_table(rows, COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
