@@ -11,11 +11,15 @@ at every validation (``--eval-prior-control``, 32 draws unless told), then write
 draws from the fitted q and from the prior), their ratio ``prior_control``, and the KL and
 mutual information per window, against training tokens. A prior control that stays at or
 below 0 as tokens grow says the decoder does not learn to use z at this size and budget; one
-that rises says it does, and from when.
+that rises says it does, and from when. ``--baseline RUN`` (a finished run validated on the
+same windows at the same steps, e.g. the matched AR: ``run_svi.py --model ar --match-params``
+with the same data and schedule) adds its valid perplexity at each step and the LTM's
+``iwae_ppl`` relative to it.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -33,13 +37,16 @@ from ltm_pyro.config import RunConfig  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.files import read_jsonl  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import METRICS_NAME, finished_run, train  # noqa: E402
+from ltm_pyro.runner import CONFIG_NAME, METRICS_NAME, finished_run, train  # noqa: E402
 from ltm_pyro.viz import information_panel, save_figure  # noqa: E402
 
 DEFAULT_DRAWS = 32
 COLUMNS = ["step", "tokens_seen", "neg_elbo", "nll", "kl", "iwae_ppl", "prior_iwae_ppl",
            "prior_control", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
            "active_units", "slot_correlation"]
+BASELINE_COLUMNS = ["baseline_elbo_ppl", "iwae_vs_baseline"]
+SAME_VALIDATION = (("data", "path"), ("data", "tokenizer"), ("model", "context"),
+                   ("train", "eval_windows"))
 
 
 def parser() -> OneLineParser:
@@ -47,6 +54,9 @@ def parser() -> OneLineParser:
     p.add_argument("--label", required=True, help="name of the run and of its results")
     p.add_argument("--runs", type=Path, default=Path("runs/latents"), help="run folders")
     p.add_argument("--results", type=Path, default=Path("experiments/results/latents"))
+    p.add_argument("--baseline", type=Path,
+                   help="a finished run folder validated on the same windows at the same steps "
+                   "(e.g. the matched AR), drawn and tabled beside the LTM")
     p.add_argument("--force", action="store_true",
                    help="start over in a run folder that holds another config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -70,7 +80,36 @@ def validation_rows(records: list[dict], config: RunConfig) -> list[dict]:
             if r.get("split") == "valid"]
 
 
-def figure(rows: list[dict], title: str):  # noqa: ANN201 - a Figure
+def baseline_figures(baseline: Path, config: RunConfig) -> dict[int, float]:
+    """The baseline run's valid ``elbo_ppl`` (an AR's exact perplexity) at each validation
+    step, read before any training so that a wrong --baseline fails at once."""
+    try:
+        other = json.loads((baseline / CONFIG_NAME).read_text())
+        records = read_jsonl(baseline / METRICS_NAME)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--baseline {baseline}: not a finished run folder ({error}); train "
+                         "it first with experiments/run_svi.py --out") from None
+    mine = config.to_dict()
+    for section, key in SAME_VALIDATION:
+        if other[section][key] != mine[section][key]:
+            raise UsageError(f"--baseline {baseline} was validated differently ({section}."
+                             f"{key} {other[section][key]!r}, here {mine[section][key]!r}); "
+                             "train it with the same data, windows and --eval-windows")
+    return {r["step"]: r["elbo_ppl"] for r in records if r.get("split") == "valid"}
+
+
+def with_baseline(rows: list[dict], figures: dict[int, float], baseline: Path) -> list[dict]:
+    """Each row with the baseline's figure at the same step and ``iwae_vs_baseline`` =
+    iwae_ppl / it - 1 (negative: the LTM is better)."""
+    missing = [r["step"] for r in rows if r["step"] not in figures]
+    if missing:
+        raise UsageError(f"--baseline {baseline} has no validation at steps {missing}; train "
+                         "it with the same --max-steps and --eval-every")
+    return [{**r, "baseline_elbo_ppl": figures[r["step"]],
+             "iwae_vs_baseline": r["iwae_ppl"] / figures[r["step"]] - 1} for r in rows]
+
+
+def figure(rows: list[dict], title: str, baseline: str | None):  # noqa: ANN201 - a Figure
     """Bounds, the prior control and what z carries, against training tokens."""
     sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), constrained_layout=True)
@@ -79,6 +118,9 @@ def figure(rows: list[dict], title: str):  # noqa: ANN201 - a Figure
     ax.plot(tokens, [r["iwae_ppl"] for r in rows], "o-", label="iwae_ppl (q as proposal)")
     ax.plot(tokens, [r["prior_iwae_ppl"] for r in rows], "s--",
             label="prior_iwae_ppl (prior as proposal)")
+    if baseline:
+        ax.plot(tokens, [r["baseline_elbo_ppl"] for r in rows], "^-", color="C2",
+                label=f"baseline {baseline} (elbo_ppl)")
     ax.set(title="Valid bounds", xlabel="training tokens", ylabel="perplexity (log)",
            yscale="log")
     ax = axes[1]
@@ -97,21 +139,32 @@ def main() -> int:
     args = parser().parse_args()
     config = controlled(config_from_args(args))
     run_dir = args.runs / args.label
+    figures = None if args.baseline is None else baseline_figures(args.baseline, config)
     if not finished_run(run_dir, config):
         train(config, run_dir, force=args.force, progress=not args.no_progress)
     rows = validation_rows(read_jsonl(run_dir / METRICS_NAME), config)
+    columns = COLUMNS
+    if args.baseline:
+        rows = with_baseline(rows, figures, args.baseline)
+        columns = COLUMNS + BASELINE_COLUMNS
     draws = config.train.eval_prior_control
     write_results(args.results / f"{args.label}.json", args.label, config.train.device, {
-        "run": str(run_dir), "config": config.to_dict(), "rows": rows},
+        "run": str(run_dir), "config": config.to_dict(), "rows": rows,
+        "baseline": None if args.baseline is None else str(args.baseline)},
         f"Run `{run_dir}`: {config.summary()}. Each row is a validation on the first "
         f"{config.train.eval_windows} valid windows at T_eval {config.inference.steps}: "
         f"`iwae_ppl` and `prior_iwae_ppl` from {draws} importance draws of the fitted q and "
         "of the prior, `prior_control` their ratio - 1 (above 0: fitting q to the window "
         "helps, so the decoder uses z), KL and mutual information in nats per window "
-        "(docs/latent-diagnostics.md).\n\n" + markdown_table(rows, COLUMNS))
-    save_figure(figure(rows, f"{args.label}: latent use against training tokens"),
+        "(docs/latent-diagnostics.md)."
+        + ("" if args.baseline is None else
+           f" `baseline_elbo_ppl`: the valid elbo_ppl of `{args.baseline}` at the same step "
+           "(an AR's exact perplexity), `iwae_vs_baseline` the LTM's iwae_ppl over it - 1.")
+        + "\n\n" + markdown_table(rows, columns))
+    save_figure(figure(rows, f"{args.label}: latent use against training tokens",
+                       args.baseline and args.baseline.name),
                 args.results / f"{args.label}.png")
-    print(markdown_table(rows, COLUMNS))
+    print(markdown_table(rows, columns))
     return 0
 
 

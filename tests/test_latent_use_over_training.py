@@ -9,8 +9,10 @@ import sys
 import pytest
 
 from ltm_pyro.errors import UsageError
+from ltm_pyro.files import read_jsonl
+from ltm_pyro.runner import METRICS_NAME
 
-from .conftest import load_script
+from .conftest import load_script, train_in_process
 
 SCRIPT = "latent_use_over_training.py"
 MICRO = ["--seq-len", "16", "--d-model", "32", "--n-layers", "1", "--batch-size", "4",
@@ -55,3 +57,26 @@ def test_the_control_defaults_to_32_draws_and_needs_latents(monkeypatch, tmp_pat
     monkeypatch.setattr(sys, "argv", [SCRIPT, "--label", "x", "--model", "ar", *MICRO])
     with pytest.raises(UsageError, match="needs an LTM"):
         module.controlled(module.config_from_args(module.parser().parse_args()))
+
+
+def test_a_baseline_run_is_tabled_at_the_same_steps_and_a_mismatch_is_refused(
+        monkeypatch, tmp_path):
+    ar = tmp_path / "runs" / "ar"
+    train_in_process(ar, "--model", "ar", "--match-params", *MICRO)
+    _, status = _run(monkeypatch, tmp_path, "--baseline", str(ar))
+    assert status == 0
+    payload = json.loads((tmp_path / "results" / "micro.json").read_text())
+    ar_valid = {r["step"]: r["elbo_ppl"] for r in read_jsonl(ar / METRICS_NAME)
+                if r["split"] == "valid"}
+    for row in payload["rows"]:
+        assert row["baseline_elbo_ppl"] == ar_valid[row["step"]]
+        assert row["iwae_vs_baseline"] == pytest.approx(
+            row["iwae_ppl"] / row["baseline_elbo_ppl"] - 1)
+    assert payload["baseline"] == str(ar)
+    # a wrong --baseline fails before any training (the run's metrics do not move)
+    before = (tmp_path / "runs" / "micro" / METRICS_NAME).read_text()
+    with pytest.raises(UsageError, match="validated differently"):
+        _run(monkeypatch, tmp_path, "--baseline", str(ar), "--eval-windows", "3", "--force")
+    with pytest.raises(UsageError, match="not a finished run folder"):
+        _run(monkeypatch, tmp_path, "--baseline", str(tmp_path / "nowhere"), "--max-steps", "6")
+    assert (tmp_path / "runs" / "micro" / METRICS_NAME).read_text() == before
