@@ -14,7 +14,9 @@ below 0 as tokens grow says the decoder does not learn to use z at this size and
 that rises says it does, and from when. ``--baseline RUN`` (a finished run validated on the
 same windows at the same steps, e.g. the matched AR: ``run_svi.py --model ar --match-params``
 with the same data and schedule) adds its valid perplexity at each step and the LTM's
-``iwae_ppl`` relative to it.
+``iwae_ppl`` relative to it. ``--report-only`` reports the run folder as it stands, with its
+own config and no training: a run stopped part-way (Ctrl-C or SIGTERM write a checkpoint)
+is reported up to its last validation, and the page says where it stopped.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def parser() -> OneLineParser:
     p.add_argument("--baseline", type=Path,
                    help="a finished run folder validated on the same windows at the same steps "
                    "(e.g. the matched AR), drawn and tabled beside the LTM")
+    p.add_argument("--report-only", action="store_true",
+                   help="report --runs/LABEL as it stands (its own config), without training")
     p.add_argument("--force", action="store_true",
                    help="start over in a run folder that holds another config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -135,28 +139,45 @@ def figure(rows: list[dict], title: str, baseline: str | None):  # noqa: ANN201 
     return fig
 
 
+def stored_config(run_dir: Path) -> RunConfig:
+    """The config a run folder was trained with (``--report-only``)."""
+    try:
+        return RunConfig.from_dict(json.loads((run_dir / CONFIG_NAME).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--report-only: no run to report in {run_dir} ({error}); drop "
+                         "--report-only to train it") from None
+
+
 def main() -> int:
     args = parser().parse_args()
-    config = controlled(config_from_args(args))
     run_dir = args.runs / args.label
+    config = stored_config(run_dir) if args.report_only else controlled(
+        config_from_args(args))
     figures = None if args.baseline is None else baseline_figures(args.baseline, config)
-    if not finished_run(run_dir, config):
+    if not (args.report_only or finished_run(run_dir, config)):
         train(config, run_dir, force=args.force, progress=not args.no_progress)
-    rows = validation_rows(read_jsonl(run_dir / METRICS_NAME), config)
+    records = read_jsonl(run_dir / METRICS_NAME)
+    last_step = max((r["step"] for r in records), default=0)
+    stopped = ("" if last_step >= config.train.max_steps else
+               f" Stopped after step {last_step} of {config.train.max_steps} (the same command "
+               "without --report-only resumes it).")
+    rows = validation_rows(records, config)
+    if not rows:
+        raise UsageError(f"{run_dir} has no validation yet; train it past --eval-every steps")
     columns = COLUMNS
     if args.baseline:
         rows = with_baseline(rows, figures, args.baseline)
         columns = COLUMNS + BASELINE_COLUMNS
     draws = config.train.eval_prior_control
     write_results(args.results / f"{args.label}.json", args.label, config.train.device, {
-        "run": str(run_dir), "config": config.to_dict(), "rows": rows,
+        "run": str(run_dir), "config": config.to_dict(), "rows": rows, "last_step": last_step,
         "baseline": None if args.baseline is None else str(args.baseline)},
         f"Run `{run_dir}`: {config.summary()}. Each row is a validation on the first "
         f"{config.train.eval_windows} valid windows at T_eval {config.inference.steps}: "
         f"`iwae_ppl` and `prior_iwae_ppl` from {draws} importance draws of the fitted q and "
         "of the prior, `prior_control` their ratio - 1 (above 0: fitting q to the window "
         "helps, so the decoder uses z), KL and mutual information in nats per window "
-        "(docs/latent-diagnostics.md)."
+        f"(docs/latent-diagnostics.md).{stopped}"
         + ("" if args.baseline is None else
            f" `baseline_elbo_ppl`: the valid elbo_ppl of `{args.baseline}` at the same step "
            "(an AR's exact perplexity), `iwae_vs_baseline` the LTM's iwae_ppl over it - 1.")

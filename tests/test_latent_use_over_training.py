@@ -80,3 +80,27 @@ def test_a_baseline_run_is_tabled_at_the_same_steps_and_a_mismatch_is_refused(
     with pytest.raises(UsageError, match="not a finished run folder"):
         _run(monkeypatch, tmp_path, "--baseline", str(tmp_path / "nowhere"), "--max-steps", "6")
     assert (tmp_path / "runs" / "micro" / METRICS_NAME).read_text() == before
+
+
+def test_report_only_reports_a_stopped_run_with_its_own_config(monkeypatch, tmp_path):
+    with pytest.raises(UsageError, match="no run to report"):
+        _run(monkeypatch, tmp_path, "--report-only")
+    train_in_process(tmp_path / "runs" / "micro", *MICRO, "--max-steps", "2",
+                     "--eval-prior-control", "2")
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--label", "micro", "--runs", str(tmp_path / "runs"),
+                                      "--results", str(tmp_path / "results"), "--report-only",
+                                      "--max-steps", "99"])
+    module = load_script("latent_use_over_training")
+    monkeypatch.setattr(module, "train", None)  # never called
+    assert module.main() == 0
+    payload = json.loads((tmp_path / "results" / "micro.json").read_text())
+    assert payload["config"]["train"]["max_steps"] == 2 and payload["last_step"] == 2
+    assert [r["step"] for r in payload["rows"]] == [2]
+    assert "Stopped after" not in (tmp_path / "results" / "micro.md").read_text()
+    # a run stopped part-way: its config asks for more steps than its metrics reached
+    config_path = tmp_path / "runs" / "micro" / "config.json"
+    stored = json.loads(config_path.read_text())
+    stored["train"]["max_steps"] = 4
+    config_path.write_text(json.dumps(stored))
+    assert module.main() == 0
+    assert "Stopped after step 2 of 4" in (tmp_path / "results" / "micro.md").read_text()
