@@ -39,7 +39,13 @@ from ltm_pyro.config import RunConfig  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.files import read_jsonl  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import CONFIG_NAME, METRICS_NAME, finished_run, train  # noqa: E402
+from ltm_pyro.runner import (  # noqa: E402
+    CONFIG_NAME,
+    METRICS_NAME,
+    Interrupted,
+    finished_run,
+    train,
+)
 from ltm_pyro.viz import information_panel, save_figure  # noqa: E402
 
 DEFAULT_DRAWS = 32
@@ -155,7 +161,11 @@ def main() -> int:
         config_from_args(args))
     figures = None if args.baseline is None else baseline_figures(args.baseline, config)
     if not (args.report_only or finished_run(run_dir, config)):
-        train(config, run_dir, force=args.force, progress=not args.no_progress)
+        try:
+            train(config, run_dir, force=args.force, progress=not args.no_progress)
+        except Interrupted as stopped:  # a checkpoint was written: --report-only reports it
+            print(f"{stopped}; --report-only reports it as it stands", file=sys.stderr)
+            return stopped.exit_status
     records = read_jsonl(run_dir / METRICS_NAME)
     last_step = max((r["step"] for r in records), default=0)
     stopped = ("" if last_step >= config.train.max_steps else

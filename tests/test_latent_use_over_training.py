@@ -104,3 +104,17 @@ def test_report_only_reports_a_stopped_run_with_its_own_config(monkeypatch, tmp_
     config_path.write_text(json.dumps(stored))
     assert module.main() == 0
     assert "Stopped after step 2 of 4" in (tmp_path / "results" / "micro.md").read_text()
+
+
+def test_a_stopped_run_ends_with_one_line_and_its_exit_status(monkeypatch, tmp_path, capsys):
+    module = load_script("latent_use_over_training")
+
+    def stopped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise module.Interrupted(15, 3)
+
+    monkeypatch.setattr(module, "train", stopped)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--label", "micro", "--runs", str(tmp_path / "runs"),
+                                      "--results", str(tmp_path / "results"), *MICRO])
+    assert module.main() == 128 + 15
+    assert "after step 3" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
