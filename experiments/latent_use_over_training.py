@@ -174,6 +174,9 @@ def main() -> int:
     rows = validation_rows(records, config)
     if not rows:
         raise UsageError(f"{run_dir} has no validation yet; train it past --eval-every steps")
+    if any("prior_control" not in r for r in rows):
+        raise UsageError(f"{run_dir} was validated without the prior control; train it with "
+                         "this script (or run_svi.py --eval-prior-control K)")
     columns = COLUMNS
     if args.baseline:
         rows = with_baseline(rows, figures, args.baseline)

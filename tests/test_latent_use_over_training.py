@@ -104,6 +104,12 @@ def test_report_only_reports_a_stopped_run_with_its_own_config(monkeypatch, tmp_
     config_path.write_text(json.dumps(stored))
     assert module.main() == 0
     assert "Stopped after step 2 of 4" in (tmp_path / "results" / "micro.md").read_text()
+    # a run validated without the prior control has nothing to report: one line, not a KeyError
+    train_in_process(tmp_path / "runs" / "plain", *MICRO, "--max-steps", "2")
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--label", "plain", "--runs", str(tmp_path / "runs"),
+                                      "--results", str(tmp_path / "results"), "--report-only"])
+    with pytest.raises(UsageError, match="without the prior control"):
+        module.main()
 
 
 def test_a_stopped_run_ends_with_one_line_and_its_exit_status(monkeypatch, tmp_path, capsys):
