@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args
 from ltm_pyro.comparisons import NO_INFERENCE, comparison_configs, prior_as_posterior
 from ltm_pyro.config import DataConfig, InferenceConfig, RunConfig, TrainConfig
 from ltm_pyro.decoder import Decoder
@@ -260,6 +261,16 @@ def test_validation_records_carry_the_prior_control_when_asked():
     ar = _evaluate(LatentThoughtModel(Decoder(ar_config.model)), windows, ar_config,
                    torch.device("cpu"))
     assert not {"iwae_ppl", "prior_iwae_ppl", "prior_control"} & ar.keys()
+
+
+def test_eval_prior_control_flag():
+    p = OneLineParser()
+    add_run_arguments(p)
+    assert config_from_args(p.parse_args(["--eval-prior-control", "32"])
+                            ).train.eval_prior_control == 32
+    assert config_from_args(p.parse_args([])).train.eval_prior_control == 0
+    with pytest.raises(SystemExit):
+        p.parse_args(["--eval-prior-control", "-1"])
 
 
 def test_no_inference_ablation_trains_with_q_equal_to_the_prior():

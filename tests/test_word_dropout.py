@@ -114,17 +114,6 @@ def test_an_ar_baseline_trains_with_it_too(batch, monkeypatch):
         "ltm-T16": 0.3, "ltm-no-inference": 0.3, "ar-window": 0.3, "ar-full": 0.3, "mdlm": 0.0}
 
 
-def test_eval_prior_control_flag():
-    """Not word dropout, but the same parser: --eval-prior-control K sets the config."""
-    p = OneLineParser()
-    add_run_arguments(p)
-    assert config_from_args(p.parse_args(["--eval-prior-control", "32"])
-                            ).train.eval_prior_control == 32
-    assert config_from_args(p.parse_args([])).train.eval_prior_control == 0
-    with pytest.raises(SystemExit):
-        p.parse_args(["--eval-prior-control", "-1"])
-
-
 def test_word_dropout_flag_and_refusals():
     p = OneLineParser()
     add_run_arguments(p)
