@@ -9,7 +9,8 @@ The script that wrote the JSON (its ``command``) picks the figure: bench_quality
 binomial error bars, from ``rows``), latents_study.py (LABEL.png, LABEL-slots.png and
 LABEL-training.png, from ``rows``, ``slot_matrices`` and ``curves``) and ltm-sweep /
 sweep_inference_steps.py (bounds against T_eval, from ``rows``, with the references of the
-swept split). Each PNG is written beside its JSON, under the same name.
+swept split) and ltm-prior-control / prior_control_curve.py (bounds and the prior's gap
+against the draws K, from ``rows``). Each PNG is written beside its JSON, under the same name.
 
 --baselines-from adds to a bench_quality figure the curves of variants it lacks (a run with
 --no-ar has no AR curves) from another bench_quality JSON, drawn dashed and labelled with that
@@ -104,6 +105,10 @@ def replot(path: Path, baselines_from: Path | None = None) -> list[Path]:
                    path.with_name(f"{label}-slots.png"): slots_figure(variants)}
         if results.get("curves"):
             figures[path.with_name(f"{label}-training.png")] = training_figure(results["curves"])
+    elif "prior_control" in command or "prior-control" in command:
+        from ltm_pyro.commands.prior_control import figure
+
+        figures = {path.with_suffix(".png"): figure(results)}
     elif "sweep" in command:
         from ltm_pyro.commands.sweep import figure
 

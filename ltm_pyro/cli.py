@@ -154,6 +154,15 @@ def add_scoring_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup,
                    help="draws from each window's q for the mutual information")
 
 
+def add_checkpoint_output_arguments(p: argparse.ArgumentParser) -> None:
+    """The batch size, seed, device and output stem of a script that scores one checkpoint
+    into OUT.json and OUT.png (ltm-sweep, ltm-prior-control)."""
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="path stem for .json and .png")
+
+
 def add_window_arguments(p: argparse.ArgumentParser, first_flag: str = "--max-windows",
                          first_default: int | None = None) -> None:
     """Which windows of a split to score: the first N, or a seeded random subset (a split's

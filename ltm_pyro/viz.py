@@ -171,6 +171,36 @@ def _information_against_steps(ax, rows: list[dict], steps: list[int]) -> None: 
     ax.legend(fontsize=8)
 
 
+def bounds_against_draws(rows: list[dict], information: dict | None = None,
+                         title: str | None = None) -> Figure:
+    """The fitted q's and the prior's IWAE bounds against the importance draws K, and how many
+    nats per window the prior is behind, beside log K (about what K prior draws can find) and,
+    when given, the MI and KL per window of the fitted q (``information``)."""
+    sns.set_theme(style="whitegrid")
+    fig, (bounds_ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    draws = [r["samples"] for r in rows]
+    bounds_ax.plot(draws, [r["iwae_ppl"] for r in rows], "o-", label="fitted q as proposal")
+    bounds_ax.plot(draws, [r["prior_iwae_ppl"] for r in rows], "s--", label="prior as proposal")
+    bounds_ax.set_ylabel("exp(-IWAE) per token (a bound)")
+    bounds_ax.set_title(title or "IWAE bounds against the draws K")
+    gap_ax.plot(draws, [r["gap_nats_per_window"] for r in rows], "o-",
+                label="prior behind the fitted q")
+    gap_ax.plot(draws, [math.log(k) for k in draws], ":", color="grey", label="log K")
+    for key, style, name in (("mutual_info_per_window", "-.", "MI of the fitted q"),
+                             ("kl_per_window", "--", "KL of the fitted q")):
+        if information and information.get(key) is not None:
+            gap_ax.axhline(information[key], ls=style, color="tab:green" if key[0] == "m"
+                           else "tab:red", label=f"{name} ({information[key]:.2f})")
+    gap_ax.axhline(0.0, color="black", lw=0.8)
+    gap_ax.set_ylabel("nats per window")
+    gap_ax.set_title("What the prior's draws miss")
+    for ax in (bounds_ax, gap_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("importance draws K per window")
+        ax.legend(fontsize=8)
+    return fig
+
+
 def readable_log_ticks(ax, axis: str = "x") -> None:  # noqa: ANN001 - an Axes
     """Major ticks at 1, 2 and 5 per decade, labelled with SI prefixes (``200k``, ``5T``), and
     unlabelled minor ticks: labels that never overlap, whatever the span of a log axis."""

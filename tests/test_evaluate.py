@@ -140,6 +140,31 @@ def test_sweep_scores_a_sampled_subset_with_the_prior_control_once(trained, tmp_
 
 
 @pytest.mark.slow
+def test_prior_control_curve_writes_json_png_and_replots(trained, tmp_path):
+    out = tmp_path / "curve"
+    result = script("prior_control_curve.py", "--checkpoint", str(trained / "run"),
+                    "--samples", "8,1,4", "--max-windows", "8", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [r["samples"] for r in saved["rows"]] == [1, 4, 8]
+    expected = _scored(trained / "run", "valid", steps=None, iw_samples=1, elbo_samples=1,
+                       max_windows=8, prior_samples=4, latent_stats=True)
+    assert saved["rows"][1]["prior_iwae_ppl"] == pytest.approx(expected["prior_iwae_ppl"],
+                                                               rel=1e-6)
+    assert saved["information"]["mutual_info_per_window"] == pytest.approx(
+        expected["mutual_info_per_window"], rel=1e-6)
+    assert saved["inference_steps"] == saved["trained_inference_steps"] == 2
+    png = out.with_suffix(".png")
+    png.unlink()
+    assert script("replot.py", str(out.with_suffix(".json"))).returncode == 0
+    assert png.stat().st_size > 0
+    refused = script("prior_control_curve.py", "--checkpoint", str(trained / "run"),
+                     "--samples", "0,4", "--out", str(tmp_path / "no"))
+    assert refused.returncode == 2 and "at least 1 draw" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.slow
 def test_evaluate_scores_the_sampled_subset_it_names(trained, tmp_path):
     out = tmp_path / "eval.json"
     result = script("evaluate.py", "--checkpoint", str(trained / "run"), "--sample-windows", "8",

@@ -25,11 +25,10 @@ from ..bounds import evaluate_windows
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..cli import (
     OneLineParser,
+    add_checkpoint_output_arguments,
     add_scoring_arguments,
     add_window_arguments,
     int_list,
-    non_negative_int,
-    positive_int,
     run_main,
 )
 from ..data import describe_selection, load_corpus, select_windows
@@ -56,10 +55,7 @@ def parser() -> OneLineParser:
     p.add_argument("--fit", choices=("elbo", "free-bits"), default="elbo",
                    help="what each window's fit maximises: the ELBO, or the training fits' "
                    "free-bits objective (the bounds stay valid: any q gives one)")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, required=True, help="path stem for .json and .png")
+    add_checkpoint_output_arguments(p)
     return p
 
 

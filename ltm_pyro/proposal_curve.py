@@ -1,0 +1,80 @@
+"""What fitting q buys over the prior as importance proposal, as a function of the draws K.
+
+The prior control (``prior_iwae_ppl``, docs/latent-diagnostics.md) scores a trained model with
+z drawn from the prior instead of the fitted q. Both are valid IWAE bounds and both reach
+log p(x) as K grows; the prior gets there once K is of the order of exp(KL(p(z|x) || p(z)))
+(Chatterjee & Diaconis 2018), i.e. once its draws land in the posterior's region often enough.
+So at one K the control only shows the information a window's posterior holds *beyond about
+log K nats*: a decoder that reads 3 nats of z per window gives almost no control at K 64
+(log 64 = 4.2), whatever it does with them. The curve over K says how much the decoder
+depends on z at all (K 1: E_p(z) log p(x|z), the likelihood with z ignored at random, against
+the fitted q) and how fast the prior catches up (where it meets the fitted q's bound, ~log K
+of the information the decoder reads).
+
+All K share draws: the figure at K is the bound from the first K of K_max draws per window
+(each prefix is K independent draws, so each figure is the usual estimate at that K).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .bounds import PRIOR_SEED_OFFSET, log_importance_weights, log_mean_exp
+from .config import InferenceConfig
+from .errors import UsageError
+from .inference import fit_local_posterior
+from .model import LatentThoughtModel, LocalPosterior
+from .modes import evaluating
+
+
+def _prior_like(posterior: LocalPosterior) -> LocalPosterior:
+    return LocalPosterior(torch.zeros_like(posterior.loc), torch.zeros_like(posterior.log_var))
+
+
+def proposal_curve(
+    ltm: LatentThoughtModel,
+    windows: Tensor,
+    inference: InferenceConfig,
+    samples: list[int],
+    steps: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> list[dict]:
+    """One row per K in ``samples``: ``iwae_ppl`` (K draws from the fitted q),
+    ``prior_iwae_ppl`` (K draws from the prior), ``prior_control`` (their ratio - 1) and
+    ``gap_nats_per_window`` (how many nats per window the fitted q's bound is above the
+    prior's). q is fitted as ``evaluate_windows`` fits it (``steps`` inner steps, ELBO), and
+    the prior's draws come from the same generator as its prior control."""
+    if not ltm.has_latents:
+        raise UsageError("the model has no latents, so it has no prior control; pass an LTM")
+    if not samples or min(samples) < 1:
+        raise UsageError(f"--samples {samples}: give positive numbers of draws, e.g. 1,4,16,64")
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prior_generator = torch.Generator(device=device).manual_seed(seed + PRIOR_SEED_OFFSET)
+    most = max(samples)
+    fitted = {k: 0.0 for k in samples}  # -log p(x) estimates summed over windows
+    prior = {k: 0.0 for k in samples}
+    tokens_scored = 0.0
+    with evaluating(ltm.decoder):
+        for start in range(0, len(windows), batch_size):
+            tokens = windows[start:start + batch_size].to(device)
+            mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1, device=device)
+            posterior = fit_local_posterior(ltm, tokens, mask, inference, generator,
+                                            steps=steps).posterior
+            log_w = log_importance_weights(ltm, tokens, mask, posterior, most, generator)
+            log_w_prior = log_importance_weights(ltm, tokens, mask, _prior_like(posterior),
+                                                 most, prior_generator)
+            for k in samples:
+                fitted[k] -= float(log_mean_exp(log_w[:, :k]).sum())
+                prior[k] -= float(log_mean_exp(log_w_prior[:, :k]).sum())
+            tokens_scored += float(mask.sum())
+    return [{"samples": k, "iwae_ppl": math.exp(fitted[k] / tokens_scored),
+             "prior_iwae_ppl": math.exp(prior[k] / tokens_scored),
+             "prior_control": math.exp((prior[k] - fitted[k]) / tokens_scored) - 1.0,
+             "gap_nats_per_window": (prior[k] - fitted[k]) / len(windows)}
+            for k in sorted(samples)]
