@@ -138,12 +138,8 @@ class BoundTotals:
     def add_prior(self, neg_log_px: Tensor) -> None:
         self.prior_iwae += float(neg_log_px.double().sum())
 
-    def prior_summary(self, samples: int) -> dict[str, float]:
-        per_token = -self.prior_iwae / self.tokens
-        return {"prior_iwae_per_token": per_token, "prior_iwae_ppl": math.exp(-per_token),
-                "prior_samples": samples}
-
-    def summary(self) -> dict[str, float]:
+    def summary(self, prior_samples: int = 0) -> dict[str, float]:
+        """Per-token figures and ppls; with ``prior_samples`` K > 0 the prior control's too."""
         per_token = {
             "nll_per_token": self.nll / self.tokens,
             "kl_per_token": self.kl / self.tokens,
@@ -151,7 +147,7 @@ class BoundTotals:
             "iwae_per_token": -self.iwae / self.tokens,
             "recon_nll_per_token": self.recon / self.tokens,
         }
-        return {
+        summary = {
             "tokens": int(self.tokens),
             "sequences": self.sequences,
             **per_token,
@@ -159,13 +155,29 @@ class BoundTotals:
             "iwae_ppl": math.exp(-per_token["iwae_per_token"]),
             "recon_ppl": math.exp(per_token["recon_nll_per_token"]),
         }
+        if prior_samples:
+            prior = -self.prior_iwae / self.tokens
+            summary.update(prior_iwae_per_token=prior, prior_iwae_ppl=math.exp(-prior),
+                           prior_samples=prior_samples)
+        return summary
 
 
-def _prior_of(posterior: LocalPosterior | None) -> LocalPosterior | None:
+def prior_of(posterior: LocalPosterior | None) -> LocalPosterior | None:
     """N(0, I) in the shape of ``posterior``: the prior as importance proposal."""
     if posterior is None:
         return None
     return LocalPosterior(torch.zeros_like(posterior.loc), torch.zeros_like(posterior.log_var))
+
+
+def _fitted(ltm: LatentThoughtModel, tokens: Tensor, mask: Tensor, inference: InferenceConfig,
+            generator: torch.Generator, steps: int, fit_free_bits: bool = False
+            ) -> tuple[LocalPosterior | None, Tensor | None]:
+    """A batch's fitted posterior and the noise of its last inner step (None without latents)."""
+    if not ltm.has_latents:
+        return None, None
+    fit = fit_local_posterior(ltm, tokens, mask, inference, generator, steps=steps,
+                              training=fit_free_bits)
+    return fit.posterior, fit.noise
 
 
 def _refuse_bidirectional(ltm: LatentThoughtModel) -> None:
@@ -197,11 +209,10 @@ def evaluate_windows(
     bits, ``inference.free_bits``): the bounds stay valid, since any q gives one, and the fit
     no longer trades away the information the decoder was trained to read.
 
-    Draws come from a generator seeded with ``seed``: the same call gives the same figures,
-    never moving the global RNG. ``latent_stats`` adds ``latent_use_summary`` of the fitted
-    posteriors (MI from ``mi_samples`` draws a window); ``prior_samples`` K > 0 adds
-    ``prior_iwae_ppl`` (K draws from the prior as proposal); ``per_window`` each window's
-    tokens, -ELBO and -IWAE in nats (for paired intervals, ``uncertainty``)."""
+    Draws come from a generator seeded with ``seed`` (same call, same figures; the global RNG
+    never moves). ``latent_stats`` adds ``latent_use_summary`` of the fitted posteriors (MI
+    from ``mi_samples`` draws a window); ``prior_samples`` K > 0 adds ``prior_iwae_ppl`` (K
+    draws from the prior as proposal); ``per_window`` each window's tokens, -ELBO and -IWAE."""
     _refuse_bidirectional(ltm)
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -213,28 +224,23 @@ def evaluate_windows(
         for start in range(0, len(windows), batch_size):
             tokens = windows[start:start + batch_size].to(device)
             mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1, device=device)
-            posterior, noise = None, None
-            if ltm.has_latents:
-                fit = fit_local_posterior(ltm, tokens, mask, inference, generator, steps=steps,
-                                          training=fit_free_bits)
-                posterior, noise = fit.posterior, fit.noise
+            posterior, noise = _fitted(ltm, tokens, mask, inference, generator, steps,
+                                       fit_free_bits)
             with torch.no_grad():
                 recon, _ = ltm.elbo_terms(tokens, mask, posterior, noise)
             nll, kl = expected_nll_and_kl(ltm, tokens, mask, posterior, elbo_samples, generator)
             log_px = iwae_log_likelihood(ltm, tokens, mask, posterior, iw_samples, generator)
             totals.add(mask, nll, kl, -log_px, recon)
             if prior_samples:
-                totals.add_prior(-iwae_log_likelihood(ltm, tokens, mask, _prior_of(posterior),
+                totals.add_prior(-iwae_log_likelihood(ltm, tokens, mask, prior_of(posterior),
                                                       prior_samples, prior_generator))
             if latent_stats and posterior is not None:
                 posteriors.append(posterior)
             if on_batch is not None:
                 on_batch(totals)
-    summary = totals.summary()
+    summary = totals.summary(prior_samples)
     summary.update(inference_steps=steps if ltm.has_latents else 0,
                    elbo_samples=elbo_samples, iw_samples=iw_samples)
-    if prior_samples:
-        summary.update(totals.prior_summary(prior_samples))
     if latent_stats:
         summary.update(_latent_summary(posteriors, ltm, len(windows), mi_samples, seed, device))
     if per_window:

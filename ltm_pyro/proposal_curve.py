@@ -22,16 +22,12 @@ import math
 import torch
 from torch import Tensor
 
-from .bounds import PRIOR_SEED_OFFSET, log_importance_weights, log_mean_exp
+from .bounds import PRIOR_SEED_OFFSET, log_importance_weights, log_mean_exp, prior_of
 from .config import InferenceConfig
 from .errors import UsageError
 from .inference import fit_local_posterior
-from .model import LatentThoughtModel, LocalPosterior
+from .model import LatentThoughtModel
 from .modes import evaluating
-
-
-def _prior_like(posterior: LocalPosterior) -> LocalPosterior:
-    return LocalPosterior(torch.zeros_like(posterior.loc), torch.zeros_like(posterior.log_var))
 
 
 def proposal_curve(
@@ -67,7 +63,7 @@ def proposal_curve(
             posterior = fit_local_posterior(ltm, tokens, mask, inference, generator,
                                             steps=steps).posterior
             log_w = log_importance_weights(ltm, tokens, mask, posterior, most, generator)
-            log_w_prior = log_importance_weights(ltm, tokens, mask, _prior_like(posterior),
+            log_w_prior = log_importance_weights(ltm, tokens, mask, prior_of(posterior),
                                                  most, prior_generator)
             for k in samples:
                 fitted[k] -= float(log_mean_exp(log_w[:, :k]).sum())
