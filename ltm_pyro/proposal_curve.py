@@ -7,9 +7,9 @@ log p(x) as K grows; the prior gets there once K is of the order of exp(KL(p(z|x
 So at one K the control only shows the information a window's posterior holds *beyond about
 log K nats*: a decoder that reads 3 nats of z per window gives almost no control at K 64
 (log 64 = 4.2), whatever it does with them. The curve over K says how much the decoder
-depends on z at all (K 1: E_p(z) log p(x|z), the likelihood with z ignored at random, against
-the fitted q) and how fast the prior catches up (where it meets the fitted q's bound, ~log K
-of the information the decoder reads).
+depends on z at all (K 1: E_p(z) log p(x|z), the likelihood with z drawn blind, against the
+fitted q) and how fast the prior catches up (it meets the fitted q's bound at K of the order of
+exp(KL(p(z|x) || p(z))), the information the decoder reads, plus the spread of the log-weights).
 
 All K share draws: the figure at K is the bound from the first K of K_max draws per window
 (each prefix is K independent draws, so each figure is the usual estimate at that K).
