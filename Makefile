@@ -26,12 +26,14 @@ NOTEBOOK_CI_SIZE := LTM_NB_TRAIN_STEPS=150 LTM_NB_WINDOWS=32 LTM_NB_IW_SAMPLES=3
 # The tests in two workers of one thread each, a module per worker at a time (its trained
 # fixtures built once; TEST_WORKERS=0 runs them in this process): on a 2-core machine that
 # beats one process with two threads and never oversubscribes the cores. Then the notebooks,
-# one after another: they share one CI run folder.
+# one after another: they share one CI run folder. One thread for the notebooks too: a
+# two-thread kernel beside any other torch job slows ~20x (measured: past the 600 s timeout,
+# against 128 s for all three at one thread beside a training job).
 TEST_WORKERS ?= 2
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
-	$(NOTEBOOK_CI_SIZE) $(PY) -m pytest -q --nbmake --nbmake-timeout=900 notebooks
+	OMP_NUM_THREADS=1 $(NOTEBOOK_CI_SIZE) $(PY) -m pytest -q --nbmake --nbmake-timeout=900 notebooks
 
 # Ruff, then the library's size and layering targets (printed; a missed one is reported, and
 # make's "ignored" note follows, without failing the target).
