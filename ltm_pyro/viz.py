@@ -186,11 +186,12 @@ def bounds_against_draws(rows: list[dict], information: dict | None = None,
     gap_ax.plot(draws, [r["gap_nats_per_window"] for r in rows], "o-",
                 label="prior behind the fitted q")
     gap_ax.plot(draws, [math.log(k) for k in draws], ":", color="grey", label="log K")
-    for key, style, name in (("mutual_info_per_window", "-.", "MI of the fitted q"),
-                             ("kl_per_window", "--", "KL of the fitted q")):
+    for key, style, color, name in (
+            ("mutual_info_per_window", "-.", "tab:green", "MI of the fitted q"),
+            ("kl_per_window", "--", "tab:red", "KL of the fitted q")):
         if information and information.get(key) is not None:
-            gap_ax.axhline(information[key], ls=style, color="tab:green" if key[0] == "m"
-                           else "tab:red", label=f"{name} ({information[key]:.2f})")
+            gap_ax.axhline(information[key], ls=style, color=color,
+                           label=f"{name} ({information[key]:.2f})")
     gap_ax.axhline(0.0, color="black", lw=0.8)
     gap_ax.set_ylabel("nats per window")
     gap_ax.set_title("What the prior's draws miss")
