@@ -2,12 +2,12 @@ r"""The prior control against the importance draws K: how much of what the decod
 can the prior find by chance, and from how many draws on?
 
     ltm-prior-control --checkpoint runs/default --samples 1,4,16,64,256 \
-        --out experiments/results/latents/default-prior-control
+        --out experiments/results/latents/tiny-default-prior-control
     (or: python experiments/prior_control_curve.py with the same flags)
 
 Writes OUT.json (one row per K: iwae_ppl from K draws of the fitted q, prior_iwae_ppl from K
 draws of the prior, prior_control = their ratio - 1, gap_nats_per_window; and the fitted q's
-KL and MI per window at the same T_eval) and OUT.png. At one K the control only shows the
+KL and MI per window at the same T_eval), OUT.md and OUT.png. At one K the control only shows the
 information beyond about log K nats per window (ltm_pyro/proposal_curve.py): a small control at
 K 64 with an MI of 3 nats says little, a control that is large at K 1 and closes as K grows
 says the decoder reads z. `python experiments/replot.py OUT.json` redraws OUT.png.
