@@ -49,6 +49,7 @@ def proposal_curve(
         raise UsageError("the model has no latents, so it has no prior control; pass an LTM")
     if not samples or min(samples) < 1:
         raise UsageError(f"--samples {samples}: give positive numbers of draws, e.g. 1,4,16,64")
+    samples = sorted(set(samples))  # a K listed twice would be counted twice in its sum
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     prior_generator = torch.Generator(device=device).manual_seed(seed + PRIOR_SEED_OFFSET)
@@ -73,4 +74,4 @@ def proposal_curve(
              "prior_iwae_ppl": math.exp(prior[k] / tokens_scored),
              "prior_control": math.exp((prior[k] - fitted[k]) / tokens_scored) - 1.0,
              "gap_nats_per_window": (prior[k] - fitted[k]) / len(windows)}
-            for k in sorted(samples)]
+            for k in samples]

@@ -27,8 +27,8 @@ def _windows(count: int, vocab: int, length: int, seed: int = 1) -> torch.Tensor
 
 def test_a_decoder_that_ignores_z_shows_no_gap_at_any_k():
     rows = proposal_curve(z_blind_ltm(), _windows(12, 23, 13), InferenceConfig(
-        steps=4, init_log_var=0.0), [1, 8, 2, 32], batch_size=8)
-    assert [r["samples"] for r in rows] == [1, 2, 8, 32]  # sorted
+        steps=4, init_log_var=0.0), [1, 8, 2, 32, 8], batch_size=8)
+    assert [r["samples"] for r in rows] == [1, 2, 8, 32]  # sorted, each K once
     for row in rows:
         assert row["prior_control"] == pytest.approx(0.0, abs=1e-6)
         assert row["gap_nats_per_window"] == pytest.approx(0.0, abs=1e-5)
@@ -58,7 +58,8 @@ def test_the_prior_figure_at_k_is_the_prior_control_of_evaluate_windows():
     """In one batch, the first K of the curve's prior draws are the draws of
     ``evaluate_windows(prior_samples=K)``: the two figures agree exactly."""
     ltm, windows = _sharp_ltm(), _windows(8, 7, 9)
-    curve = proposal_curve(ltm, windows, FIT, [4, 32, 64], batch_size=8, seed=3)
+    curve = proposal_curve(ltm, windows, FIT, [4, 32, 64, 32], batch_size=8, seed=3)
+    assert len(curve) == 3  # K 32 listed twice is scored once, not summed twice
     for row in curve:
         control = evaluate_windows(ltm, windows, FIT, batch_size=8, seed=3,
                                    prior_samples=row["samples"])

@@ -79,7 +79,7 @@ def main() -> int:
     windows = select_windows(corpus.windows[args.split], args.max_windows, args.sample_windows,
                              args.sample_seed)
     steps = config.inference.steps if args.steps is None else args.steps
-    rows = proposal_curve(ltm, windows, config.inference, sorted(set(args.samples)), steps=steps,
+    rows = proposal_curve(ltm, windows, config.inference, args.samples, steps=steps,
                           batch_size=args.batch_size, seed=args.seed, device=device)
     table = markdown_table(rows, COLUMNS)
     print(table, flush=True)
