@@ -10,6 +10,7 @@ Each rank draws the global batch's noise from the same seeded generator and keep
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import os
 from collections.abc import Iterator
@@ -94,8 +95,10 @@ def process_group(shard: Shard, device: torch.device) -> Iterator[None]:
     dist.init_process_group(backend)
     try:
         yield
-        # A rank that tears gloo down while another still works (rank 0 writing) aborts:
-        # after a normal finish every rank waits for the others first.
+        # A rank that tears gloo down while another still works (rank 0 writing) aborts,
+        # and so does one whose DDP wrapper (gloo work, hook futures) outlives the group in
+        # a reference cycle: free those first, then wait for every rank.
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
