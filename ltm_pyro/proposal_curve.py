@@ -18,16 +18,39 @@ All K share draws: the figure at K is the bound from the first K of K_max draws 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .bounds import PRIOR_SEED_OFFSET, log_importance_weights, log_mean_exp, prior_of
+from .bounds import (
+    MI_SEED_OFFSET,
+    PRIOR_SEED_OFFSET,
+    log_importance_weights,
+    log_mean_exp,
+    prior_of,
+)
 from .config import InferenceConfig
 from .errors import UsageError
 from .inference import fit_local_posterior
-from .model import LatentThoughtModel
+from .latent_use import latent_use_summary
+from .model import LatentThoughtModel, LocalPosterior
 from .modes import evaluating
+
+
+@dataclass
+class ProposalCurve:
+    """The curve's rows (one per K) and the fitted q they were drawn from, every window's."""
+
+    rows: list[dict]
+    posterior: LocalPosterior
+
+    def information(self, n_layers: int, mi_samples: int = 4, seed: int = 0) -> dict:
+        """KL, MI and slot statistics of the very q the curve drew from (no second fit)."""
+        generator = torch.Generator(device=self.posterior.loc.device).manual_seed(
+            seed + MI_SEED_OFFSET)
+        return latent_use_summary(self.posterior, n_layers, self.posterior.loc.shape[0],
+                                  mi_samples, generator)
 
 
 def proposal_curve(
@@ -39,12 +62,13 @@ def proposal_curve(
     batch_size: int = 16,
     seed: int = 0,
     device: torch.device | str = "cpu",
-) -> list[dict]:
+) -> ProposalCurve:
     """One row per K in ``samples``: ``iwae_ppl`` (K draws from the fitted q),
     ``prior_iwae_ppl`` (K draws from the prior), ``prior_control`` (their ratio - 1) and
     ``gap_nats_per_window`` (how many nats per window the fitted q's bound is above the
     prior's). q is fitted as ``evaluate_windows`` fits it (``steps`` inner steps, ELBO), and
-    the prior's draws come from the same generator as its prior control."""
+    the prior's draws come from the same generator as its prior control. The fitted q comes
+    back with the rows, for its KL and MI (``ProposalCurve.information``)."""
     if not ltm.has_latents:
         raise UsageError("the model has no latents, so it has no prior control; pass an LTM")
     if not samples or min(samples) < 1:
@@ -57,12 +81,14 @@ def proposal_curve(
     fitted = {k: 0.0 for k in samples}  # -log p(x) estimates summed over windows
     prior = {k: 0.0 for k in samples}
     tokens_scored = 0.0
+    posteriors = []
     with evaluating(ltm.decoder):
         for start in range(0, len(windows), batch_size):
             tokens = windows[start:start + batch_size].to(device)
             mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1, device=device)
             posterior = fit_local_posterior(ltm, tokens, mask, inference, generator,
                                             steps=steps).posterior
+            posteriors.append(posterior.detach())
             log_w = log_importance_weights(ltm, tokens, mask, posterior, most, generator)
             log_w_prior = log_importance_weights(ltm, tokens, mask, prior_of(posterior),
                                                  most, prior_generator)
@@ -70,8 +96,9 @@ def proposal_curve(
                 fitted[k] -= float(log_mean_exp(log_w[:, :k]).sum())
                 prior[k] -= float(log_mean_exp(log_w_prior[:, :k]).sum())
             tokens_scored += float(mask.sum())
-    return [{"samples": k, "iwae_ppl": math.exp(fitted[k] / tokens_scored),
+    rows = [{"samples": k, "iwae_ppl": math.exp(fitted[k] / tokens_scored),
              "prior_iwae_ppl": math.exp(prior[k] / tokens_scored),
              "prior_control": math.exp((prior[k] - fitted[k]) / tokens_scored) - 1.0,
              "gap_nats_per_window": (prior[k] - fitted[k]) / len(windows)}
             for k in samples]
+    return ProposalCurve(rows, LocalPosterior.concatenate(posteriors))

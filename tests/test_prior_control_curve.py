@@ -27,7 +27,7 @@ def _windows(count: int, vocab: int, length: int, seed: int = 1) -> torch.Tensor
 
 def test_a_decoder_that_ignores_z_shows_no_gap_at_any_k():
     rows = proposal_curve(z_blind_ltm(), _windows(12, 23, 13), InferenceConfig(
-        steps=4, init_log_var=0.0), [1, 8, 2, 32, 8], batch_size=8)
+        steps=4, init_log_var=0.0), [1, 8, 2, 32, 8], batch_size=8).rows
     assert [r["samples"] for r in rows] == [1, 2, 8, 32]  # sorted, each K once
     for row in rows:
         assert row["prior_control"] == pytest.approx(0.0, abs=1e-6)
@@ -40,7 +40,7 @@ def test_the_gap_is_large_at_one_draw_and_closes_on_the_exact_likelihood():
     (the likelihood with z drawn blind), 2,048 find it, and both proposals reach log p(x)."""
     ltm = _sharp_ltm()
     windows = _windows(8, 7, 9)
-    rows = proposal_curve(ltm, windows, FIT, [1, 2048], batch_size=8)
+    rows = proposal_curve(ltm, windows, FIT, [1, 2048], batch_size=8).rows
     exact_per_window = float(_quadrature_log_px(ltm, windows).mean())
     tokens = 8 * 8
     one, many = rows
@@ -58,12 +58,26 @@ def test_the_prior_figure_at_k_is_the_prior_control_of_evaluate_windows():
     """In one batch, the first K of the curve's prior draws are the draws of
     ``evaluate_windows(prior_samples=K)``: the two figures agree exactly."""
     ltm, windows = _sharp_ltm(), _windows(8, 7, 9)
-    curve = proposal_curve(ltm, windows, FIT, [4, 32, 64, 32], batch_size=8, seed=3)
+    curve = proposal_curve(ltm, windows, FIT, [4, 32, 64, 32], batch_size=8, seed=3).rows
     assert len(curve) == 3  # K 32 listed twice is scored once, not summed twice
     for row in curve:
         control = evaluate_windows(ltm, windows, FIT, batch_size=8, seed=3,
                                    prior_samples=row["samples"])
         assert row["prior_iwae_ppl"] == pytest.approx(control["prior_iwae_ppl"], rel=1e-9)
+
+
+def test_the_information_is_that_of_the_q_the_curve_drew_from():
+    """In one batch the curve's q is the fit ``evaluate_windows`` makes with the same seed, so
+    its KL and MI agree exactly; no second fit is needed for them."""
+    ltm, windows = _sharp_ltm(), _windows(8, 7, 9)
+    curve = proposal_curve(ltm, windows, FIT, [4], batch_size=8, seed=5)
+    assert curve.posterior.loc.shape[0] == len(windows)
+    fitted = evaluate_windows(ltm, windows, FIT, batch_size=8, seed=5, latent_stats=True,
+                              mi_samples=3)
+    information = curve.information(ltm.config.n_layers, mi_samples=3, seed=5)
+    for key in ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr"):
+        assert information[key] == pytest.approx(fitted[key], rel=1e-9), key
+    assert information["kl_per_window"] > 0.1  # the sharp decoder's q holds information
 
 
 def test_a_model_without_latents_or_no_draws_is_refused_in_one_line():

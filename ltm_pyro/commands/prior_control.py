@@ -7,7 +7,7 @@ can the prior find by chance, and from how many draws on?
 
 Writes OUT.json (one row per K: iwae_ppl from K draws of the fitted q, prior_iwae_ppl from K
 draws of the prior, prior_control = their ratio - 1, gap_nats_per_window; and the fitted q's
-KL and MI per window at the same T_eval), OUT.md and OUT.png. At one K the control only shows the
+KL, MI and slot correlation per window), OUT.md and OUT.png. At one K the control only shows the
 information beyond about log K nats per window (ltm_pyro/proposal_curve.py): a small control at
 K 64 with an MI of 3 nats says little, a control that is large at K 1 and closes as K grows
 says the decoder reads z. `python experiments/replot.py OUT.json` redraws OUT.png.
@@ -19,7 +19,6 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..bounds import evaluate_windows
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..cli import (
     OneLineParser,
@@ -39,7 +38,7 @@ from ..viz import bounds_against_draws, save_figure
 
 COLUMNS = ["samples", "iwae_ppl", "prior_iwae_ppl", "prior_control", "gap_nats_per_window"]
 INFORMATION_KEYS = ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-                    "mutual_info_cap", "elbo_ppl")
+                    "mutual_info_cap", "slot_correlation")
 
 
 def parser() -> OneLineParser:
@@ -79,13 +78,12 @@ def main() -> int:
     windows = select_windows(corpus.windows[args.split], args.max_windows, args.sample_windows,
                              args.sample_seed)
     steps = config.inference.steps if args.steps is None else args.steps
-    rows = proposal_curve(ltm, windows, config.inference, args.samples, steps=steps,
-                          batch_size=args.batch_size, seed=args.seed, device=device)
+    curve = proposal_curve(ltm, windows, config.inference, args.samples, steps=steps,
+                           batch_size=args.batch_size, seed=args.seed, device=device)
+    rows = curve.rows
     table = markdown_table(rows, COLUMNS)
     print(table, flush=True)
-    summary = evaluate_windows(ltm, windows, config.inference, steps=steps,
-                               batch_size=args.batch_size, seed=args.seed, device=device,
-                               latent_stats=True, mi_samples=args.mi_samples)
+    summary = curve.information(config.model.n_layers, args.mi_samples, args.seed)
     information = {key: summary[key] for key in INFORMATION_KEYS}
     selection = describe_selection(len(windows), args.sample_windows, args.sample_seed)
     results = {
@@ -107,7 +105,7 @@ def main() -> int:
                   f"the fitted q's, per window of {windows.shape[1] - 1} scored tokens; K prior "
                   f"draws find about log K nats of a posterior, so a gap that closes as K grows "
                   f"is information the decoder reads.\n\n{table}\n\n"
-                  f"The fitted q at the same T_eval (its own draws; docs/latent-diagnostics.md):"
+                  f"The fitted q the curve drew from (docs/latent-diagnostics.md):"
                   f"\n\n{info_table}\n")
     save_figure(figure(results), args.out.with_suffix(".png"))
     return 0
