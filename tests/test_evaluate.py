@@ -94,6 +94,25 @@ def test_zero_shot_on_an_unseen_corpus(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_in_domain_unk_is_reported_without_a_warning(tmp_path):
+    """PTB ships with <unk> in its text: scored on its own corpus, every model shares it, so
+    the rate is reported but nothing is said to be incomparable."""
+    _write_corpus(tmp_path / "corpus", ["alpha", "beta", "<unk>", "gamma"], 3)
+    run = tmp_path / "run"
+    trained = script("run_svi.py", "--out", str(run), "--data", str(tmp_path / "corpus"),
+                     "--seq-len", "16", "--max-steps", "2", "--batch-size", "4",
+                     "--inference-steps", "1", "--eval-windows", "4", "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    out = tmp_path / "in-domain.json"
+    result = script("evaluate.py", "--checkpoint", str(run), "--iw-samples", "2",
+                    "--max-windows", "4", "--json", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert not results["zero_shot"] and 0.1 < results["unk_rate"] < 0.4  # about 1 word in 4
+    assert "not comparable" not in result.stderr
+
+
+@pytest.mark.slow
 def test_corpus_without_known_tokens_is_refused(trained, tmp_path):
     _write_corpus(tmp_path / "foreign", ["xx", "yy", "zz"], 2)
     result = script("evaluate.py", "--checkpoint", str(trained / "run"), "--data",
