@@ -194,10 +194,12 @@ class RunConfig:
         if self.model_kind != "ltm" or not m.latents_per_layer:
             latents = "no latents"
         else:
+            start = f"log-var {q.init_log_var:g}, slot offsets {q.init_loc_scale:g}"
+            start = (f"from a {q.encoder_layers}-block encoder's proposal ({q.encoder_loss} "
+                     f"loss; {start} before it trains)" if q.encoder_layers else f"from {start}")
             latents = (f"z {m.n_layers} layers x {m.latents_per_layer} slots x {m.z_dim} dims, "
                        f"slot roles {m.slot_roles}; q fitted in T = {q.steps} steps ({q.noise} "
-                       f"noise) from log-var {q.init_log_var:g}, slot offsets "
-                       f"{q.init_loc_scale:g}, free bits {q.free_bits:g}/{q.free_bits_group}")
+                       f"noise) {start}, free bits {q.free_bits:g}/{q.free_bits_group}")
         return (f"{self.model_kind} (preset {self.preset}, recipe {self.recipe}): d {m.d_model}, "
                 f"{m.n_layers} layers, context {m.context}, window {m.window or 'full'}; "
                 f"{latents}; {t.max_steps} steps of {t.batch_size} windows, lr {t.lr:g}, "

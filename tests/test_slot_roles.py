@@ -202,6 +202,10 @@ def test_config_summary_names_what_decides_the_latents():
     for part in ("preset tiny", "window 16", "slot roles key-value", "T = 16", "log-var 0",
                  "slot offsets 0.5", "free bits 1/slot", "400 steps"):
         assert part in text, part
+    semi_amortised = preset("tiny")
+    semi_amortised.inference.encoder_layers = 2
+    assert "from a 2-block encoder's proposal (elbo loss; log-var 0" in semi_amortised.summary()
+    assert "encoder" not in text
     ar = preset("tiny")
     ar.model_kind = "ar"
     assert "no latents" in ar.summary()
