@@ -338,3 +338,44 @@ def test_latents_training_curves_read_valid_records_and_draw_mi_for_ltms_only(tm
     assert "ltm: MI" in _labels(carried) and "ltm: KL" in _labels(carried)
     assert not any(label.startswith("ar-window") for label in _labels(carried))
     assert carried.get_ylim()[0] == 0
+
+
+def _scored(kind: str, ppl: float, prior: float | None = None, windows: int = 4) -> dict:
+    result = {"model_kind": kind, "corpus": "ptb", "split": "test", "windows": windows,
+              "window_selection": "all", "tokens": 100 * windows,
+              "iwae_ppl" if kind == "ltm" else "elbo_ppl": ppl}
+    if prior is not None:
+        result.update(prior_iwae_ppl=prior, kl_per_window=6.0, mutual_info_per_window=3.0)
+    return result
+
+
+def test_window_study_puts_each_gap_in_nats_per_window_and_refuses_other_windows(
+        tmp_path, monkeypatch):
+    study = load_script("window_study")
+    files = {"full": _scored("ar", 100.0), "ar2": _scored("ar", 150.0),
+             "ltm2": _scored("ltm", 120.0, prior=130.0), "ar8": _scored("ar", 110.0),
+             "ltm8": _scored("ltm", 105.0, prior=105.0), "other": _scored("ar", 150.0, windows=8)}
+    for name, result in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+
+    def run(*pairs: str) -> int:
+        argv = ["window_study.py", "--full", str(tmp_path / "full.json"),
+                "--out", str(tmp_path / "study"), *pairs]
+        monkeypatch.setattr("sys.argv", argv)
+        return study.main()
+
+    assert run("--pair", "8", str(tmp_path / "ltm8.json"), str(tmp_path / "ar8.json"),
+               "--pair", "2", str(tmp_path / "ltm2.json"), str(tmp_path / "ar2.json")) == 0
+    rows = json.loads((tmp_path / "study.json").read_text())["rows"]
+    assert [r["window"] for r in rows] == [2, 8]  # sorted by window
+    two = rows[0]  # 100 tokens a window
+    assert two["hidden_nats"] == pytest.approx(100 * math.log(1.5))
+    assert two["ltm_gain_nats"] == pytest.approx(100 * math.log(150 / 120))
+    assert two["prior_gap_nats"] == pytest.approx(100 * math.log(130 / 120))
+    assert two["ltm_vs_ar"] == pytest.approx(-0.2) and two["prior_control"] == pytest.approx(1 / 12)
+    assert rows[1]["prior_gap_nats"] == pytest.approx(0.0)
+    assert (tmp_path / "study.png").stat().st_size > 0
+    with pytest.raises(UsageError, match="other windows"):
+        run("--pair", "2", str(tmp_path / "ltm2.json"), str(tmp_path / "other.json"))
+    with pytest.raises(UsageError, match="not an LTM"):
+        run("--pair", "2", str(tmp_path / "ar2.json"), str(tmp_path / "ar2.json"))
