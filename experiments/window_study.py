@@ -47,14 +47,9 @@ def read(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as error:
         raise UsageError(f"{path}: cannot read an evaluate.py JSON ({error}); "
                          "pass the file evaluate.py --json wrote") from None
-    if "iwae_ppl" not in result and "elbo_ppl" not in result:
-        raise UsageError(f"{path} has no perplexity; pass a file written by evaluate.py --json")
+    if "iwae_ppl" not in result:
+        raise UsageError(f"{path} has no iwae_ppl; pass a file written by evaluate.py --json")
     return result
-
-
-def ppl(result: dict) -> float:
-    """The LTM's iwae_ppl, or an AR's exact perplexity (its ELBO is its likelihood)."""
-    return result["iwae_ppl"] if result.get("model_kind") == "ltm" else result["elbo_ppl"]
 
 
 def nats(worse: float, better: float, tokens_per_window: float) -> float:
@@ -65,14 +60,15 @@ def nats(worse: float, better: float, tokens_per_window: float) -> float:
 def row(window: int, ltm: dict, ar: dict, full: dict) -> dict:
     """What the window hides, what the LTM gains and what of it is read from z, at one W."""
     per_window = ltm["tokens"] / ltm["windows"]
+    fitted, prior, windowed = ltm["iwae_ppl"], ltm["prior_iwae_ppl"], ar["iwae_ppl"]
     return {
-        "window": window, "ar_window_ppl": ppl(ar), "ltm_iwae_ppl": ppl(ltm),
-        "prior_iwae_ppl": ltm.get("prior_iwae_ppl"), "full_ar_ppl": ppl(full),
-        "ltm_vs_ar": ppl(ltm) / ppl(ar) - 1,
-        "prior_control": ltm["prior_iwae_ppl"] / ppl(ltm) - 1,
-        "hidden_nats": nats(ppl(ar), ppl(full), per_window),
-        "ltm_gain_nats": nats(ppl(ar), ppl(ltm), per_window),
-        "prior_gap_nats": nats(ltm["prior_iwae_ppl"], ppl(ltm), per_window),
+        "window": window, "ar_window_ppl": windowed, "ltm_iwae_ppl": fitted,
+        "prior_iwae_ppl": prior, "full_ar_ppl": full["iwae_ppl"],
+        "ltm_vs_ar": fitted / windowed - 1,
+        "prior_control": prior / fitted - 1,
+        "hidden_nats": nats(windowed, full["iwae_ppl"], per_window),
+        "ltm_gain_nats": nats(windowed, fitted, per_window),
+        "prior_gap_nats": nats(prior, fitted, per_window),
         "kl_per_window": ltm.get("kl_per_window"),
         "mutual_info_per_window": ltm.get("mutual_info_per_window"),
         "mutual_info_cap": ltm.get("mutual_info_cap"),
@@ -118,9 +114,10 @@ def main() -> int:
     args = parser().parse_args()
     full = read(args.full)
     rows, sources = [], {}
-    for window, ltm_path, ar_path in sorted(args.pair, key=lambda p: int(p[0])):
+    for window, *_ in args.pair:
         if not window.isdigit():
             raise UsageError(f"--pair {window}: the window must be a whole number of tokens")
+    for window, ltm_path, ar_path in sorted(args.pair, key=lambda p: int(p[0])):
         ltm, ar = read(Path(ltm_path)), read(Path(ar_path))
         if ltm.get("model_kind") != "ltm" or "prior_iwae_ppl" not in ltm:
             raise UsageError(f"{ltm_path} is not an LTM's result with a prior control")
@@ -134,7 +131,7 @@ def main() -> int:
     table = markdown_table(rows, COLUMNS)
     print(table)
     title = (f"{full['corpus']} {full['split']}, {full['window_selection']}: the decoder window "
-             f"against what z carries (full-context AR {ppl(full):.2f})")
+             f"against what z carries (full-context AR {full['iwae_ppl']:.2f})")
     write_results(args.out.with_suffix(".json"), "The decoder window against what z carries",
                   "cpu", {"rows": rows, "full_ar": str(args.full), "sources": sources},
                   f"{title}. `hidden_nats`: how many nats per window the windowed AR is behind "

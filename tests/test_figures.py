@@ -343,7 +343,7 @@ def test_latents_training_curves_read_valid_records_and_draw_mi_for_ltms_only(tm
 def _scored(kind: str, ppl: float, prior: float | None = None, windows: int = 4) -> dict:
     result = {"model_kind": kind, "corpus": "ptb", "split": "test", "windows": windows,
               "window_selection": "all", "tokens": 100 * windows,
-              "iwae_ppl" if kind == "ltm" else "elbo_ppl": ppl}
+              "iwae_ppl": ppl}  # evaluate.py writes iwae_ppl for every kind (an AR's is exact)
     if prior is not None:
         result.update(prior_iwae_ppl=prior, kl_per_window=6.0, mutual_info_per_window=3.0)
     return result
@@ -379,3 +379,5 @@ def test_window_study_puts_each_gap_in_nats_per_window_and_refuses_other_windows
         run("--pair", "2", str(tmp_path / "ltm2.json"), str(tmp_path / "other.json"))
     with pytest.raises(UsageError, match="not an LTM"):
         run("--pair", "2", str(tmp_path / "ar2.json"), str(tmp_path / "ar2.json"))
+    with pytest.raises(UsageError, match="whole number"):
+        run("--pair", "two", str(tmp_path / "ltm2.json"), str(tmp_path / "ar2.json"))
