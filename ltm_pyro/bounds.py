@@ -34,9 +34,8 @@ from .latent_use import latent_use_summary
 from .model import LatentThoughtModel, LocalPosterior
 from .modes import evaluating
 
-# Offsets of the seeds of the latent statistics' and prior control's generators from the
-# evaluation seed: their draws never shift the bounds' own draws.
-MI_SEED_OFFSET = 2**40
+# Offset of the seed of the prior control's generator from the evaluation seed: its draws
+# never shift the bounds' own draws (the latent statistics' offset: latent_use).
 PRIOR_SEED_OFFSET = 2**41
 
 
@@ -242,16 +241,9 @@ def evaluate_windows(
     summary.update(inference_steps=steps if ltm.has_latents else 0,
                    elbo_samples=elbo_samples, iw_samples=iw_samples)
     if latent_stats:
-        summary.update(_latent_summary(posteriors, ltm, len(windows), mi_samples, seed, device))
+        everything = LocalPosterior.concatenate(posteriors) if posteriors else None
+        summary.update(latent_use_summary(everything, ltm.config.n_layers, len(windows),
+                                          mi_samples, seed))
     if per_window:
         summary["per_window"] = totals.windows
     return summary
-
-
-def _latent_summary(posteriors: list[LocalPosterior], ltm: LatentThoughtModel, windows: int,
-                    mi_samples: int, seed: int, device: torch.device) -> dict:
-    """``latent_use_summary`` of every window's fitted posterior (all None without latents)."""
-    everything = LocalPosterior.concatenate(posteriors) if posteriors else None
-    mi_generator = torch.Generator(device=device).manual_seed(seed + MI_SEED_OFFSET)
-    return latent_use_summary(everything, ltm.config.n_layers, windows, mi_samples,
-                              mi_generator)

@@ -57,6 +57,8 @@ from torch import Tensor
 from .model import LocalPosterior
 
 ACTIVE_THRESHOLD = 0.01
+# Offset of the MI draws' seed from the evaluation seed (see ``latent_use_summary``).
+MI_SEED_OFFSET = 2**40
 _STILL = 1e-6  # a slot whose centred means have a smaller RMS does not move
 
 
@@ -206,17 +208,19 @@ def slot_linear_r2(loc: Tensor, n_layers: int) -> float | None:
 
 
 def latent_use_summary(posterior: LocalPosterior | None, n_layers: int, windows: int,
-                       mi_samples: int = 4, generator: torch.Generator | None = None) -> dict:
+                       mi_samples: int = 4, seed: int = 0) -> dict:
     """Every per-window measure of the module docstring from the ``windows`` posteriors.
 
-    ``posterior`` None (a model without latents): MI and KL 0, no active units, slot
-    statistics None.
+    The MI's draws come from their own generator, seeded ``seed + MI_SEED_OFFSET``, so they
+    never shift the draws of the bounds scored with ``seed``. ``posterior`` None (a model
+    without latents): MI and KL 0, no active units, slot statistics None.
     """
     if posterior is None:
         return {"kl_per_window": 0.0, "mutual_info_per_window": 0.0, "mutual_info_stderr": 0.0,
                 "mutual_info_cap": math.log(windows), "mutual_info_samples": mi_samples,
                 "active_units": 0, "active_units_total": 0,
                 "slot_correlation": None, "slot_effective_rank": None, "slot_linear_r2": None}
+    generator = torch.Generator(device=posterior.loc.device).manual_seed(seed + MI_SEED_OFFSET)
     mi = mutual_information(posterior, mi_samples, generator)
     correlation, rank = slot_similarity(posterior.loc, n_layers)
     return {

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from .bounds import (
-    MI_SEED_OFFSET,
     PRIOR_SEED_OFFSET,
     log_importance_weights,
     log_mean_exp,
@@ -47,10 +46,8 @@ class ProposalCurve:
 
     def information(self, n_layers: int, mi_samples: int = 4, seed: int = 0) -> dict:
         """KL, MI and slot statistics of the very q the curve drew from (no second fit)."""
-        generator = torch.Generator(device=self.posterior.loc.device).manual_seed(
-            seed + MI_SEED_OFFSET)
         return latent_use_summary(self.posterior, n_layers, self.posterior.loc.shape[0],
-                                  mi_samples, generator)
+                                  mi_samples, seed)
 
 
 def proposal_curve(
