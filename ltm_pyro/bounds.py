@@ -206,12 +206,11 @@ def evaluate_windows(
 
     The fit maximises the ELBO, or with ``fit_free_bits`` the training fits' objective (free
     bits, ``inference.free_bits``): the bounds stay valid, since any q gives one, and the fit
-    no longer trades away the information the decoder was trained to read.
-
-    Draws come from a generator seeded with ``seed`` (same call, same figures; the global RNG
-    never moves). ``latent_stats`` adds ``latent_use_summary`` of the fitted posteriors (MI
-    from ``mi_samples`` draws a window); ``prior_samples`` K > 0 adds ``prior_iwae_ppl`` (K
-    draws from the prior as proposal); ``per_window`` each window's tokens, -ELBO and -IWAE."""
+    no longer trades away the information the decoder was trained to read. Draws come from a
+    generator seeded with ``seed`` (same call, same figures; the global RNG never moves).
+    ``latent_stats`` adds ``latent_use_summary`` of the fitted posteriors (MI from
+    ``mi_samples`` draws a window); ``prior_samples`` K > 0 adds ``prior_iwae_ppl`` (K draws
+    from the prior as proposal); ``per_window`` each window's tokens, -ELBO and -IWAE."""
     _refuse_bidirectional(ltm)
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -241,9 +240,8 @@ def evaluate_windows(
     summary.update(inference_steps=steps if ltm.has_latents else 0,
                    elbo_samples=elbo_samples, iw_samples=iw_samples)
     if latent_stats:
-        everything = LocalPosterior.concatenate(posteriors) if posteriors else None
-        summary.update(latent_use_summary(everything, ltm.config.n_layers, len(windows),
-                                          mi_samples, seed))
+        summary.update(latent_use_summary(LocalPosterior.concatenate(posteriors),
+                                          ltm.config.n_layers, len(windows), mi_samples, seed))
     if per_window:
         summary["per_window"] = totals.windows
     return summary

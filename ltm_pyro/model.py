@@ -117,8 +117,11 @@ class LocalPosterior:
                               self.log_var.detach().clone().requires_grad_())
 
     @staticmethod
-    def concatenate(parts: list[LocalPosterior]) -> LocalPosterior:
-        """One posterior of all the parts' sequences, in order."""
+    def concatenate(parts: list[LocalPosterior]) -> LocalPosterior | None:
+        """One posterior of all the parts' sequences, in order (None for no parts: a model
+        without latents has none)."""
+        if not parts:
+            return None
         return LocalPosterior(torch.cat([q.loc for q in parts]),
                               torch.cat([q.log_var for q in parts]))
 
