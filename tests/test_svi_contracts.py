@@ -27,7 +27,7 @@ from ltm_pyro.errors import UsageError
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior
 from ltm_pyro.svi import DualRateSVI, kl_weight_at, slow_optimizer, warmup_cosine
 
-from .conftest import micro_config, sequence_nll
+from .conftest import assert_gradients_match, micro_config, sequence_nll
 
 
 def _encoded(inference: InferenceConfig, head_scale: float = 0.3) -> LatentThoughtModel:
@@ -221,7 +221,7 @@ def test_a_model_without_latents_takes_plain_language_model_steps(batch):
     assert not stats.skipped and stats.fast_lr == 0.0 and float(stats.kl) == 0.0
     assert float(stats.nll) == pytest.approx(float(loss.detach()), rel=1e-5)
     for (name, p), e in zip(ar.decoder.named_parameters(), expected, strict=True):
-        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-7, msg=name)
+        assert_gradients_match(p.grad, e, name)
     assert not all(torch.equal(a, b) for a, b in zip(before, _snapshot(ar.decoder)))
 
 
@@ -249,7 +249,7 @@ def test_the_encoders_elbo_is_weighted_like_the_fits_during_the_ramp(batch):
         tokens, mask)
     assert stats.kl_weight == pytest.approx(0.25)
     for (name, p), e in zip(ltm.encoder.named_parameters(), expected, strict=True):
-        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-7, msg=name)
+        assert_gradients_match(p.grad, e, name)
 
 
 def test_an_encoder_under_torchrun_is_refused_in_one_line():
