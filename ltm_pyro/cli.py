@@ -289,6 +289,9 @@ def _training_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--keep-best", action="store_true",
                    help="also keep the weights of the validation with the lowest -ELBO as "
                    "best.pt (early stopping; evaluate.py --checkpoint RUN/best.pt)")
+    g.add_argument("--patience", type=non_negative_int, metavar="N",
+                   help="stop once N validations in a row have not lowered the valid -ELBO "
+                   "(early stopping; with --keep-best score best.pt) (default 0: never)")
     g.add_argument("--max-bad-steps", type=positive_int,
                    help="stop after this many non-finite steps in a row (default 10)")
     g.add_argument("--seed", type=non_negative_int, help="seeds data order, noise and weights")
@@ -338,6 +341,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         (train_cfg, "eval_windows", args.eval_windows),
         (train_cfg, "eval_prior_control", args.eval_prior_control),
         (train_cfg, "checkpoint_every", args.checkpoint_every),
+        (train_cfg, "patience", args.patience),
         (train_cfg, "max_bad_steps", args.max_bad_steps),
         (train_cfg, "seed", args.seed),
     ]

@@ -156,6 +156,10 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_best: bool = False  # also keep the lowest-valid -ELBO weights (best.pt): early stopping
+    # > 0: stop once this many validations in a row have not lowered the valid -ELBO (the run
+    # then counts as finished before max_steps; with keep_best, best.pt holds the weights to
+    # score). 0: train to max_steps.
+    patience: int = 0
     max_bad_steps: int = 10  # non-finite steps in a row before the run stops
     validate: bool = False  # Pyro's argument checks in training: slow, and fatal on a NaN
     compile: bool = False  # torch.compile decoder and token NLL (fuses memory-bound work)

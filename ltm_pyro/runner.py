@@ -12,6 +12,7 @@ stays whole and the same command resumes from it.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -78,13 +79,33 @@ def _same_run(payload: dict, config: RunConfig) -> bool:
     return _comparable(payload["config"]) == _comparable(config.to_dict())
 
 
+def validations_since_best(records: list[dict]) -> int:
+    """How many validations came after the one with the lowest -ELBO (the first of equal
+    ones; a non-finite figure is never the best): 0 right after a new best."""
+    losses = [r["neg_elbo"] for r in records if r["split"] == "valid"]
+    finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
+    best = min(finite, key=losses.__getitem__, default=-1)
+    return len(losses) - 1 - best
+
+
+def plateaued(records: list[dict], patience: int) -> bool:
+    """Whether early stopping ends the run: ``patience`` > 0 validations in a row have not
+    lowered the valid -ELBO."""
+    return patience > 0 and validations_since_best(records) >= patience
+
+
 def finished_run(out: Path, config: RunConfig) -> bool:
-    """Whether ``out`` already holds ``config`` trained to its last step, so ``train`` would
-    only reload it (benchmarks then report no training time for it)."""
+    """Whether ``out`` already holds ``config`` trained to its last step (or stopped early on
+    valid, ``patience``), so ``train`` would only reload it (benchmarks then report no
+    training time for it)."""
     if not checkpoint_path(out).exists():
         return False
     payload = load_checkpoint(out)
-    return payload["step"] >= config.train.max_steps and _same_run(payload, config)
+    if not _same_run(payload, config):
+        return False
+    records = [r for r in read_jsonl(out / METRICS_NAME) if r["step"] <= payload["step"]]
+    return payload["step"] >= config.train.max_steps or plateaued(records,
+                                                                  config.train.patience)
 
 
 def _claim_folder(out: Path) -> None:
@@ -334,6 +355,17 @@ class TrainingRun:
         bar.write(f"step {v['step']}: valid -ELBO {v['neg_elbo']:.4f} (NLL {v['nll']:.4f} + "
                   f"KL {v['kl']:.4f}) nats/token{control}")
 
+    def converged(self) -> bool:
+        """Early stopping (``patience``), decided by rank 0's records for every rank."""
+        return self.shard.any(plateaued(self.records, self.config.train.patience), self.device)
+
+    def early_stop_note(self) -> str:
+        valid = [r for r in self.records if r["split"] == "valid"]
+        best = valid[len(valid) - 1 - validations_since_best(self.records)]
+        return (f"stopped early at step {self.state.step} of {self.config.train.max_steps}: "
+                f"{self.config.train.patience} validations without a lower -ELBO than "
+                f"{best['neg_elbo']:.4f} (step {best['step']})")
+
     def save_curves(self) -> None:
         if self.shard.is_main:
             title = f"{self.config.model_kind.upper()} training curves: {self.out.name}"
@@ -341,7 +373,7 @@ class TrainingRun:
                         self.out / CURVES_NAME)
 
     def loop(self, progress: bool) -> dict:
-        """Train to ``max_steps``; return the last validation record."""
+        """Train to ``max_steps`` (or until early stopping); return the last validation record."""
         cfg, shard, state = self.config.train, self.shard, self.state
         mask = torch.ones(cfg.batch_size, self.config.model.context, device=self.device)
         global_tokens = mask.numel() * shard.world
@@ -349,6 +381,8 @@ class TrainingRun:
                    disable=not (progress and shard.is_main), desc="train", dynamic_ncols=True)
         with StopRequests() as stop:
             for step in bar:
+                if step == self.saved_step and self.converged():  # resumed after stopping early
+                    break
                 started = time.perf_counter()
                 indices = shard.slice(self.sampler.indices(step))
                 stats = state.svi.step(self.corpus.windows["train"][indices].to(self.device), mask)
@@ -359,12 +393,17 @@ class TrainingRun:
                     raise Diverged(
                         f"{state.bad_in_a_row} steps in a row had a non-finite loss or gradient; "
                         "lower --slow-lr or --fast-lr, or train in float32 (no bf16 autocast)")
-                if _due(state.step, cfg.eval_every, self.config) and shard.is_main:
+                validated = _due(state.step, cfg.eval_every, self.config)
+                if validated and shard.is_main:
                     self.validate(bar)
+                converged = validated and self.converged()
                 stopping = shard.any(stop.signum is not None, self.device)  # all ranks together
-                if (_due(state.step, cfg.checkpoint_every, self.config) or stopping) and (
-                        shard.is_main):
+                if (_due(state.step, cfg.checkpoint_every, self.config) or stopping
+                        or converged) and shard.is_main:
                     self.checkpoint()
+                if converged:
+                    bar.write(self.early_stop_note())
+                    break
                 if stopping:
                     bar.close()
                     self.save_curves()

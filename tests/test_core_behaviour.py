@@ -343,6 +343,41 @@ def test_keep_best_saves_the_weights_of_the_lowest_validation(tmp_path, monkeypa
     assert not (tmp_path / "plain" / BEST_NAME).exists()
 
 
+@pytest.mark.parametrize(("losses", "since"), [
+    ([], 0), ([4.0], 0), ([4.0, 3.0, 3.5], 1), ([4.0, 3.0, 3.0], 1), ([3.0, 4.0, 5.0], 2),
+    ([float("nan"), 5.0], 0), ([5.0, float("nan")], 1), ([float("nan")], 1)])
+def test_validations_since_best_counts_from_the_first_lowest_finite_figure(losses, since):
+    """Catches: an equal figure counted as an improvement, a NaN taken for the best, or the
+    count taken from the last validation instead of the best one."""
+    records = [{"split": "train", "step": 0}] + [
+        {"split": "valid", "step": i, "neg_elbo": loss} for i, loss in enumerate(losses)]
+    assert runner.validations_since_best(records) == since
+
+
+def test_patience_stops_the_run_and_a_rerun_trains_no_further(tmp_path, monkeypatch):
+    """Catches: early stopping that never fires, fires one validation early or late, is not
+    checkpointed where it stopped, or is undone by rerunning the same command (which would
+    train past the point the run was scored at)."""
+    figures = iter([4.0, 3.0, 3.5, 3.6, 1.0, 1.0])  # best at step 2; steps 3 and 4 are worse
+    evaluate = runner._evaluate
+
+    def scripted(ltm, windows, config, device):  # noqa: ANN001, ANN202
+        return {**evaluate(ltm, windows, config, device), "neg_elbo": next(figures)}
+
+    monkeypatch.setattr(runner, "_evaluate", scripted)
+    config = _tiny_run(eval_every=1, checkpoint_every=6, patience=2)
+    out = tmp_path / "run"
+    runner.train(config, out, progress=False)
+    assert load_checkpoint(out)["step"] == 4
+    assert runner.finished_run(out, config)
+    before = _records(out)
+    assert [r["step"] for r in before if r["split"] == "valid"] == [1, 2, 3, 4]
+
+    runner.train(config, out, progress=False)
+    assert load_checkpoint(out)["step"] == 4 and _records(out) == before
+    assert not runner.finished_run(out, _tiny_run(eval_every=1, checkpoint_every=6, patience=3))
+
+
 def test_finished_run_is_only_the_same_config_at_its_last_step(tmp_path):
     """Catches: a benchmark taking an unfinished or differently configured run for a finished
     one (it would then report no training time, or score the wrong model)."""
