@@ -75,19 +75,17 @@ from ltm_pyro.comparisons import (  # noqa: E402
     comparison_configs,
     equal_flop_steps,
     prior_as_posterior,
-    run_flops_per_token,
-    tokens_per_step,
+    validation_curve,
     with_slow_schedule,
 )
 from ltm_pyro.config import InferenceConfig, RunConfig  # noqa: E402
 from ltm_pyro.data import describe_selection, load_corpus, select_windows  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
-from ltm_pyro.files import read_jsonl  # noqa: E402
 from ltm_pyro.flops import fit_flops_per_token, forward_flops_per_token  # noqa: E402
 from ltm_pyro.mdlm import evaluate_bound  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import METRICS_NAME, Diverged, finished_run, train  # noqa: E402
+from ltm_pyro.runner import Diverged, finished_run, train  # noqa: E402
 from ltm_pyro.scaling import spent  # noqa: E402
 from ltm_pyro.uncertainty import mean_and_sd, paired_bootstrap  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
@@ -167,13 +165,6 @@ def eval_inference(name: str, steps: int, trained: RunConfig, base: RunConfig
     if name != NO_INFERENCE:
         return trained.inference
     return prior_as_posterior(base.inference) if steps == 0 else base.inference
-
-
-def validation_curve(run_dir: Path, config: RunConfig, flops_per_token: float) -> list[dict]:
-    tokens = tokens_per_step(config)
-    return [{"tokens": r["step"] * tokens,
-             "flops": r["step"] * tokens * flops_per_token, "neg_elbo": r["neg_elbo"]}
-            for r in read_jsonl(run_dir / METRICS_NAME) if r["split"] == "valid"]
 
 
 def curves_figure(curves: dict[str, list[dict]], references: dict[str, float],
@@ -372,8 +363,7 @@ def run_variant(bench: Bench, name: str, config: RunConfig, seed: int, run_dir: 
     args, base = bench.args, bench.base
     wall, ltm, trained, scored_step = trained_run(bench, config, run_dir)
     bench.configs[run_dir.name] = trained.to_dict()
-    per_token = run_flops_per_token(trained)
-    bench.curves[run_dir.name] = validation_curve(run_dir, trained, per_token)
+    bench.curves[run_dir.name] = validation_curve(run_dir, trained)
     used = spent(trained, len(bench.corpus.windows["train"]))
     tokens_seen = used["tokens_seen"]
     bench.budgets.setdefault(name, {

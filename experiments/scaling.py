@@ -60,14 +60,15 @@ from ltm_pyro.cli import (  # noqa: E402
     positive_int,
     run_main,
 )
+from ltm_pyro.comparisons import validation_curve  # noqa: E402
 from ltm_pyro.config import RunConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
-from ltm_pyro.files import read_jsonl, write_json  # noqa: E402
+from ltm_pyro.files import write_json  # noqa: E402
 from ltm_pyro.flops import fit_flops_per_token, forward_flops_per_token  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import METRICS_NAME, train  # noqa: E402
+from ltm_pyro.runner import train  # noqa: E402
 from ltm_pyro.scaling import (  # noqa: E402
     BUDGETS,
     FAMILIES,
@@ -246,13 +247,6 @@ def finished(run: dict, settings: dict) -> dict | None:
     settings, else None."""
     stored = stored_result(run)
     return stored if stored is not None and stored.get("settings") == settings else None
-
-
-def validation_curve(run_dir: Path, config: RunConfig) -> list[dict]:
-    """The run's validation -ELBO at each validated step, with its tokens and FLOPs."""
-    return [{"step": r["step"], "tokens": r["step"] * tokens_per_step(config),
-             "flops": r["step"] * step_flops(config), "neg_elbo": r["neg_elbo"]}
-            for r in read_jsonl(run_dir / METRICS_NAME) if r["split"] == "valid"]
 
 
 def train_and_score(args: argparse.Namespace, run: dict, windows, settings: dict) -> dict:  # noqa: ANN001

@@ -136,6 +136,7 @@ class BoundTotals:
 
     def add_prior(self, neg_log_px: Tensor) -> None:
         self.prior_iwae += float(neg_log_px.double().sum())
+        self.windows.setdefault("neg_prior_iwae", []).extend(neg_log_px.double().tolist())
 
     def summary(self, prior_samples: int = 0) -> dict[str, float]:
         """Per-token figures and ppls; with ``prior_samples`` K > 0 the prior control's too."""
@@ -245,3 +246,25 @@ def evaluate_windows(
     if per_window:
         summary["per_window"] = totals.windows
     return summary
+
+
+@torch.no_grad()
+def prior_mean_nll(ltm: LatentThoughtModel, windows: Tensor, batch_size: int = 16,
+                   device: torch.device | str = "cpu") -> Tensor:
+    """Each window's exact NLL in nats [N] with z held at the prior's mean, 0.
+
+    With z fixed the decoder is a plain autoregressive model, so this is an exact likelihood,
+    not a bound: beside an AR baseline it tells whether what an LTM gained in training
+    survives without reading z at test time (issue 42's decomposition). A model without
+    latents gives its own exact NLL."""
+    _refuse_bidirectional(ltm)
+    device = torch.device(device)
+    nll = []
+    with evaluating(ltm.decoder):
+        for start in range(0, len(windows), batch_size):
+            tokens = windows[start:start + batch_size].to(device)
+            mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1, device=device)
+            z = torch.zeros(tokens.shape[0], *ltm.latent_shape, device=device) if (
+                ltm.has_latents) else None
+            nll.append(ltm.token_nll(ltm.logits(tokens[:, :-1], z), tokens[:, 1:], mask).double())
+    return torch.cat(nll)

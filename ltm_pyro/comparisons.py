@@ -5,10 +5,12 @@ by ``bench_quality`` and ``bench_icl``."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from .config import InferenceConfig, RunConfig
 from .decoder import matched_ar_config
 from .errors import UsageError
+from .files import read_jsonl
 from .flops import training_flops_per_token
 from .mdlm import mdlm_model_config
 
@@ -89,3 +91,12 @@ def equal_flop_steps(reference: RunConfig, baseline: RunConfig) -> int:
     nearest ``reference``'s whole run (``max_steps`` iterations, every inner step counted):
     within half a baseline step of the reference's budget."""
     return max(1, round(reference.train.max_steps * step_flops(reference) / step_flops(baseline)))
+
+
+def validation_curve(run_dir: Path, config: RunConfig) -> list[dict]:
+    """A run's validations: step, training tokens and training FLOPs (every inner step
+    counted) so far, and the valid -ELBO (AR: exact NLL). ``config`` is the trained run's,
+    its ``vocab_size`` set."""
+    return [{"step": r["step"], "tokens": r["step"] * tokens_per_step(config),
+             "flops": r["step"] * step_flops(config), "neg_elbo": r["neg_elbo"]}
+            for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["split"] == "valid"]

@@ -108,3 +108,40 @@ def test_log_mean_exp_reads_the_last_axis_of_any_shape():
     torch.testing.assert_close(log_mean_exp(weights[0, 0]), expected[0, 0])
     assert float(log_mean_exp(torch.zeros(4))) == pytest.approx(0.0)
     assert float(log_mean_exp(torch.log(torch.tensor([1.0, 3.0])))) == pytest.approx(math.log(2))
+
+
+def test_per_window_prior_figures_add_up_to_the_prior_total():
+    """Catches: the prior control's per-window -IWAE missing (the paired interval of q against
+    the prior then cannot be formed), replaced batch by batch, or stored unsigned."""
+    ltm = LatentThoughtModel(Decoder(micro_config()).eval())
+    summary = evaluate_windows(ltm, _windows(10), InferenceConfig(steps=1), batch_size=4,
+                               prior_samples=3, per_window=True)
+    per = summary["per_window"]
+    assert len(per["neg_prior_iwae"]) == 10 and min(per["neg_prior_iwae"]) > 0
+    assert sum(per["neg_prior_iwae"]) / summary["tokens"] == pytest.approx(
+        -summary["prior_iwae_per_token"], rel=1e-9)
+
+
+def test_prior_mean_nll_is_the_exact_likelihood_with_z_at_zero():
+    """Catches: z left to a draw (or to the guide) instead of held at the prior's mean, a
+    window's NLL averaged over tokens instead of summed, batches dropped or reordered, and an
+    AR's figure that is not its exact likelihood."""
+    import pyro.poutine as poutine
+
+    from ltm_pyro.bounds import prior_mean_nll
+
+    windows = _windows(7)
+    ltm = LatentThoughtModel(Decoder(micro_config()).eval())
+    got = prior_mean_nll(ltm, windows, batch_size=3)
+    mask = torch.ones(7, 12)
+    zeros = torch.zeros(7, *ltm.latent_shape)
+    trace = poutine.trace(poutine.condition(ltm.model, data={"z": zeros})).get_trace(
+        windows, mask)
+    want = -trace.nodes["x"]["fn"].log_prob(trace.nodes["x"]["value"]).double()
+    assert got.shape == (7,) and torch.allclose(got, want, rtol=1e-6)
+    assert not torch.allclose(got, prior_mean_nll(ltm, windows.flip(0), batch_size=3))
+
+    ar = LatentThoughtModel(Decoder(micro_config(latents_per_layer=0)).eval())
+    exact = evaluate_windows(ar, windows, InferenceConfig(), batch_size=3, per_window=True)
+    assert prior_mean_nll(ar, windows, batch_size=3).tolist() == pytest.approx(
+        exact["per_window"]["neg_iwae"], rel=1e-6)

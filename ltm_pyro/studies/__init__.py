@@ -1,0 +1,1 @@
+"""Studies: what an experiment computes, so its script is only a command line."""
