@@ -186,8 +186,12 @@ def slot_linear_r2(loc: Tensor, n_layers: int) -> float | None:
     means [N, d] to another's of the same layer: fitted on the first half of the windows,
     scored on the other half (1 - residual / total sum of squares over the target's dims),
     clamped at 0 (a map worse than the target's mean is no linear dependence), averaged over
-    ordered pairs and layers. None when there is nothing to score."""
-    per_layer = loc.double().unflatten(1, (n_layers, -1))  # [N, L, S, d]
+    ordered pairs and layers. None when there is nothing to score.
+
+    The least squares run on the CPU in float64 with LAPACK's SVD-based ``gelsd``: the default
+    ``gelsy`` of MKL differs in its last bits from one call to the next on the same input, so
+    a same-seed run would not reproduce its own metrics (issue 43)."""
+    per_layer = loc.detach().cpu().double().unflatten(1, (n_layers, -1))  # [N, L, S, d]
     half = loc.shape[0] // 2
     if half < 2:
         return None
@@ -199,7 +203,8 @@ def slot_linear_r2(loc: Tensor, n_layers: int) -> float | None:
                 if s == t:
                     continue
                 target = layer[:, t]
-                coef = torch.linalg.lstsq(design[:half, s], target[:half]).solution
+                coef = torch.linalg.lstsq(design[:half, s], target[:half],
+                                          driver="gelsd").solution
                 residual = ((design[half:, s] @ coef - target[half:]) ** 2).sum()
                 total = ((target[half:] - target[half:].mean(0)) ** 2).sum()
                 if total > 0:
