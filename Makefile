@@ -1,20 +1,55 @@
 # Two entry points for a fresh machine (see README): `make run` and `make test`.
+#
+# Torch, CPU or CUDA: `make setup` (and so `make run` / `make test`) installs torch into .venv
+# first, from PyTorch's wheel index for the build asked for, then the package, whose
+# `torch>=2.4,<2.14` that wheel meets. A plain `pip install torch` from PyPI would be, on
+# Linux, the multi-GB CUDA build.
+#   make test                              # TORCH=cpu, the default: the CPU wheel (~200 MB)
+#   make setup TORCH=cuda                  # the CUDA wheel from TORCH_CUDA_INDEX (several GB)
+#   make setup TORCH=cuda TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128
+# Pick the cuXXX index that TORCH_VERSION is built for and the machine's driver
+# supports (`nvidia-smi` prints the highest CUDA version it takes). Only the torch wheel comes
+# from that index (--index-url, --no-deps: an unreachable index fails rather than falling
+# back to PyPI's CUDA build; find-links or extra indexes in your pip configuration are still
+# searched); its dependencies come from your usual index with the package. The build is
+# recorded in .venv/.torch: a later plain `make test` keeps it, and naming the other build
+# reinstalls the torch wheel in place (`rm -rf .venv` first for an environment without the
+# CUDA build's nvidia-* wheels).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-TORCH := torch==2.13.0
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CUDA_INDEX ?= https://download.pytorch.org/whl/cu126
+# The build .venv has (one set up before this choice existed has the CPU one); none yet: empty.
+TORCH_BUILT := $(if $(wildcard $(VENV)/.installed),$(or $(shell cat $(VENV)/.torch 2>/dev/null),cpu))
+ifndef TORCH
+TORCH := $(or $(TORCH_BUILT),cpu)
+endif
+ifeq ($(TORCH),cpu)
+TORCH_INDEX := $(TORCH_CPU_INDEX)
+else ifeq ($(TORCH),cuda)
+TORCH_INDEX := $(TORCH_CUDA_INDEX)
+else
+$(error TORCH=$(TORCH): use TORCH=cpu or TORCH=cuda)
+endif
+# Set when .venv has the other build than the one asked for.
+TORCH_SWAP := $(if $(TORCH_BUILT),$(filter-out $(TORCH_BUILT),$(TORCH)))
 
-.PHONY: setup run test lint mutants mutation gpu-wheels
+.PHONY: setup run test lint mutants mutation gpu-wheels FORCE
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(if $(TORCH_SWAP),FORCE)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet --no-deps $(if $(TORCH_SWAP),--force-reinstall) \
+		--index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e ".[dev,notebooks]"
+	echo $(TORCH) > $(VENV)/.torch
 	touch $@
 
 setup: $(VENV)/.installed
+
+FORCE:
 
 run: setup
 	$(PY) experiments/run_svi.py --out runs/default
