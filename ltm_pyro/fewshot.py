@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ltm_pyro.errors import UsageError
-from ltm_pyro.files import write_text
+from .errors import UsageError
+from .files import write_text
 
 MAX_ITEMS = 200_000
 ARROW = ">"
