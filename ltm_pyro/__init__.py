@@ -9,21 +9,33 @@ Modules by layer (docs/design.md §3); a layer imports from itself, the ones abo
   ``diagnostics``, ``sample_quality``, ``fewshot``
 - runs and files: ``runner``, ``training_state``, ``comparisons``, ``checkpoint``, ``files``,
   ``data``, ``synthetic``, ``tokenizers``, ``report``, ``viz``, ``generate``, ``explore``
-  (``load_run``: encode, score, generate)
+  (``load_run``: encode, score, generate), ``posterior`` (fitted q as data), ``run_folder``
+- studies: ``studies`` (what an experiment computes; its script is only a command line)
 - plumbing: ``config`` (presets, recipes), ``cli``, ``commands`` (console scripts), ``errors``,
   ``modes``, ``distributed``, ``flops``
 """
 
-from .config import InferenceConfig, ModelConfig, RunConfig, TrainConfig, preset
-from .decoder import Decoder
-from .explore import TextPosterior, TrainedRun, load_run
-from .inference import fit_local_posterior
-from .model import LatentThoughtModel, LocalPosterior
-from .svi import DualRateSVI
+import importlib
 
-__all__ = [
-    "Decoder", "DualRateSVI", "InferenceConfig", "LatentThoughtModel", "LocalPosterior",
-    "ModelConfig", "RunConfig", "TextPosterior", "TrainConfig", "TrainedRun",
-    "fit_local_posterior", "load_run", "preset",
-]
+# Loaded on first use (PEP 562), so a command's --help never imports torch or Pyro.
+_EXPORTS = {
+    "Decoder": "decoder", "DualRateSVI": "svi", "InferenceConfig": "config",
+    "LatentThoughtModel": "model", "LocalPosterior": "model", "ModelConfig": "config",
+    "Posteriors": "posterior", "RunConfig": "config", "TextPosterior": "posterior",
+    "TrainConfig": "config", "TrainedRun": "explore", "fit_local_posterior": "inference",
+    "load_run": "explore", "preset": "config",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ltm_pyro' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
 __version__ = "0.1.0"

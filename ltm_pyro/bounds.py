@@ -162,6 +162,27 @@ class BoundTotals:
         return summary
 
 
+def per_byte(summary: dict, text_bytes: int) -> dict:
+    """The iwae bound in bits per UTF-8 byte of the scored text: comparable across
+    tokenizers and vocabularies, where perplexity per token is not."""
+    nats = math.log(summary["iwae_ppl"]) * summary["tokens"]
+    return {"text_bytes": text_bytes, "bits_per_byte": nats / (math.log(2) * text_bytes)}
+
+
+def combined_summary(parts: list[dict]) -> dict:
+    """Summaries of disjoint sets of windows as one: per-token figures weighted by tokens,
+    perplexities from the totals (what one call on all the windows would report)."""
+    tokens = sum(p["tokens"] for p in parts)
+    combined = {**parts[0], "tokens": tokens, "sequences": sum(p["sequences"] for p in parts)}
+    for key in ("nll_per_token", "kl_per_token", "elbo_per_token", "iwae_per_token",
+                "recon_nll_per_token"):
+        combined[key] = sum(p[key] * p["tokens"] for p in parts) / tokens
+    combined.update(elbo_ppl=math.exp(-combined["elbo_per_token"]),
+                    iwae_ppl=math.exp(-combined["iwae_per_token"]),
+                    recon_ppl=math.exp(combined["recon_nll_per_token"]))
+    return combined
+
+
 def prior_of(posterior: LocalPosterior | None) -> LocalPosterior | None:
     """N(0, I) in the shape of ``posterior``: the prior as importance proposal."""
     if posterior is None:

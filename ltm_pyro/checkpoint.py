@@ -32,6 +32,7 @@ from .decoder import Decoder
 from .errors import UsageError
 from .files import atomic_write
 from .model import LatentThoughtModel
+from .modes import resolve_device
 from .tokenizers import Tokenizer, tokenizer_from_dict
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -105,6 +106,7 @@ def load_checkpoint(location: Path, map_location: str | torch.device = "cpu") ->
     path = checkpoint_path(location)
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path}; pass a run folder written by run_svi.py")
+    map_location = resolve_device(str(map_location))  # a missing GPU is not a corrupt file
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:

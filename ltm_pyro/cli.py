@@ -1,4 +1,8 @@
-"""Shared command-line plumbing: argument checks and one-line errors instead of tracebacks."""
+"""Shared command-line plumbing: argument checks and one-line errors instead of tracebacks.
+
+Imports only the standard library, ``config`` and ``errors`` at module level, so a command's
+``--help`` answers without loading torch or Pyro (``tests/test_cli_help.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import pyro
-
-from .config import PRESETS, RECIPES, ModelConfig, RunConfig, apply_recipe, preset
-from .decoder import matched_ar_config
+from .config import PRESETS, RECIPES, TOKENIZERS, ModelConfig, RunConfig, apply_recipe, preset
 from .errors import UsageError
 from .files import written_files
-from .mdlm import mdlm_model_config
-from .svi import check_kl_cycles
-from .tokenizers import TOKENIZERS
 
 
 def _number(text: str, kind: type, accept: Callable[[float], bool], requirement: str):
@@ -121,8 +119,13 @@ def run_main(main: Callable[[], int | None]) -> None:
     notebooks keep Pyro's default (checks on).
     """
     try:
-        with pyro.validation_enabled(False):
-            status = main()
+        if {"-h", "--help"} & set(sys.argv[1:]):
+            status = main()  # argparse prints the help and exits: no Pyro (or torch) to load
+        else:
+            import pyro
+
+            with pyro.validation_enabled(False):
+                status = main()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -185,6 +188,23 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     _model_arguments(p.add_argument_group("model (unset: the preset's)"))
     _inference_arguments(p.add_argument_group("fast loop: fitting q(z|x) (unset: the recipe's)"))
     _training_arguments(p.add_argument_group("slow loop and run (unset: the preset's)"))
+    describe_preset_defaults(p)
+    p.epilog = "\n".join([*([p.epilog, ""] if p.epilog else []), "presets:",
+                          *(f"  {line}" for line in preset_lines()), "recipes:",
+                          "  honest: the preset as it is (the default)",
+                          "  released: the released code's inner loop (docs/recipes.md)"])
+
+
+def preset_lines() -> list[str]:
+    """One line a preset: its sizes and budget."""
+    lines = []
+    for name, config in PRESETS.items():
+        m, t = config.model, config.train
+        latents = f"{m.latents_per_layer} latents a layer of {_shown('latent_dim', m.latent_dim)}"
+        lines.append(f"{name}: d {m.d_model}, {m.n_layers} layers, context {m.context}, "
+                     f"window {_shown('window', m.window)}, {latents}; {t.max_steps} steps of "
+                     f"{t.batch_size} windows")
+    return lines
 
 
 def _data_arguments(g: argparse._ArgumentGroup) -> None:
@@ -212,11 +232,11 @@ def _model_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--latents-per-layer", type=positive_int,
                    help="latent thought vectors (slots) each block cross-attends to")
     g.add_argument("--latent-dim", type=positive_int,
-                   help="width of each latent vector (default: the model width, as released)")
+                   help="width of each latent vector")
     g.add_argument("--slot-roles", choices=("shared", "value", "key-value", "embedding"),
                    help="how cross-attention tells a layer's slots apart: shared projections "
                    "(as released), per-slot value or key and value projections, or a learned "
-                   "per-slot embedding added to z (default: the preset's, shared)")
+                   "per-slot embedding added to z")
 
 
 def _inference_arguments(g: argparse._ArgumentGroup) -> None:
@@ -273,17 +293,17 @@ def _training_arguments(g: argparse._ArgumentGroup) -> None:
                    " validation always uses the full weight, so reported numbers stay bounds)")
     g.add_argument("--kl-cycles", type=positive_int,
                    help="cyclical annealing: restart the KL warm-up at the start of each of "
-                   "this many equal cycles of --max-steps (default 1: one warm-up)")
+                   "this many equal cycles of --max-steps")
     g.add_argument("--word-dropout", type=rate_below_one,
                    help="in training only, zero each input word's embedding with this "
                    "probability (word dropout: the decoder must take those words from z; "
-                   "evaluation scores the intact text) (default 0)")
+                   "evaluation scores the intact text)")
     g.add_argument("--eval-every", type=positive_int, help="validate every this many steps")
     g.add_argument("--eval-windows", type=positive_int, help="validation windows scored")
     g.add_argument("--eval-prior-control", type=non_negative_int, metavar="K",
                    help="at each validation also score iwae_ppl and prior_iwae_ppl with K "
                    "importance draws from q and from the prior, and their ratio "
-                   "prior_control (> 0: the decoder uses z) (default 0: skip)")
+                   "prior_control (> 0: the decoder uses z), 0: skip")
     g.add_argument("--checkpoint-every", type=positive_int,
                    help="write the checkpoint every this many steps")
     g.add_argument("--keep-best", action="store_true",
@@ -291,69 +311,97 @@ def _training_arguments(g: argparse._ArgumentGroup) -> None:
                    "best.pt (early stopping; evaluate.py --checkpoint RUN/best.pt)")
     g.add_argument("--patience", type=non_negative_int, metavar="N",
                    help="stop once N validations in a row have not lowered the valid -ELBO "
-                   "(early stopping; with --keep-best score best.pt) (default 0: never)")
+                   "(early stopping; with --keep-best score best.pt), 0: never")
     g.add_argument("--max-bad-steps", type=positive_int,
-                   help="stop after this many non-finite steps in a row (default 10)")
+                   help="stop after this many non-finite steps in a row")
     g.add_argument("--seed", type=non_negative_int, help="seeds data order, noise and weights")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder and token NLL (worth it on GPUs)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
+# Each run flag that sets one config field as given: (argparse dest, section, field). The
+# preset (then the recipe) gives the field when the flag is unset, and --help says so.
+FLAG_FIELDS = (
+    ("bpe_vocab_size", "data", "bpe_vocab_size"), ("seq_len", "model", "context"),
+    ("d_model", "model", "d_model"), ("n_layers", "model", "n_layers"),
+    ("n_heads", "model", "n_heads"), ("latents_per_layer", "model", "latents_per_layer"),
+    ("latent_dim", "model", "latent_dim"), ("slot_roles", "model", "slot_roles"),
+    ("window", "model", "window"),
+    ("inference_steps", "inference", "steps"), ("fast_lr", "inference", "lr_max"),
+    ("init_log_var", "inference", "init_log_var"), ("noise", "inference", "noise"),
+    ("kl_weight", "inference", "kl_weight"),
+    ("init_log_var_jitter", "inference", "init_log_var_jitter"),
+    ("fast_schedule", "inference", "fast_schedule"),
+    ("fast_weight_decay", "inference", "weight_decay"),
+    ("inner_loss", "inference", "inner_loss"), ("free_bits", "inference", "free_bits"),
+    ("free_bits_group", "inference", "free_bits_group"),
+    ("init_loc_scale", "inference", "init_loc_scale"),
+    ("encoder_layers", "inference", "encoder_layers"),
+    ("encoder_lr", "inference", "encoder_lr"), ("encoder_loss", "inference", "encoder_loss"),
+    ("max_steps", "train", "max_steps"), ("batch_size", "train", "batch_size"),
+    ("slow_lr", "train", "lr"), ("warmup_steps", "train", "warmup_steps"),
+    ("decoder_grads", "train", "decoder_grads"),
+    ("kl_warmup_steps", "train", "kl_warmup_steps"), ("kl_cycles", "train", "kl_cycles"),
+    ("word_dropout", "train", "word_dropout"), ("eval_every", "train", "eval_every"),
+    ("eval_windows", "train", "eval_windows"),
+    ("eval_prior_control", "train", "eval_prior_control"),
+    ("checkpoint_every", "train", "checkpoint_every"), ("patience", "train", "patience"),
+    ("max_bad_steps", "train", "max_bad_steps"), ("seed", "train", "seed"),
+)
+
+
+def _shown(field: str, value: object) -> str:
+    if value is None:
+        return {"latent_dim": "the model width", "window": "full context"}.get(field, "none")
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def preset_defaults(section: str, field: str) -> str:
+    """What an unset flag becomes: its value in each preset (presets that agree grouped),
+    and the ``released`` recipe's where that recipe sets it."""
+    groups: dict[str, list[str]] = {}
+    for name, config in PRESETS.items():
+        groups.setdefault(_shown(field, getattr(getattr(config, section), field)), []).append(
+            name)
+    if len(groups) == 1:
+        text = f"default: {next(iter(groups))}"
+    else:
+        text = "from the preset: " + "; ".join(f"{', '.join(names)} {value}"
+                                                for value, names in groups.items())
+    released = RECIPES["released"].get(section, {})
+    if field in released:
+        text += f"; --recipe released: {_shown(field, released[field])}"
+    return text
+
+
+def describe_preset_defaults(p: argparse.ArgumentParser) -> None:
+    """Append to each run flag's help what it is when unset (``preset_defaults``)."""
+    fields = {dest: (section, field) for dest, section, field in FLAG_FIELDS}
+    for action in p._actions:
+        if action.dest in fields and action.default is None:
+            action.help = f"{action.help or ''} ({preset_defaults(*fields[action.dest])})"
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The preset, then the recipe, with every run flag the user gave applied on top."""
+    from .svi import check_kl_cycles
+
     config = apply_recipe(preset(args.preset), args.recipe)
     config.model_kind = args.model
-    model, inference, train_cfg, data = config.model, config.inference, config.train, config.data
-    data.path = args.data
-    data.tokenizer = args.tokenizer
-    overrides = [
-        (data, "bpe_vocab_size", args.bpe_vocab_size),
-        (model, "context", args.seq_len),
-        (model, "d_model", args.d_model),
-        (model, "n_layers", args.n_layers),
-        (model, "n_heads", args.n_heads),
-        (model, "latents_per_layer", args.latents_per_layer),
-        (model, "latent_dim", args.latent_dim),
-        (model, "slot_roles", args.slot_roles),
-        (inference, "steps", args.inference_steps),
-        (inference, "init_log_var", args.init_log_var),
-        (inference, "noise", args.noise),
-        (inference, "kl_weight", args.kl_weight),
-        (inference, "init_log_var_jitter", args.init_log_var_jitter),
-        (inference, "fast_schedule", args.fast_schedule),
-        (inference, "weight_decay", args.fast_weight_decay),
-        (inference, "inner_loss", args.inner_loss),
-        (inference, "free_bits", args.free_bits),
-        (inference, "free_bits_group", args.free_bits_group),
-        (inference, "init_loc_scale", args.init_loc_scale),
-        (inference, "encoder_layers", args.encoder_layers),
-        (inference, "encoder_lr", args.encoder_lr),
-        (inference, "encoder_loss", args.encoder_loss),
-        (train_cfg, "max_steps", args.max_steps),
-        (train_cfg, "batch_size", args.batch_size),
-        (train_cfg, "warmup_steps", args.warmup_steps),
-        (train_cfg, "decoder_grads", args.decoder_grads),
-        (train_cfg, "kl_warmup_steps", args.kl_warmup_steps),
-        (train_cfg, "kl_cycles", args.kl_cycles),
-        (train_cfg, "word_dropout", args.word_dropout),
-        (train_cfg, "eval_every", args.eval_every),
-        (train_cfg, "eval_windows", args.eval_windows),
-        (train_cfg, "eval_prior_control", args.eval_prior_control),
-        (train_cfg, "checkpoint_every", args.checkpoint_every),
-        (train_cfg, "patience", args.patience),
-        (train_cfg, "max_bad_steps", args.max_bad_steps),
-        (train_cfg, "seed", args.seed),
-    ]
-    for section, name, value in overrides:
+    config.data.path = args.data
+    config.data.tokenizer = args.tokenizer
+    for dest, section, field in FLAG_FIELDS:
+        value = getattr(args, dest)
         if value is not None:
-            setattr(section, name, value)
+            setattr(getattr(config, section), field, value)
+    model, inference, train_cfg = config.model, config.inference, config.train
     if args.window is not None:
         model.window = args.window or None
     if args.fast_lr is not None:
-        inference.lr_max, inference.lr_min = args.fast_lr, args.fast_lr / 10
+        inference.lr_min = args.fast_lr / 10
     if args.slow_lr is not None:
-        train_cfg.lr, train_cfg.min_lr = args.slow_lr, args.slow_lr / 10
+        train_cfg.min_lr = args.slow_lr / 10
     check_kl_cycles(train_cfg)  # refused at parse time, before any data is read
     train_cfg.device = args.device
     train_cfg.compile = args.compile
@@ -364,6 +412,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def _model_of_kind(args: argparse.Namespace, model: ModelConfig) -> ModelConfig:
     """The LTM's shape, or a baseline's made from it (``--model``, ``--match-params``)."""
+    from .decoder import matched_ar_config
+    from .mdlm import mdlm_model_config
+
     if args.match_params and args.model == "ltm":
         raise UsageError("--match-params applies to --model ar or mdlm only")
     if args.model == "ar":

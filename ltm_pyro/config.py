@@ -19,6 +19,7 @@ InnerLoss = Literal["per-token", "sum"]
 FreeBitsGroup = Literal["slot", "layer"]
 EncoderLoss = Literal["elbo", "fit"]
 SlotRoles = Literal["shared", "value", "key-value", "embedding"]
+TOKENIZERS = ("word", "char", "bpe")
 
 
 @dataclass

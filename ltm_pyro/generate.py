@@ -138,3 +138,31 @@ def sample_tokens(
             tokens = torch.cat([tokens, nxt], dim=1)
             pending = nxt
     return tokens
+
+
+@torch.no_grad()
+def continue_tokens(ltm: LatentThoughtModel, start: Tensor, new_tokens: int, z: Tensor | None,
+                    sampling: Sampling, generator: torch.Generator | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """``new_tokens`` tokens after ``start`` [B, P] with z fixed, past the context if asked:
+    once the window of context + 1 tokens is full, sampling goes on from its last half
+    (the decoder never sees more than its context). Returns the new ids [B, new] and each
+    one's log-probability under the model at temperature 1, unfiltered [B, new], in the
+    context it was drawn in."""
+    context = ltm.config.context
+    tokens, drawn, log_probs = start[:, -context:], [], []
+    while sum(chunk.shape[1] for chunk in drawn) < new_tokens:
+        prefix = tokens[:, -(context // 2):] if drawn else tokens
+        step = min(new_tokens - sum(chunk.shape[1] for chunk in drawn),
+                   context + 1 - prefix.shape[1])
+        window = sample_tokens(ltm, prefix, step, z, sampling.temperature, sampling.greedy,
+                               generator, sampling.top_k, sampling.top_p)
+        with evaluating(ltm.decoder):
+            logits = ltm.logits(window[:, :-1], z)[:, -step:].float()
+        chosen = window[:, -step:]
+        log_probs.append(torch.log_softmax(logits, -1).gather(-1, chosen[..., None])[..., 0])
+        drawn.append(chosen)
+        tokens = torch.cat([tokens, chosen], dim=1)
+    empty = start.new_zeros(start.shape[0], 0)
+    return (torch.cat(drawn, 1) if drawn else empty,
+            torch.cat(log_probs, 1) if log_probs else empty.float())

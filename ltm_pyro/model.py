@@ -44,7 +44,7 @@ def masked_token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
 class TokenSequence(dist.TorchDistribution):
     """Observed next tokens [B, T] given logits [B, T, V]; positions with mask 0 are ignored.
 
-    Only ``log_prob`` is needed for inference; sampling lives in generation code.
+    Only ``log_prob`` is needed for inference; an unobserved x is ``SampledTokens``.
     """
 
     arg_constraints = {}
@@ -66,6 +66,38 @@ class TokenSequence(dist.TorchDistribution):
     def expand(self, batch_shape, _instance=None):  # noqa: ANN001 - Pyro's signature
         if tuple(batch_shape) != tuple(self.batch_shape):
             raise NotImplementedError("TokenSequence cannot be broadcast to a new batch shape")
+        return self
+
+
+class SampledTokens(dist.TorchDistribution):
+    """Next tokens [B, T] drawn from the model itself, continuing each sequence's first token
+    given z: the likelihood when x is not observed, so ``pyro.infer.Predictive`` draws text.
+    ``log_prob`` scores a value under the same decoder and z, teacher-forced."""
+
+    arg_constraints = {}
+    support = constraints.nonnegative_integer
+    has_rsample = False
+
+    def __init__(self, ltm: LatentThoughtModel, z: Tensor | None, first: Tensor, length: int,
+                 validate_args: bool | None = None) -> None:
+        self.ltm, self.z, self.first, self.length = ltm, z, first, length
+        super().__init__(first.shape[:1], torch.Size([length]), validate_args=False)
+
+    def sample(self, sample_shape: tuple = ()) -> Tensor:
+        if tuple(sample_shape):
+            raise NotImplementedError("SampledTokens draws one sequence per row of the batch")
+        from .generate import sample_tokens  # generation builds on this module
+
+        return sample_tokens(self.ltm, self.first, self.length, self.z)[:, 1:]
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        inputs = torch.cat([self.first, value[:, :-1]], dim=1)
+        mask = torch.ones(value.shape, device=value.device)
+        return -self.ltm.token_nll(self.ltm.logits(inputs, self.z), value, mask)
+
+    def expand(self, batch_shape, _instance=None):  # noqa: ANN001 - Pyro's signature
+        if tuple(batch_shape) != tuple(self.batch_shape):
+            raise NotImplementedError("SampledTokens cannot be broadcast to a new batch shape")
         return self
 
 
@@ -181,15 +213,18 @@ class LatentThoughtModel:
     def model(
         self,
         tokens: Tensor,
-        mask: Tensor,
+        mask: Tensor | None,
         local: LocalPosterior | None = None,
         noise: Tensor | None = None,
         kl_weight: float = 1.0,
     ) -> None:
         """p(x, z): tokens [B, T+1] (inputs and next-token targets), mask [B, T] over targets.
 
-        ``local`` and ``noise`` belong to the guide; Pyro hands both functions the same
-        arguments, so the model accepts and ignores them.
+        ``mask=None`` leaves x unobserved: it is drawn from the model (``SampledTokens``),
+        continuing each sequence's first token for T tokens, so ``pyro.infer.Predictive``
+        draws text (the prior predictive; with the guide and a fitted ``local``, the
+        posterior predictive). ``local`` and ``noise`` belong to the guide; Pyro hands both
+        functions the same arguments, so the model accepts and ignores them.
         """
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         with pyro.plate("sequences", tokens.shape[0]):
@@ -197,13 +232,16 @@ class LatentThoughtModel:
             if self.has_latents:
                 with poutine.scale(scale=kl_weight):
                     z = pyro.sample("z", self.prior(tokens.shape[0], tokens.device))
+            if mask is None:
+                pyro.sample("x", SampledTokens(self, z, tokens[:, :1], targets.shape[1]))
+                return
             logits = self.logits(inputs, z)
             pyro.sample("x", TokenSequence(logits, mask, token_nll=self.token_nll), obs=targets)
 
     def guide(
         self,
         tokens: Tensor,
-        mask: Tensor,
+        mask: Tensor | None,
         local: LocalPosterior | None = None,
         noise: Tensor | None = None,
         kl_weight: float = 1.0,

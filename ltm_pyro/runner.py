@@ -48,6 +48,7 @@ from .files import (
 from .mdlm import MaskedDiffusionTrainer, validation_record
 from .model import LatentThoughtModel
 from .modes import resolve_device
+from .run_folder import TOKENIZER_NAME, with_absolute_data_path, write_tokenizer
 from .svi import DualRateSVI, StepStats
 from .tokenizers import tokenizer_from_dict
 from .training_state import LogWindow, TrainingState
@@ -66,17 +67,37 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _comparable(config: dict) -> dict:
-    """The parts of a config that must match to resume (vocab size comes from the data).
-    Fields added to the config since a checkpoint was written take their defaults."""
-    config = RunConfig.from_dict(config).to_dict()
-    model = {k: v for k, v in config["model"].items() if k != "vocab_size"}
-    return {**config, "model": model}
+# Fields a resumed run may change: how long it trains (a finished or stopped run is extended
+# by raising max_steps; the slow cosine is then recomputed over the new length from the step
+# reached, so the learning rate steps up to where a run planned that long would be) and when
+# early stopping ends it. Everything else decides what the steps compute and must match.
+EXTENDABLE = (("train", "max_steps"), ("train", "patience"))
+
+
+def _comparable(config: dict) -> dict[str, object]:
+    """The fields of a config that must match to resume, flattened to "section.field" (vocab
+    size comes from the data). Fields added to the config since a checkpoint was written take
+    their defaults; a corpus path written relative (before run folders recorded it absolute)
+    is read from here."""
+    config = with_absolute_data_path(RunConfig.from_dict(config)).to_dict()
+    flat = {}
+    for section, value in config.items():
+        for key, item in (value.items() if isinstance(value, dict) else [("", value)]):
+            if (section, key) not in EXTENDABLE and (section, key) != ("model", "vocab_size"):
+                flat[f"{section}.{key}" if key else section] = item
+    return flat
+
+
+def config_differences(payload: dict, config: RunConfig) -> list[str]:
+    """Each field that differs between a checkpoint's run and ``config``, with both values."""
+    saved, asked = _comparable(payload["config"]), _comparable(config.to_dict())
+    return [f"{key} is {saved.get(key)!r} in the folder, {asked.get(key)!r} now"
+            for key in sorted(saved.keys() | asked.keys()) if saved.get(key) != asked.get(key)]
 
 
 def _same_run(payload: dict, config: RunConfig) -> bool:
     """Whether a checkpoint was written by a run of ``config`` (so it may be resumed)."""
-    return _comparable(payload["config"]) == _comparable(config.to_dict())
+    return not config_differences(payload, config)
 
 
 def validations_since_best(records: list[dict]) -> int:
@@ -152,10 +173,12 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
     if _same_run(payload, config):
         return payload
     if not force:
+        differences = config_differences(payload, config)
         raise UsageError(
-            f"{out} holds a run with a different config; pass --force to start over there, "
-            "or choose another --out"
-        )
+            f"{out} holds a run with a different config ({'; '.join(differences[:3])}"
+            f"{'; ...' if len(differences) > 3 else ''}); only --max-steps and --patience may "
+            "change on resume: pass the folder's values, --force to start over there, or "
+            "another --out")
     checkpoint_path(out).unlink()
     (out / METRICS_NAME).unlink(missing_ok=True)
     (out / BEST_NAME).unlink(missing_ok=True)
@@ -291,6 +314,7 @@ class TrainingRun:
             rewrite_jsonl(out / METRICS_NAME, self.records)
         elif shard.is_main:
             rewrite_jsonl(out / METRICS_NAME, [])  # a run killed before its first checkpoint
+        if shard.is_main:  # also on resume: an extended run records its new length
             write_json(out / CONFIG_NAME, {
                 **config.to_dict(),
                 "corpus": {"name": corpus.name, "references": corpus.references,
@@ -416,10 +440,13 @@ class TrainingRun:
 
 def _train(config: RunConfig, out: Path, force: bool, progress: bool, shard: Shard,
            device: torch.device) -> dict:
+    config = with_absolute_data_path(config)
     resume = _resume_point(out, config, force, shard)
     tokenizer = tokenizer_from_dict(resume["tokenizer"]) if resume else None
     corpus = load_corpus(config.data, config.model.context, tokenizer)
     config.model.vocab_size = corpus.tokenizer.vocab_size
+    if shard.is_main and not (out / TOKENIZER_NAME).exists():
+        write_tokenizer(out, corpus.tokenizer)
     state = _build_state(config, shard, device, resume)
     run = TrainingRun(config, out, corpus, state, shard, device, resumed=resume is not None)
     with pyro.validation_enabled(config.train.validate), warnings.catch_warnings():

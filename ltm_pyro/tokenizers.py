@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from .config import TOKENIZERS
+
 UNK = "<unk>"
 EOS = "<eos>"
 
@@ -176,7 +178,6 @@ class BPETokenizer:
         return {"kind": self.kind, "serialized": json.loads(self.serialized)}
 
 
-TOKENIZERS = ("word", "char", "bpe")
 
 
 def fit_tokenizer(kind: str, text: str, bpe_vocab_size: int) -> Tokenizer:
@@ -208,6 +209,9 @@ def known_token_count(tokenizer: Tokenizer, ids: torch.Tensor) -> int:
     if not excluded:
         return ids.numel()
     return int((~torch.isin(ids, torch.tensor(excluded))).sum())
+
+
+UNK_WARNING = 0.05  # above this share of <unk> among scored tokens, the scorers warn
 
 
 def unk_rate(tokenizer: Tokenizer, ids: torch.Tensor) -> float:

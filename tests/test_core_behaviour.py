@@ -8,6 +8,7 @@ through (issue 20); the docstrings name the change each one catches.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import signal
@@ -376,6 +377,20 @@ def test_patience_stops_the_run_and_a_rerun_trains_no_further(tmp_path, monkeypa
     runner.train(config, out, progress=False)
     assert load_checkpoint(out)["step"] == 4 and _records(out) == before
     assert not runner.finished_run(out, _tiny_run(eval_every=1, checkpoint_every=6, patience=3))
+
+
+def test_raising_max_steps_extends_a_run_and_any_other_change_is_named(tmp_path):
+    """Catches: a finished run that cannot be extended (issue 39), an extension that starts
+    over or repeats steps, config.json left at the old length, and a refusal that does not
+    say which field differs."""
+    out = tmp_path / "run"
+    runner.train(_tiny_run(max_steps=3), out, progress=False)
+    runner.train(_tiny_run(max_steps=6), out, progress=False)
+    assert load_checkpoint(out)["step"] == 6
+    assert [r["step"] for r in _records(out) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((out / runner.CONFIG_NAME).read_text())["train"]["max_steps"] == 6
+    with pytest.raises(runner.UsageError, match=r"train\.lr is 0\.003 in the folder, 0\.01 now"):
+        runner.train(_tiny_run(max_steps=8, lr=1e-2), out, progress=False)
 
 
 def test_finished_run_is_only_the_same_config_at_its_last_step(tmp_path):

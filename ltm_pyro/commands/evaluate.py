@@ -22,14 +22,14 @@ standard errors from --bound-samples draws a window (a warning when above 0.5%).
 
 from __future__ import annotations
 
-import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..bounds import evaluate_windows
-from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..bounds import evaluate_windows, per_byte
+from ..checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from ..cli import (
     OneLineParser,
     add_scoring_arguments,
@@ -45,9 +45,9 @@ from ..files import write_json
 from ..mdlm import evaluate_bound
 from ..modes import resolve_device
 from ..report import markdown_table
-from ..tokenizers import known_token_count, unk_rate
+from ..run_folder import corpus_path, read_tokenizer
+from ..tokenizers import UNK_WARNING, known_token_count, unk_rate
 
-UNK_WARNING = 0.05  # above this share of <unk> among scored tokens, say so on stderr
 MDLM_STDERR_WARNING = 0.005  # above this relative stderr of an MDLM's bound, say so
 
 METRICS = ["tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl",
@@ -80,9 +80,10 @@ def parser() -> OneLineParser:
 def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
     device = resolve_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
-    ltm, config, tokenizer = model_from_checkpoint(payload, device)
-    data = config.data if args.data is None else DataConfig(path=args.data,
-                                                            tokenizer=tokenizer.kind)
+    ltm, config, _ = model_from_checkpoint(payload, device)
+    tokenizer = read_tokenizer(checkpoint_path(args.checkpoint).parent, payload)
+    data = replace(config.data, path=corpus_path(config)) if args.data is None else DataConfig(
+        path=args.data, tokenizer=tokenizer.kind)
     corpus = load_corpus(data, config.model.context, tokenizer)
     windows = select_windows(corpus.windows[args.split], args.max_windows, args.sample_windows,
                              args.sample_seed)
@@ -129,13 +130,6 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
         "references": corpus.references,
         "seed": args.seed,
     }
-
-
-def per_byte(summary: dict, text_bytes: int) -> dict:
-    """The iwae bound in bits per UTF-8 byte of the scored text: comparable across
-    tokenizers and vocabularies, where perplexity per token is not."""
-    nats = math.log(summary["iwae_ppl"]) * summary["tokens"]
-    return {"text_bytes": text_bytes, "bits_per_byte": nats / (math.log(2) * text_bytes)}
 
 
 def mdlm_bound(decoder, windows, args, device, bar) -> dict:  # noqa: ANN001

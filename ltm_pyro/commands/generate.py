@@ -13,11 +13,12 @@ An MDLM checkpoint samples its whole window by ancestral sampling in --denoising
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from ..cli import (
     OneLineParser,
     non_negative_int,
@@ -32,12 +33,13 @@ from ..errors import UsageError
 from ..files import write_json
 from ..generate import (
     Sampling,
+    continue_tokens,
     posterior_latents,
     prior_latents,
-    sample_tokens,
 )
 from ..mdlm import sample_window
 from ..modes import resolve_device
+from ..run_folder import read_tokenizer, start_token
 from ..tokenizers import encode_prompt, known_token_count
 
 
@@ -74,11 +76,26 @@ def prompt_text(args) -> str | None:  # noqa: ANN001 - argparse.Namespace
     return args.prompt_file.read_text(encoding="utf-8")
 
 
+def unprompted_start(config, tokenizer, count: int, seed: int) -> tuple[torch.Tensor, str]:  # noqa: ANN001
+    """Where samples without a prompt start, and how to say so: the first tokens of random
+    validation windows while the training corpus is at hand, else the end-of-line token."""
+    path = config.data.path
+    if path is not None and not Path(path).exists():
+        print(f"note: the training corpus {path} is not there any more; samples start after "
+              "the end-of-line token", file=sys.stderr)
+        return torch.full((count, 1), start_token(tokenizer)), "end-of-line token"
+    corpus = load_corpus(config.data, config.model.context, tokenizer)
+    pick = torch.randperm(len(corpus.windows["valid"]),
+                          generator=torch.Generator().manual_seed(seed))[:count]
+    return corpus.windows["valid"][pick, :1], "first token of validation windows"
+
+
 def main() -> int:
     args = parser().parse_args()
     device = resolve_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
-    ltm, config, tokenizer = model_from_checkpoint(payload, device)
+    ltm, config, _ = model_from_checkpoint(payload, device)
+    tokenizer = read_tokenizer(checkpoint_path(args.checkpoint).parent, payload)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     text = prompt_text(args)
     if text is not None:
@@ -91,21 +108,18 @@ def main() -> int:
         z = posterior_latents(ltm, prompt, config.inference, args.inference_steps, generator)
         start = "prompt"
     else:
-        corpus = load_corpus(config.data, config.model.context, tokenizer)
-        pick = torch.randperm(len(corpus.windows["valid"]), generator=torch.Generator()
-                              .manual_seed(args.seed))[: args.num_samples]
-        prompt = corpus.windows["valid"][pick, :1].to(device)
+        prompt, start = unprompted_start(config, tokenizer, args.num_samples, args.seed)
+        prompt = prompt.to(device)
         z = prior_latents(ltm, len(prompt), args.prior_scale, generator, device)
-        start = "first token of validation windows"
-    new_tokens = min(args.max_new_tokens, config.model.context + 1 - prompt.shape[1])
-    if config.model_kind == "mdlm":
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.greedy)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.greedy)
+    if config.model_kind == "mdlm":  # one window: it denoises the context at once
+        new_tokens = min(args.max_new_tokens, config.model.context + 1 - prompt.shape[1])
         window = sample_window(ltm.decoder, prompt, args.denoising_steps or config.model.context,
                                generator, sampling)
         tokens = window[:, :prompt.shape[1] + new_tokens]
-    else:
-        tokens = sample_tokens(ltm, prompt, new_tokens, z, args.temperature, args.greedy,
-                               generator, args.top_k, args.top_p)
+    else:  # past the context by a sliding window, z fixed
+        new, _ = continue_tokens(ltm, prompt, args.max_new_tokens, z, sampling, generator)
+        tokens = torch.cat([prompt, new], dim=1)
     samples = [tokenizer.decode(row[prompt.shape[1]:].tolist()) for row in tokens.cpu()]
     for i, sample in enumerate(samples):
         head = tokenizer.decode(prompt[i].tolist()) if text is None else text

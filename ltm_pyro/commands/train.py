@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 
 from ..cli import OneLineParser, add_run_arguments, config_from_args, run_main
-from ..distributed import shard_from_environment
-from ..runner import Interrupted, train
 
 
 def parser() -> OneLineParser:
@@ -31,6 +29,9 @@ def parser() -> OneLineParser:
 
 def main() -> int:
     args = parser().parse_args()
+    from ..distributed import shard_from_environment  # torch: loaded after --help has answered
+    from ..runner import Interrupted, train
+
     config = config_from_args(args)
     try:
         final = train(config, args.out, force=args.force, progress=not args.no_progress)

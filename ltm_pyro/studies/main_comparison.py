@@ -7,8 +7,8 @@ same command resumes a study that was stopped:
 - ``tune``: every family at every slow learning rate for one epoch (seed 0), scored on the
   whole valid split by iwae_ppl at T_eval 4 (the ablation fitted like the LTM).
 - ``train``: each family at its chosen rate and each seed, for at most ``max_epochs`` epochs,
-  stopped once ``patience`` validations of the whole valid split have not lowered its -ELBO;
-  ``best.pt`` keeps the weights that are scored.
+  validated on the whole valid split once an epoch and stopped once ``patience`` validations
+  in a row have not lowered its -ELBO; ``best.pt`` keeps the weights that are scored.
 - ``score``: each finished run (``score_run``), from ``best.pt``.
 - ``report``: ``main_comparison_report`` (tables, intervals over windows and over seeds,
   curves).
@@ -56,7 +56,7 @@ class Study:
     epoch_steps: int = 454  # PTB's 7,262 train windows of 128 tokens, 16 a step
     max_epochs: int = 10
     patience: int = 2
-    eval_every: int = 227  # half an epoch
+    eval_every: int = 454  # long runs validate once an epoch (the whole valid split)
     train_steps: int = 4  # T of the LTM's training fits
     iw_samples: int = 64  # K for q and for the prior alike
     eval_steps: tuple[int, ...] = (4, 16, 64)  # T_eval, chosen on valid
@@ -78,7 +78,8 @@ class Study:
         name = f"{family}@lr{lr}"
         run, out = self.runs / "tune" / name, self.results / "tuning" / f"{name}.json"
         train = [python, "experiments/run_svi.py", *self.model_flags(), *FAMILY_FLAGS[family],
-                 "--max-steps", str(self.epoch_steps), "--eval-every", str(self.eval_every),
+                 "--max-steps", str(self.epoch_steps),
+                 "--eval-every", str(self.epoch_steps // 2),  # at half and the whole epoch
                  "--seed", "0", "--slow-lr", lr, "--out", str(run)]
         steps = ["--inference-steps", str(self.train_steps)] if family in LATENT_FAMILIES else []
         score = [python, "experiments/evaluate.py", "--checkpoint", str(run), "--split", "valid",
