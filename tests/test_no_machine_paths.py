@@ -42,20 +42,6 @@ ALLOWED = {
         "installs there: a path it chooses on any machine, not one this machine had",
 }
 
-# Found when this test was written, in files its author does not own: to be fixed (written
-# relative to the repository root, or replaced by a placeholder), then removed from here.
-TO_BE_FIXED = {
-    ("docs/latent-diagnostics.md", "/tmp/diag-run"):
-        "an example run folder in a command; runs/diag-run would do",
-    ("experiments/results/recipes/tiny-schedule-weight-decay.json", "/work/main"):
-        "the recorded script starts with a cd into this machine's checkout",
-    ("experiments/results/speed/cpu-before-rope.json", "/tmp/before"):
-        "the recorded command made a scratch worktree in this machine's /tmp",
-    ("experiments/results/speed/training-plan-*.json", "/tmp/speed-"):
-        "the recorded command wrote its JSON to this machine's /tmp before it was copied here",
-}
-
-
 def text_files() -> list[str]:
     try:
         listing = subprocess.run(
@@ -94,7 +80,7 @@ def file_lines(name: str) -> list[tuple[str, str]]:
 
 
 def exemption(name: str, found: str) -> tuple[str, str] | None:
-    for key in (*ALLOWED, *TO_BE_FIXED):
+    for key in ALLOWED:
         pattern, prefix = key
         if fnmatch.fnmatch(name, pattern) and found.startswith(prefix):
             return key
@@ -117,7 +103,7 @@ def test_no_text_file_holds_an_absolute_path_of_this_machine():
     assert not problems, (
         "absolute paths of one machine; write them relative to the repository root:\n"
         + "\n".join(problems))
-    stale = sorted((set(ALLOWED) | set(TO_BE_FIXED)) - used)
+    stale = sorted(set(ALLOWED) - used)
     assert not stale, f"exemptions that no longer match anything; remove them: {stale}"
 
 
