@@ -25,6 +25,7 @@ from .checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from .config import RunConfig
 from .data import Corpus, load_corpus, to_windows
 from .errors import UsageError
+from .files import read_jsonl
 from .generate import (
     Sampling,
     continue_tokens,
@@ -53,8 +54,12 @@ class TrainedRun:
 
     def __repr__(self) -> str:
         corpus = Path(self.config.data.path).name if self.config.data.path else "built-in"
+        valid = [r for r in read_jsonl(self.folder / "metrics.jsonl") if r["split"] == "valid"] if (
+            (self.folder / "metrics.jsonl").exists()) else []
+        bound = f", valid -ELBO {valid[-1]['neg_elbo']:.3f} nats/token" if valid else ""
         return (f"TrainedRun({str(self.folder)!r}: {self.config.model_kind}, preset "
-                f"{self.config.preset}, corpus {corpus}, {self.config.train.max_steps} steps)")
+                f"{self.config.preset}, {self.ltm.decoder.num_parameters():,} parameters, "
+                f"corpus {corpus}, {self.config.train.max_steps} steps{bound})")
 
     def splits(self, data: str | Path | None = None) -> Corpus:
         """The corpus' windows by split, tokenized as in training: the run's own corpus, or

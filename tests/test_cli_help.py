@@ -6,14 +6,18 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from ltm_pyro.cli import FLAG_FIELDS, preset_defaults
 from ltm_pyro.commands.train import parser
 
 
-def test_help_loads_neither_torch_nor_pyro():
-    """Catches: a module-level import of torch or Pyro on the way to the parser (--help then
-    takes seconds), through ltm_pyro's package exports, cli or the train command."""
-    code = ("import sys\nfrom ltm_pyro.commands.train import parser\nparser().format_help()\n"
+@pytest.mark.parametrize("command", ["train", "evaluate", "generate", "sweep", "prior_control"])
+def test_help_loads_neither_torch_nor_pyro(command):
+    """Catches: a module-level import of torch or Pyro on the way to a command's parser
+    (--help then takes seconds), through ltm_pyro's package exports, cli or the command."""
+    code = (f"import sys\nfrom ltm_pyro.commands.{command} import parser\n"
+            "parser().format_help()\n"
             "print(sorted(m for m in ('torch', 'pyro', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -135,11 +135,12 @@ def test_generate_returns_what_was_asked_past_the_context_with_ids_and_log_probs
     longer than the context giving one token, a negative length giving '' silently, and
     log-probabilities that are not the decoder's for the tokens drawn."""
     context = run.config.model.context
-    long = run.generate(run.prior(seed=1), max_new_tokens=5 * context, details=True, seed=2)
-    assert long.ids.shape == (1, 5 * context) and long.log_probs.shape == long.ids.shape
+    long = run.generate(run.prior(seed=1), max_new_tokens=1000, details=True, seed=2)
+    assert long.ids.shape == (1, 1000) and long.log_probs.shape == long.ids.shape
     assert torch.all(long.log_probs <= 0) and torch.all(torch.isfinite(long.log_probs))
-    prompt = run.tokenizer.decode(run.splits().windows["valid"][0].tolist())
+    prompt = run.tokenizer.decode(run.splits().windows["valid"][:3].flatten().tolist())
     assert len(run.generate(prompt=prompt, max_new_tokens=7, details=True).ids[0]) == 7
+    assert len(run.tokenizer.encode(prompt)) > context + 1  # a prompt longer than the context
     with pytest.raises(UsageError, match="max_new_tokens must be 0 or more"):
         run.generate(max_new_tokens=-5)
     assert run.generate(max_new_tokens=0) == ""
@@ -157,3 +158,16 @@ def test_generate_returns_what_was_asked_past_the_context_with_ids_and_log_probs
         run.ltm.logits(torch.cat([start[:1], greedy.ids], 1)[:, :-1], z), -1).max(-1).values,
         atol=1e-5)
     assert isinstance(run.generate(z, max_new_tokens=3, num_samples=2), list)
+
+
+def test_the_inputs_quoted_in_issue_39(run):
+    """Catches a return of each failure the issue quotes: "rako" crashing inside Pyro with
+    NaN, unknown words scored silently, and a list of texts not encodable."""
+    with pytest.raises(UsageError, match="at least two"):
+        run.score("rako")
+    scores = run.score("rako vuba tibi", seed=3, steps=1, iw_samples=4, elbo_samples=2)
+    assert math.isfinite(scores["iwae_ppl"]) and scores["tokens"] == 2  # after the first word
+    with pytest.warns(UserWarning, match="<unk>"):
+        mixed = run.score("rako qqqq vuba zzzz", steps=1, iw_samples=4, elbo_samples=2)
+    assert mixed["unk_rate"] == pytest.approx(2 / 3)  # of the three predicted words
+    assert len(run.encode(["rako vuba tibi", "vuba tibi rako"], steps=1)) == 2

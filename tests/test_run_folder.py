@@ -59,7 +59,8 @@ def test_a_moved_run_loads_scores_encodes_and_generates_anywhere(moved_run, tmp_
     assert run.score(LINE, iw_samples=2)["iwae_ppl"] > 1
     assert run.encode(LINE, steps=1).kl() >= 0
     assert isinstance(run.generate(max_new_tokens=3), str)
-    assert repr(run).startswith("TrainedRun(") and len(repr(run)) < 200
+    assert repr(run).startswith("TrainedRun(") and "valid -ELBO" in repr(run)
+    assert len(repr(run)) < 250
     with pytest.raises(UsageError, match="not there any more; pass --data"):
         run.splits()
     other = tmp_path / "other.txt"
@@ -107,3 +108,16 @@ def test_a_missing_gpu_is_not_called_a_corrupt_checkpoint(moved_run):
     with pytest.raises(UsageError, match="no CUDA GPU") as raised:
         ltm_pyro.load_run(moved_run, device="cuda")
     assert "corrupt" not in str(raised.value)
+
+
+def test_ltm_generate_on_a_moved_run_starts_after_the_end_of_line_token(moved_run, tmp_path,
+                                                                       monkeypatch, capsys):
+    """Catches: ltm-generate without a prompt failing once the training corpus is gone (it
+    read the first token of random validation windows from it)."""
+    generate = load_script("generate")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["generate.py", "--checkpoint", str(moved_run),
+                                      "--max-new-tokens", "20", "--num-samples", "2"])
+    assert generate.main() in (0, None)
+    out, err = capsys.readouterr()
+    assert "not there any more" in err and out.count("--- sample") == 2

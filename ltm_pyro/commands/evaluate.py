@@ -26,10 +26,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from ..bounds import evaluate_windows, per_byte
-from ..checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from ..cli import (
     OneLineParser,
     add_scoring_arguments,
@@ -39,14 +35,7 @@ from ..cli import (
     run_main,
 )
 from ..config import DataConfig
-from ..data import describe_selection, load_corpus, select_windows
 from ..errors import UsageError
-from ..files import write_json
-from ..mdlm import evaluate_bound
-from ..modes import resolve_device
-from ..report import markdown_table
-from ..run_folder import corpus_path, read_tokenizer
-from ..tokenizers import UNK_WARNING, known_token_count, unk_rate
 
 MDLM_STDERR_WARNING = 0.005  # above this relative stderr of an MDLM's bound, say so
 
@@ -78,6 +67,16 @@ def parser() -> OneLineParser:
 
 
 def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
+    # torch and the library load here, not at import: --help answers without them.
+    from tqdm.auto import tqdm
+
+    from ..bounds import evaluate_windows, per_byte
+    from ..checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+    from ..data import describe_selection, load_corpus, select_windows
+    from ..modes import resolve_device
+    from ..run_folder import corpus_path, read_tokenizer
+    from ..tokenizers import UNK_WARNING, known_token_count, unk_rate
+
     device = resolve_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
     ltm, config, _ = model_from_checkpoint(payload, device)
@@ -135,6 +134,7 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
 def mdlm_bound(decoder, windows, args, device, bar) -> dict:  # noqa: ANN001
     """An MDLM's NELBO bound with its standard error; a warning when the error is above
     MDLM_STDERR_WARNING of the perplexity (more --bound-samples, or windows, lower it)."""
+    from ..mdlm import evaluate_bound
 
     def progress(sequences: int, nelbo_per_token: float) -> None:
         bar.update(sequences - bar.n)
@@ -152,7 +152,10 @@ def mdlm_bound(decoder, windows, args, device, bar) -> dict:  # noqa: ANN001
 
 
 def main() -> int:
-    args = parser().parse_args()
+    args = parser().parse_args()  # before torch and the library load: --help needs neither
+    from ..files import write_json
+    from ..report import markdown_table
+
     results = evaluate(args)
     print(markdown_table([results], ["split", "inference_steps", "iw_samples", "unk_rate",
                                       *METRICS]))

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from ..cli import (
     OneLineParser,
     non_negative_int,
@@ -28,19 +26,10 @@ from ..cli import (
     run_main,
     settings,
 )
-from ..data import load_corpus
 from ..errors import UsageError
-from ..files import write_json
-from ..generate import (
-    Sampling,
-    continue_tokens,
-    posterior_latents,
-    prior_latents,
-)
-from ..mdlm import sample_window
-from ..modes import resolve_device
-from ..run_folder import read_tokenizer, start_token
-from ..tokenizers import encode_prompt, known_token_count
+
+if TYPE_CHECKING:
+    import torch
 
 
 def parser() -> OneLineParser:
@@ -79,6 +68,11 @@ def prompt_text(args) -> str | None:  # noqa: ANN001 - argparse.Namespace
 def unprompted_start(config, tokenizer, count: int, seed: int) -> tuple[torch.Tensor, str]:  # noqa: ANN001
     """Where samples without a prompt start, and how to say so: the first tokens of random
     validation windows while the training corpus is at hand, else the end-of-line token."""
+    import torch
+
+    from ..data import load_corpus
+    from ..run_folder import start_token
+
     path = config.data.path
     if path is not None and not Path(path).exists():
         print(f"note: the training corpus {path} is not there any more; samples start after "
@@ -91,7 +85,17 @@ def unprompted_start(config, tokenizer, count: int, seed: int) -> tuple[torch.Te
 
 
 def main() -> int:
-    args = parser().parse_args()
+    args = parser().parse_args()  # before torch and the library load: --help needs neither
+    import torch
+
+    from ..checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+    from ..files import write_json
+    from ..generate import Sampling, continue_tokens, posterior_latents, prior_latents
+    from ..mdlm import sample_window
+    from ..modes import resolve_device
+    from ..run_folder import read_tokenizer
+    from ..tokenizers import encode_prompt, known_token_count
+
     device = resolve_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
     ltm, config, _ = model_from_checkpoint(payload, device)

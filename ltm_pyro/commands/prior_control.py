@@ -16,10 +16,8 @@ says the decoder reads z. `python experiments/replot.py OUT.json` redraws OUT.pn
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
-
-from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..cli import (
     OneLineParser,
     add_checkpoint_output_arguments,
@@ -29,12 +27,10 @@ from ..cli import (
     positive_int,
     run_main,
 )
-from ..data import describe_selection, load_corpus, select_windows
 from ..errors import UsageError
-from ..modes import resolve_device
-from ..proposal_curve import proposal_curve
-from ..report import markdown_table, write_results
-from ..viz import bounds_against_draws, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLUMNS = ["samples", "iwae_ppl", "prior_iwae_ppl", "prior_control", "gap_nats_per_window"]
 INFORMATION_KEYS = ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
@@ -59,6 +55,8 @@ def parser() -> OneLineParser:
 
 def figure(results: dict) -> Figure:
     """The curve's figure from its results (OUT.json)."""
+    from ..viz import bounds_against_draws
+
     return bounds_against_draws(
         results["rows"], results.get("information"),
         f"{results.get('corpus', 'corpus')}: IWAE against K ({results.get('windows', '?')} "
@@ -66,7 +64,14 @@ def figure(results: dict) -> Figure:
 
 
 def main() -> int:
-    args = parser().parse_args()
+    args = parser().parse_args()  # before torch and the library load: --help needs neither
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..data import describe_selection, load_corpus, select_windows
+    from ..modes import resolve_device
+    from ..proposal_curve import proposal_curve
+    from ..report import markdown_table, write_results
+    from ..viz import save_figure
+
     if 0 in args.samples:
         raise UsageError("--samples: every K must be at least 1 draw, e.g. 1,4,16,64")
     device = resolve_device(args.device)

@@ -18,11 +18,8 @@ instead of the first windows, which are the split's first few documents.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
-
-from ..bounds import evaluate_windows
-from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..cli import (
     OneLineParser,
     add_checkpoint_output_arguments,
@@ -31,11 +28,10 @@ from ..cli import (
     int_list,
     run_main,
 )
-from ..data import describe_selection, load_corpus, select_windows
 from ..errors import UsageError
-from ..modes import resolve_device
-from ..report import markdown_table, write_results
-from ..viz import bounds_against_steps, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLUMNS = ["inference_steps", "tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl",
            "prior_iwae_ppl", "recon_ppl", "kl_per_window", "mutual_info_per_window",
@@ -61,6 +57,8 @@ def parser() -> OneLineParser:
 
 def figure(results: dict) -> Figure:
     """The sweep's figure from its results (OUT.json): references of the swept split."""
+    from ..viz import bounds_against_steps
+
     corpus = results.get("corpus", "corpus")
     return bounds_against_steps(
         results["rows"], results.get("references"), results.get("split", "valid"),
@@ -70,7 +68,14 @@ def figure(results: dict) -> Figure:
 
 
 def main() -> int:
-    args = parser().parse_args()
+    args = parser().parse_args()  # before torch and the library load: --help needs neither
+    from ..bounds import evaluate_windows
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..data import describe_selection, load_corpus, select_windows
+    from ..modes import resolve_device
+    from ..report import markdown_table, write_results
+    from ..viz import save_figure
+
     device = resolve_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
     ltm, config, tokenizer = model_from_checkpoint(payload, device)
