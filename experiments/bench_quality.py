@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from ltm_pyro.bounds import evaluate_windows  # noqa: E402
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows  # noqa: E402
 from ltm_pyro.checkpoint import BEST_NAME, load_checkpoint, model_from_checkpoint  # noqa: E402
 from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
@@ -350,11 +350,14 @@ def score(bench: Bench, name: str, ltm, trained: RunConfig, split: str, steps: i
     if trained.model_kind == "mdlm":
         return evaluate_bound(ltm.decoder, bench.windows(split), args.bound_samples, batch,
                               seed, device)
-    return evaluate_windows(
-        ltm, bench.windows(split), eval_inference(name, steps, trained, bench.base),
-        steps=steps, batch_size=batch, elbo_samples=args.elbo_samples,
-        iw_samples=args.iw_samples, seed=seed, device=device, latent_stats=True,
-        mi_samples=args.mi_samples, prior_samples=args.prior_samples, per_window=True)
+    return evaluate_windows(ltm, bench.windows(split),
+                            eval_inference(name, steps, trained, bench.base),
+                            ScoringConfig(steps=steps, batch_size=batch,
+                                          elbo_samples=args.elbo_samples,
+                                          iw_samples=args.iw_samples, seed=seed, latent_stats=True,
+                                          mi_samples=args.mi_samples,
+                                          prior_samples=args.prior_samples, per_window=True),
+                            device=device)
 
 
 def run_variant(bench: Bench, name: str, config: RunConfig, seed: int, run_dir: Path) -> None:

@@ -47,7 +47,7 @@ import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from ltm_pyro.bounds import evaluate_windows  # noqa: E402
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows  # noqa: E402
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
@@ -244,11 +244,11 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
                 starts.append(("prior", replace(trained.inference, init_log_var=0.0,
                                                 init_log_var_jitter=0.0)))
             for start_name, inference in starts:
-                summary = evaluate_windows(
-                    ltm, windows, inference, steps=steps, batch_size=batch,
-                    elbo_samples=args.elbo_samples, iw_samples=args.iw_samples, seed=seed,
-                    latent_stats=True, mi_samples=args.mi_samples,
-                    prior_samples=args.prior_samples if steps == train_steps else 0)
+                prior = args.prior_samples if steps == train_steps else 0
+                summary = evaluate_windows(ltm, windows, inference, ScoringConfig(
+                    steps=steps, batch_size=batch, elbo_samples=args.elbo_samples,
+                    iw_samples=args.iw_samples, seed=seed, latent_stats=True,
+                    mi_samples=args.mi_samples, prior_samples=prior))
                 row = {"variant": name, "eval_start": start_name, "split": split,
                        "T_eval": steps, "train_wall_s": round(wall, 1),
                        **costs(trained, steps),

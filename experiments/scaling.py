@@ -48,7 +48,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from ltm_pyro.amortised import count_encoder_parameters  # noqa: E402
-from ltm_pyro.bounds import evaluate_windows  # noqa: E402
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows  # noqa: E402
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
@@ -258,11 +258,13 @@ def train_and_score(args: argparse.Namespace, run: dict, windows, settings: dict
     train(config, run["dir"], force=True, progress=not args.no_progress)
     wall = previous["train_wall_s"] if previous else round(time.perf_counter() - started, 1)
     ltm, trained, _ = model_from_checkpoint(load_checkpoint(run["dir"]), config.train.device)
-    summary = evaluate_windows(
-        ltm, windows, trained.inference, steps=trained.inference.steps,
-        batch_size=config.train.batch_size, elbo_samples=args.elbo_samples,
-        iw_samples=args.iw_samples, seed=config.train.seed, device=config.train.device,
-        latent_stats=True, mi_samples=args.mi_samples)
+    summary = evaluate_windows(ltm, windows, trained.inference,
+                               ScoringConfig(steps=trained.inference.steps,
+                                             batch_size=config.train.batch_size,
+                                             elbo_samples=args.elbo_samples,
+                                             iw_samples=args.iw_samples, seed=config.train.seed,
+                                             latent_stats=True, mi_samples=args.mi_samples),
+                               device=config.train.device)
     stored = {"point": asdict(run["point"]), "config": plain(config), "settings": settings,
               "train_wall_s": wall, "summary": summary,
               "curve": validation_curve(run["dir"], config)}

@@ -207,32 +207,52 @@ def _refuse_bidirectional(ltm: LatentThoughtModel) -> None:
         raise UsageError("an MDLM is scored by its NELBO bound (ltm_pyro.mdlm.evaluate_bound)")
 
 
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How ``evaluate_windows`` scores a split, as one object every caller passes.
+
+    ``steps``: T_eval, the inner steps of each batch's fit (None: the inference config's T);
+    ``fit_free_bits``: fit with the training fits' objective (free bits) instead of the ELBO
+    (the bounds stay valid: any q gives one); ``elbo_samples`` S fresh draws for the ELBO,
+    ``iw_samples`` K draws for the IWAE bound, ``prior_samples`` K > 0 draws from the prior for
+    ``prior_iwae_ppl`` (0: skip); ``latent_stats`` adds what z carries (``latent_use``, MI
+    from ``mi_samples`` draws a window); ``per_window`` each window's figures (paired
+    intervals); draws come from generators seeded with ``seed``.
+    """
+
+    steps: int | None = None
+    batch_size: int = 16
+    elbo_samples: int = 1
+    iw_samples: int = 1
+    seed: int = 0
+    latent_stats: bool = False
+    mi_samples: int = 4
+    prior_samples: int = 0
+    per_window: bool = False
+    fit_free_bits: bool = False
+
+
 def evaluate_windows(
     ltm: LatentThoughtModel,
     windows: Tensor,
     inference: InferenceConfig,
-    steps: int | None = None,
-    batch_size: int = 16,
-    elbo_samples: int = 1,
-    iw_samples: int = 1,
-    seed: int = 0,
+    scoring: ScoringConfig | None = None,
     device: torch.device | str = "cpu",
     on_batch=None,  # noqa: ANN001 - optional callable(BoundTotals), e.g. a progress bar
-    latent_stats: bool = False,
-    mi_samples: int = 4,
-    prior_samples: int = 0,
-    per_window: bool = False,
-    fit_free_bits: bool = False,
 ) -> dict[str, float]:
-    """Fit each batch's posterior with ``steps`` inner steps and total the three bounds.
+    """Fit each batch's posterior with T_eval inner steps and total the three bounds, as
+    ``scoring`` says (``ScoringConfig``; default: T_eval = T, one draw each).
 
-    The fit maximises the ELBO, or with ``fit_free_bits`` the training fits' objective (free
-    bits, ``inference.free_bits``): the bounds stay valid, since any q gives one, and the fit
-    no longer trades away the information the decoder was trained to read. Draws come from a
-    generator seeded with ``seed`` (same call, same figures; the global RNG never moves).
-    ``latent_stats`` adds ``latent_use_summary`` of the fitted posteriors (MI from
-    ``mi_samples`` draws a window); ``prior_samples`` K > 0 adds ``prior_iwae_ppl`` (K draws
-    from the prior as proposal); ``per_window`` each window's tokens, -ELBO and -IWAE."""
+    Same call, same figures: every draw comes from a generator seeded with ``scoring.seed``
+    and the global RNG never moves. ``latent_stats`` adds ``latent_use_summary`` of the
+    fitted posteriors; ``prior_samples`` K > 0 adds ``prior_iwae_ppl``; ``per_window`` each
+    window's tokens, -ELBO and -IWAE (and, with ``prior_samples``, the prior's -IWAE)."""
+    scoring = scoring or ScoringConfig()
+    steps, batch_size, seed = scoring.steps, scoring.batch_size, scoring.seed
+    elbo_samples, iw_samples, prior_samples = (scoring.elbo_samples, scoring.iw_samples,
+                                               scoring.prior_samples)
+    latent_stats, mi_samples, fit_free_bits = (scoring.latent_stats, scoring.mi_samples,
+                                               scoring.fit_free_bits)
     _refuse_bidirectional(ltm)
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -264,7 +284,7 @@ def evaluate_windows(
     if latent_stats:
         summary.update(latent_use_summary(LocalPosterior.concatenate(posteriors),
                                           ltm.config.n_layers, len(windows), mi_samples, seed))
-    if per_window:
+    if scoring.per_window:
         summary["per_window"] = totals.windows
     return summary
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .bounds import combined_summary, evaluate_windows, per_byte
+from .bounds import ScoringConfig, combined_summary, evaluate_windows, per_byte
 from .checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from .config import RunConfig
 from .data import Corpus, load_corpus, to_windows
@@ -135,9 +135,11 @@ class TrainedRun:
         batches = [windows] if len(windows) else []
         if len(rest) >= 2:
             batches.append(torch.tensor([rest]))
-        summary = combined_summary([evaluate_windows(
-            self.ltm, batch, self.config.inference, steps=steps, elbo_samples=elbo_samples,
-            iw_samples=iw_samples, seed=seed, device=self.device) for batch in batches])
+        scoring = ScoringConfig(steps=steps, elbo_samples=elbo_samples, iw_samples=iw_samples,
+                                seed=seed)
+        summary = combined_summary([evaluate_windows(self.ltm, batch, self.config.inference,
+                                                     scoring, device=self.device)
+                                    for batch in batches])
         predicted = torch.tensor(ids[1:])
         summary["unk_rate"] = unk_rate(self.tokenizer, predicted)
         if summary["unk_rate"] > UNK_WARNING:

@@ -2,9 +2,9 @@
 
 Each takes the fitted local posteriors q(z|x_n) = N(loc_n, exp(log_var_n)) of the N evaluated
 windows (``loc`` and ``log_var`` of shape [N, N_z, d]) and says how much of x they carry.
-``evaluate_windows(..., latent_stats=True, prior_samples=K)`` reports them all; a collapsed
-model shows MI near 0, few active units, slots of a layer that are copies of one another,
-and ``prior_iwae_ppl`` equal to ``iwae_ppl``. docs/latent-diagnostics.md reads them.
+``evaluate_windows`` with ``ScoringConfig(latent_stats=True, prior_samples=K)`` reports them
+all; a collapsed model shows MI near 0, few active units, slots of a layer that are copies of
+one another, and ``prior_iwae_ppl`` equal to ``iwae_ppl``. docs/latent-diagnostics.md reads them.
 
 - ``kl_per_window``: E_x KL(q(z|x) || p(z)) in nats, summed over a window's latents. The
   price the bound pays for the latents; an *upper* bound on what they carry, not a measure of

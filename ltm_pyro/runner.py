@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .amortised import build_encoder
-from .bounds import evaluate_windows
+from .bounds import ScoringConfig, evaluate_windows
 from .checkpoint import BEST_NAME, checkpoint_path, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import BatchSampler, Corpus, load_corpus
@@ -199,11 +199,12 @@ def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,
     if config.model_kind == "mdlm":
         return validation_record(ltm.decoder, windows[: cfg.eval_windows], cfg, device)
     control = cfg.eval_prior_control if ltm.has_latents else 0
-    summary = evaluate_windows(
-        ltm, windows[: cfg.eval_windows], config.inference, batch_size=cfg.batch_size,
-        elbo_samples=cfg.eval_samples, iw_samples=max(control, 1), seed=cfg.seed,
-        device=device, latent_stats=True, prior_samples=control,
-    )
+    summary = evaluate_windows(ltm, windows[: cfg.eval_windows], config.inference,
+                               ScoringConfig(batch_size=cfg.batch_size,
+                                             elbo_samples=cfg.eval_samples,
+                                             iw_samples=max(control, 1), seed=cfg.seed,
+                                             latent_stats=True, prior_samples=control),
+                               device=device)
     record = {"neg_elbo": -summary["elbo_per_token"], "nll": summary["nll_per_token"],
               "kl": summary["kl_per_token"], "elbo_ppl": summary["elbo_ppl"],
               "recon_ppl": summary["recon_ppl"], **{k: summary[k] for k in LATENT_KEYS}}

@@ -16,7 +16,7 @@ import torch
 
 from ltm_pyro import runner
 from ltm_pyro.amortised import Encoder, build_encoder, count_encoder_parameters
-from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
 from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args
 from ltm_pyro.config import InferenceConfig, TrainConfig
@@ -100,7 +100,7 @@ def test_zero_steps_give_exactly_the_proposal_and_more_steps_refine_it(batch):
     assert torch.equal(given.posterior.loc, start.loc) and not start.loc.requires_grad
 
     windows = tokens[[0, 2, 4]]  # the unpadded ones
-    summary = evaluate_windows(ltm, windows, inference, steps=0, batch_size=2)
+    summary = evaluate_windows(ltm, windows, inference, ScoringConfig(steps=0, batch_size=2))
     expected_kl = _kl(proposal.loc[[0, 2, 4]], proposal.log_var[[0, 2, 4]]).sum()
     assert summary["kl_per_token"] == pytest.approx(float(expected_kl) / (3 * 12), rel=1e-5)
     prompt = prompt_posterior(ltm, tokens[:1, :7], inference, steps=0)
@@ -230,7 +230,8 @@ def test_a_run_with_an_encoder_resumes_bit_identically_and_loads_it(tmp_path, mo
     mask = torch.ones(4, windows.shape[1] - 1)
     with torch.no_grad():
         proposal = ltm.encoder(windows, mask)
-    summary = evaluate_windows(ltm, windows, run_config.inference, steps=0, batch_size=4)
+    summary = evaluate_windows(ltm, windows, run_config.inference,
+                               ScoringConfig(steps=0, batch_size=4))
     expected = float(_kl(proposal.loc, proposal.log_var).sum()) / mask.sum().item()
     assert summary["kl_per_token"] == pytest.approx(expected, rel=1e-5)
 

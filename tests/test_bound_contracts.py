@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from ltm_pyro.bounds import evaluate_windows, iwae_log_likelihood, log_mean_exp
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows, iwae_log_likelihood, log_mean_exp
 from ltm_pyro.config import InferenceConfig
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.inference import fit_local_posterior
@@ -35,14 +35,15 @@ def test_summary_reports_its_settings_and_keeps_per_window_figures_only_when_ask
     T, or 1, for a model without latents), the sample counts reported as None or left out, and
     the per-window lists added to every summary (``per_window`` on by default)."""
     ltm = LatentThoughtModel(Decoder(micro_config()).eval())
-    summary = evaluate_windows(ltm, _windows(6), InferenceConfig(steps=2), batch_size=4,
-                               elbo_samples=3, iw_samples=2)
+    summary = evaluate_windows(ltm, _windows(6), InferenceConfig(steps=2),
+                               ScoringConfig(batch_size=4, elbo_samples=3, iw_samples=2))
     assert summary["inference_steps"] == 2
     assert summary["elbo_samples"] == 3 and summary["iw_samples"] == 2
     assert "per_window" not in summary
 
     ar = LatentThoughtModel(Decoder(micro_config(latents_per_layer=0)).eval())
-    summary = evaluate_windows(ar, _windows(3), InferenceConfig(steps=2), batch_size=4)
+    summary = evaluate_windows(ar, _windows(3), InferenceConfig(steps=2),
+                               ScoringConfig(batch_size=4))
     assert summary["inference_steps"] == 0  # nothing is fitted without latents
 
 
@@ -52,7 +53,8 @@ def test_per_window_figures_add_up_to_the_totals():
     subtracted, and the lists stored under another key or as None."""
     ltm = LatentThoughtModel(Decoder(micro_config()).eval())
     summary = evaluate_windows(ltm, _windows(10), InferenceConfig(steps=2, init_log_var=-1.0),
-                               batch_size=4, elbo_samples=2, iw_samples=3, per_window=True)
+                               ScoringConfig(batch_size=4, elbo_samples=2, iw_samples=3,
+                                             per_window=True))
     per = summary["per_window"]
     assert set(per) == {"tokens", "neg_elbo", "neg_iwae"}
     assert per["tokens"] == [12.0] * 10  # 3 batches (4, 4, 2), 12 predicted tokens each
@@ -71,8 +73,8 @@ def test_prior_control_draws_from_its_own_seeded_generator():
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)
         before = torch.get_rng_state()
-        summary = evaluate_windows(ltm, _windows(4), InferenceConfig(steps=1), batch_size=4,
-                                   prior_samples=3)
+        summary = evaluate_windows(ltm, _windows(4), InferenceConfig(steps=1),
+                                   ScoringConfig(batch_size=4, prior_samples=3))
         assert torch.equal(torch.get_rng_state(), before)
         figures.append(summary["prior_iwae_ppl"])
     assert figures[0] == figures[1]
@@ -114,8 +116,8 @@ def test_per_window_prior_figures_add_up_to_the_prior_total():
     """Catches: the prior control's per-window -IWAE missing (the paired interval of q against
     the prior then cannot be formed), replaced batch by batch, or stored unsigned."""
     ltm = LatentThoughtModel(Decoder(micro_config()).eval())
-    summary = evaluate_windows(ltm, _windows(10), InferenceConfig(steps=1), batch_size=4,
-                               prior_samples=3, per_window=True)
+    summary = evaluate_windows(ltm, _windows(10), InferenceConfig(steps=1),
+                               ScoringConfig(batch_size=4, prior_samples=3, per_window=True))
     per = summary["per_window"]
     assert len(per["neg_prior_iwae"]) == 10 and min(per["neg_prior_iwae"]) > 0
     assert sum(per["neg_prior_iwae"]) / summary["tokens"] == pytest.approx(
@@ -142,6 +144,7 @@ def test_prior_mean_nll_is_the_exact_likelihood_with_z_at_zero():
     assert not torch.allclose(got, prior_mean_nll(ltm, windows.flip(0), batch_size=3))
 
     ar = LatentThoughtModel(Decoder(micro_config(latents_per_layer=0)).eval())
-    exact = evaluate_windows(ar, windows, InferenceConfig(), batch_size=3, per_window=True)
+    exact = evaluate_windows(ar, windows, InferenceConfig(),
+                             ScoringConfig(batch_size=3, per_window=True))
     assert prior_mean_nll(ar, windows, batch_size=3).tolist() == pytest.approx(
         exact["per_window"]["neg_iwae"], rel=1e-6)

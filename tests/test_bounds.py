@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from ltm_pyro.bounds import evaluate_windows, expected_nll_and_kl, iwae_log_likelihood
+from ltm_pyro.bounds import (
+    ScoringConfig,
+    evaluate_windows,
+    expected_nll_and_kl,
+    iwae_log_likelihood,
+)
 from ltm_pyro.config import InferenceConfig
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.inference import fit_local_posterior
@@ -84,7 +89,8 @@ def test_iwae_is_above_elbo_and_rises_with_k():
 def test_ar_bounds_are_its_exact_perplexity():
     ar = LatentThoughtModel(Decoder(micro_config(latents_per_layer=0)))
     windows = torch.randint(0, 23, (10, 13), generator=torch.Generator().manual_seed(7))
-    summary = evaluate_windows(ar, windows, InferenceConfig(), batch_size=4, iw_samples=8)
+    summary = evaluate_windows(ar, windows, InferenceConfig(),
+                               ScoringConfig(batch_size=4, iw_samples=8))
     assert summary["kl_per_token"] == 0
     assert math.isclose(summary["elbo_ppl"], summary["iwae_ppl"], rel_tol=1e-6)
     assert math.isclose(summary["elbo_ppl"], summary["recon_ppl"], rel_tol=1e-6)
@@ -115,8 +121,8 @@ def test_valid_bounds_never_beat_the_exact_likelihood(init_log_var):
     tokens = _sample_from(ltm, 128, 9, seed=0)
     exact_nll = float(-_quadrature_log_px(ltm, tokens).sum()) / tokens[:, 1:].numel()
     inference = InferenceConfig(steps=16, noise="fixed", init_log_var=init_log_var)
-    summary = evaluate_windows(ltm, tokens, inference, batch_size=64, elbo_samples=4,
-                               iw_samples=16)
+    summary = evaluate_windows(ltm, tokens, inference,
+                               ScoringConfig(batch_size=64, elbo_samples=4, iw_samples=16))
     tolerance = 0.01  # nats/token: Monte-Carlo error of the estimators, far below the gaps
     assert -summary["elbo_per_token"] >= exact_nll - tolerance
     assert -summary["iwae_per_token"] >= exact_nll - tolerance

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ltm_pyro import runner
-from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows
 from ltm_pyro.checkpoint import (
     BEST_NAME,
     checkpoint_path,
@@ -222,13 +222,13 @@ def test_evaluation_matches_the_bounds_written_out(noise):
     windows = torch.randint(0, 23, (10, 13), generator=torch.Generator().manual_seed(5))
     inference = InferenceConfig(steps=6, noise=noise, init_log_var=-1.0)
     settings = dict(steps=3, batch_size=4, elbo_samples=11, iw_samples=13, seed=7)
-    summary = evaluate_windows(ltm, windows, inference, **settings)
+    summary = evaluate_windows(ltm, windows, inference, ScoringConfig(**settings))
     expected = _reference_evaluation(ltm, windows, inference, **settings)
     assert summary["inference_steps"] == 3 and summary["sequences"] == len(windows)
     for key, value in expected.items():
         assert summary[key] == pytest.approx(value, rel=1e-5), key
     # T_eval matters for this model: the same call at the training T gives other figures.
-    other = evaluate_windows(ltm, windows, inference, **{**settings, "steps": 6})
+    other = evaluate_windows(ltm, windows, inference, ScoringConfig(**{**settings, "steps": 6}))
     assert abs(other["recon_nll_per_token"] - summary["recon_nll_per_token"]) > 1e-3
 
 
@@ -280,8 +280,8 @@ def test_kl_warmup_weights_the_training_loss_and_never_the_validation(tmp_path):
     ltm, config, _ = model_from_checkpoint(load_checkpoint(tmp_path / "warm"))
     corpus = runner.load_corpus(config.data, config.model.context, None)
     summary = evaluate_windows(ltm, corpus.windows["valid"][:4], config.inference,
-                               batch_size=4, elbo_samples=config.train.eval_samples,
-                               seed=config.train.seed)
+                               ScoringConfig(batch_size=4, elbo_samples=config.train.eval_samples,
+                                             seed=config.train.seed))
     assert valid["neg_elbo"] == pytest.approx(-summary["elbo_per_token"], rel=1e-6)
     assert valid["kl"] == pytest.approx(summary["kl_per_token"], rel=1e-6)
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint
 from ltm_pyro.config import preset
 from ltm_pyro.data import load_corpus, sample_windows
@@ -41,8 +41,9 @@ def _scored(run, split, steps, iw_samples, elbo_samples, max_windows=None, sampl
     ltm, config, tokenizer = model_from_checkpoint(load_checkpoint(run))
     windows = load_corpus(config.data, config.model.context, tokenizer).windows[split]
     windows = sample_windows(windows, *sample) if sample else windows[:max_windows]
-    return evaluate_windows(ltm, windows, config.inference, steps=steps,
-                            elbo_samples=elbo_samples, iw_samples=iw_samples, seed=0, **scoring)
+    return evaluate_windows(ltm, windows, config.inference,
+                            ScoringConfig(steps=steps, elbo_samples=elbo_samples,
+                                          iw_samples=iw_samples, seed=0, **scoring))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 import ltm_pyro
 import ltm_pyro.run_folder
-from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows
 from ltm_pyro.errors import UsageError
 
 from .conftest import train_in_process
@@ -42,8 +42,8 @@ def test_encode_fits_the_posterior_evaluation_would_fit(run):
 def test_score_is_the_evaluator_on_the_texts_windows(run):
     window = run.splits().windows["valid"][:1]
     summary = run.score(run.tokenizer.decode(window[0].tolist()), steps=2, iw_samples=4)
-    expected = evaluate_windows(run.ltm, window, run.config.inference, steps=2, iw_samples=4,
-                                elbo_samples=4)
+    expected = evaluate_windows(run.ltm, window, run.config.inference,
+                                ScoringConfig(steps=2, iw_samples=4, elbo_samples=4))
     for key in ("elbo_ppl", "iwae_ppl", "recon_ppl"):
         assert summary[key] == pytest.approx(expected[key], rel=1e-6)
 
@@ -78,9 +78,9 @@ def test_score_covers_every_token_of_a_long_text_and_refuses_a_single_token(run)
     summary = run.score(text, steps=1, iw_samples=2, elbo_samples=1)
     assert summary["tokens"] == len(ids) - 1 and summary["sequences"] == 3
     windows = to_windows(ids, context)
-    parts = [evaluate_windows(run.ltm, w, run.config.inference, steps=1, iw_samples=2,
-                              elbo_samples=1) for w in (windows, torch.tensor(
-                                  [ids[len(windows) * context:]]))]
+    scoring = ScoringConfig(steps=1, iw_samples=2, elbo_samples=1)
+    parts = [evaluate_windows(run.ltm, w, run.config.inference, scoring)
+             for w in (windows, torch.tensor([ids[len(windows) * context:]]))]
     assert summary["iwae_ppl"] == pytest.approx(combined_summary(parts)["iwae_ppl"], rel=1e-9)
     nats = math.log(summary["iwae_ppl"]) * summary["tokens"]
     assert summary["bits_per_byte"] == pytest.approx(

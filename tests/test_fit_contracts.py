@@ -22,7 +22,7 @@ import torch
 from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 
-from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows
 from ltm_pyro.config import InferenceConfig
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.inference import fast_lr, fit_local_posterior
@@ -227,7 +227,7 @@ def test_free_bits_latent_term_is_one_figure_per_sequence():
 
 
 def test_an_evaluation_fit_with_free_bits_fits_what_training_fits():
-    """``evaluate_windows(fit_free_bits=True)`` must fit q with the training objective (free
+    """``ScoringConfig(fit_free_bits=True)`` must fit q with the training objective (free
     bits), and by default with the plain ELBO: the reported KL is that of the fit asked for."""
     ltm = _sharpened(scale=0.1)
     windows = torch.randint(0, 23, (6, 13), generator=torch.Generator().manual_seed(2))
@@ -242,8 +242,9 @@ def test_an_evaluation_fit_with_free_bits_fits_what_training_fits():
         kl = 0.5 * (q.loc ** 2 + q.log_var.exp() - 1 - q.log_var)
         return kl.sum().item() / len(windows)
 
-    figures = {free_bits: evaluate_windows(ltm, windows, config, batch_size=6, latent_stats=True,
-                                           fit_free_bits=free_bits)["kl_per_window"]
+    figures = {free_bits: evaluate_windows(ltm, windows, config,
+                                           ScoringConfig(batch_size=6, latent_stats=True,
+                                                         fit_free_bits=free_bits))["kl_per_window"]
                for free_bits in (False, True)}
     assert figures[True] == pytest.approx(kl_per_window(True), rel=1e-4)
     assert figures[False] == pytest.approx(kl_per_window(False), rel=1e-4)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ltm_pyro import svi as svi_module
-from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows
 from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args
 from ltm_pyro.config import InferenceConfig, TrainConfig, preset
 from ltm_pyro.errors import UsageError
@@ -92,10 +92,10 @@ def test_free_bits_change_the_training_fit_only(ltm, batch):
     assert not torch.equal(fit(free, True).loc, fit(plain, True).loc)
     # evaluation fits and scores the full bound, whatever free_bits says
     windows = torch.randint(0, 23, (6, 13), generator=torch.Generator().manual_seed(9))
-    with_free = evaluate_windows(ltm, windows, free, batch_size=3, iw_samples=2,
-                                 latent_stats=True)
-    without = evaluate_windows(ltm, windows, plain, batch_size=3, iw_samples=2,
-                               latent_stats=True)
+    with_free = evaluate_windows(ltm, windows, free,
+                                 ScoringConfig(batch_size=3, iw_samples=2, latent_stats=True))
+    without = evaluate_windows(ltm, windows, plain,
+                               ScoringConfig(batch_size=3, iw_samples=2, latent_stats=True))
     assert with_free == without
 
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows
 from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args
 from ltm_pyro.comparisons import NO_INFERENCE, comparison_configs, prior_as_posterior
 from ltm_pyro.config import DataConfig, InferenceConfig, RunConfig, TrainConfig
@@ -49,8 +49,9 @@ def _posterior(loc: torch.Tensor, log_var: float) -> LocalPosterior:
 
 def test_a_decoder_that_ignores_z_carries_no_information():
     ltm = z_blind_ltm()
-    summary = evaluate_windows(ltm, _windows(48), HONEST, batch_size=16, iw_samples=8,
-                               latent_stats=True, prior_samples=32)
+    summary = evaluate_windows(ltm, _windows(48), HONEST,
+                               ScoringConfig(batch_size=16, iw_samples=8, latent_stats=True,
+                                             prior_samples=32))
     mi, stderr = summary["mutual_info_per_window"], summary["mutual_info_stderr"]
     assert abs(mi) <= 3 * stderr + 1e-6, summary
     # the fit still pays KL (q has not relaxed to the prior): KL taken for MI would fail here
@@ -69,9 +70,11 @@ def test_a_decoder_that_ignores_z_carries_no_information():
 def test_a_decoder_that_ignores_z_scores_the_same_with_its_fit_and_with_the_prior():
     """Fitted from the prior, q stays the prior (the decoder gives no gradient): the fitted
     IWAE and the prior control coincide, and so do all the bounds."""
-    summary = evaluate_windows(z_blind_ltm(), _windows(32), InferenceConfig(steps=6,
-                               init_log_var=0.0), batch_size=16, iw_samples=8,
-                               latent_stats=True, prior_samples=32)
+    summary = evaluate_windows(z_blind_ltm(), _windows(32),
+                               InferenceConfig(steps=6,
+                               init_log_var=0.0),
+                               ScoringConfig(batch_size=16, iw_samples=8, latent_stats=True,
+                                             prior_samples=32))
     assert summary["prior_iwae_ppl"] == pytest.approx(summary["iwae_ppl"], rel=1e-5)
     assert summary["prior_iwae_ppl"] == pytest.approx(summary["elbo_ppl"], rel=1e-5)
     assert summary["mutual_info_per_window"] == pytest.approx(0.0, abs=1e-6)
@@ -85,8 +88,8 @@ def test_prior_control_is_the_likelihood_when_z_matters():
     windows = _windows(4, vocab=7, length=9, seed=1)
     exact = float(_quadrature_log_px(ltm, windows).sum())
     fitted = InferenceConfig(steps=30, noise="fresh", init_log_var=0.0)
-    summary = evaluate_windows(ltm, windows, fitted, batch_size=4, iw_samples=4,
-                               prior_samples=4096)
+    summary = evaluate_windows(ltm, windows, fitted,
+                               ScoringConfig(batch_size=4, iw_samples=4, prior_samples=4096))
     tokens = summary["tokens"]
     assert summary["prior_iwae_per_token"] * tokens == pytest.approx(exact, abs=0.15)
     with torch.no_grad():
@@ -207,8 +210,9 @@ def test_slot_linear_r2_sees_rotated_copies_that_correlation_misses():
 
 def test_summary_of_a_model_without_latents():
     ar = LatentThoughtModel(Decoder(micro_config(latents_per_layer=0)))
-    summary = evaluate_windows(ar, _windows(10), InferenceConfig(), batch_size=4, iw_samples=2,
-                               latent_stats=True, prior_samples=8)
+    summary = evaluate_windows(ar, _windows(10), InferenceConfig(),
+                               ScoringConfig(batch_size=4, iw_samples=2, latent_stats=True,
+                                             prior_samples=8))
     assert summary["mutual_info_per_window"] == 0 and summary["kl_per_window"] == 0
     assert summary["active_units"] == summary["active_units_total"] == 0
     assert summary["slot_correlation"] is None and summary["slot_effective_rank"] is None
@@ -220,9 +224,11 @@ def test_summary_of_a_model_without_latents():
 def test_latent_options_leave_the_bounds_unchanged():
     ltm = LatentThoughtModel(Decoder(micro_config()))
     windows = _windows(24)
-    plain = evaluate_windows(ltm, windows, HONEST, batch_size=8, elbo_samples=2, iw_samples=4)
-    full = evaluate_windows(ltm, windows, HONEST, batch_size=8, elbo_samples=2, iw_samples=4,
-                            latent_stats=True, prior_samples=8)
+    plain = evaluate_windows(ltm, windows, HONEST,
+                             ScoringConfig(batch_size=8, elbo_samples=2, iw_samples=4))
+    full = evaluate_windows(ltm, windows, HONEST,
+                            ScoringConfig(batch_size=8, elbo_samples=2, iw_samples=4,
+                                          latent_stats=True, prior_samples=8))
     assert {k: full[k] for k in plain} == plain
     assert not set(plain) & {"mutual_info_per_window", "prior_iwae_ppl", "kl_per_window"}
     # KL per window is KL per token times tokens per window
@@ -248,8 +254,9 @@ def test_validation_records_carry_the_prior_control_when_asked():
                        train=TrainConfig(eval_windows=16, batch_size=8, eval_prior_control=8))
     ltm, windows = LatentThoughtModel(Decoder(config.model)), _windows(20)
     record = _evaluate(ltm, windows, config, torch.device("cpu"))
-    direct = evaluate_windows(ltm, windows[:16], HONEST, batch_size=8, iw_samples=8,
-                              prior_samples=8, seed=config.train.seed)
+    direct = evaluate_windows(ltm, windows[:16], HONEST,
+                              ScoringConfig(batch_size=8, iw_samples=8, prior_samples=8,
+                                            seed=config.train.seed))
     assert record["iwae_ppl"] == pytest.approx(direct["iwae_ppl"])
     assert record["prior_iwae_ppl"] == pytest.approx(direct["prior_iwae_ppl"])
     assert record["prior_control"] == pytest.approx(

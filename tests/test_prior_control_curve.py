@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ltm_pyro.bounds import evaluate_windows
+from ltm_pyro.bounds import ScoringConfig, evaluate_windows
 from ltm_pyro.config import InferenceConfig
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.errors import UsageError
@@ -56,13 +56,13 @@ def test_the_gap_is_large_at_one_draw_and_closes_on_the_exact_likelihood():
 
 def test_the_prior_figure_at_k_is_the_prior_control_of_evaluate_windows():
     """In one batch, the first K of the curve's prior draws are the draws of
-    ``evaluate_windows(prior_samples=K)``: the two figures agree exactly."""
+    ``ScoringConfig(prior_samples=K)``: the two figures agree exactly."""
     ltm, windows = _sharp_ltm(), _windows(8, 7, 9)
     curve = proposal_curve(ltm, windows, FIT, [4, 32, 64, 32], batch_size=8, seed=3).rows
     assert len(curve) == 3  # K 32 listed twice is scored once, not summed twice
     for row in curve:
-        control = evaluate_windows(ltm, windows, FIT, batch_size=8, seed=3,
-                                   prior_samples=row["samples"])
+        scoring = ScoringConfig(batch_size=8, seed=3, prior_samples=row["samples"])
+        control = evaluate_windows(ltm, windows, FIT, scoring)
         assert row["prior_iwae_ppl"] == pytest.approx(control["prior_iwae_ppl"], rel=1e-9)
 
 
@@ -72,8 +72,8 @@ def test_the_information_is_that_of_the_q_the_curve_drew_from():
     ltm, windows = _sharp_ltm(), _windows(8, 7, 9)
     curve = proposal_curve(ltm, windows, FIT, [4], batch_size=8, seed=5)
     assert curve.posterior.loc.shape[0] == len(windows)
-    fitted = evaluate_windows(ltm, windows, FIT, batch_size=8, seed=5, latent_stats=True,
-                              mi_samples=3)
+    fitted = evaluate_windows(ltm, windows, FIT,
+                              ScoringConfig(batch_size=8, seed=5, latent_stats=True, mi_samples=3))
     information = curve.information(ltm.config.n_layers, mi_samples=3, seed=5)
     for key in ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr"):
         assert information[key] == pytest.approx(fitted[key], rel=1e-9), key

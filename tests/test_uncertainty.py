@@ -66,7 +66,7 @@ def test_relative_difference_and_seed_spread():
 def test_per_window_figures_add_up_to_the_split_totals():
     import torch
 
-    from ltm_pyro.bounds import evaluate_windows
+    from ltm_pyro.bounds import ScoringConfig, evaluate_windows
     from ltm_pyro.config import InferenceConfig
     from ltm_pyro.decoder import Decoder
     from ltm_pyro.model import LatentThoughtModel
@@ -75,8 +75,9 @@ def test_per_window_figures_add_up_to_the_split_totals():
 
     ltm = LatentThoughtModel(Decoder(micro_config()))
     windows = torch.randint(0, 23, (7, 13), generator=torch.Generator().manual_seed(2))
-    summary = evaluate_windows(ltm, windows, InferenceConfig(steps=2), batch_size=3,
-                               elbo_samples=2, iw_samples=3, per_window=True)
+    summary = evaluate_windows(ltm, windows, InferenceConfig(steps=2),
+                               ScoringConfig(batch_size=3, elbo_samples=2, iw_samples=3,
+                                             per_window=True))
     per = summary["per_window"]
     assert len(per["tokens"]) == len(per["neg_iwae"]) == len(per["neg_elbo"]) == 7
     assert sum(per["tokens"]) == summary["tokens"]

@@ -70,7 +70,7 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
     # torch and the library load here, not at import: --help answers without them.
     from tqdm.auto import tqdm
 
-    from ..bounds import evaluate_windows, per_byte
+    from ..bounds import ScoringConfig, evaluate_windows, per_byte
     from ..checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
     from ..data import describe_selection, load_corpus, select_windows
     from ..modes import resolve_device
@@ -105,12 +105,16 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
                         kl=f"{totals.kl / totals.tokens:.3f}")
 
     summary = mdlm_bound(ltm.decoder, windows, args, device, bar) if (
-        config.model_kind == "mdlm") else evaluate_windows(
-        ltm, windows, config.inference, steps=args.inference_steps,
-        batch_size=args.batch_size, elbo_samples=args.elbo_samples,
-        iw_samples=args.iw_samples, seed=args.seed, device=device, on_batch=progress,
-        latent_stats=True, mi_samples=args.mi_samples, prior_samples=args.prior_samples,
-    )
+        config.model_kind == "mdlm") else evaluate_windows(ltm, windows, config.inference,
+                                                           ScoringConfig(steps=args.inference_steps,
+                                                                         batch_size=args.batch_size,
+                                                                         elbo_samples=args.elbo_samples,
+                                                                         iw_samples=args.iw_samples,
+                                                                         seed=args.seed,
+                                                                         latent_stats=True,
+                                                                         mi_samples=args.mi_samples,
+                                                                         prior_samples=args.prior_samples),
+                                                           device=device, on_batch=progress)
     bar.close()
     return {
         **summary,

@@ -123,7 +123,7 @@ def main() -> int:
         tokens = window[:, :prompt.shape[1] + new_tokens]
     else:  # past the context by a sliding window, z fixed
         new, _ = continue_tokens(ltm, prompt, args.max_new_tokens, z, sampling, generator)
-        tokens = torch.cat([prompt, new], dim=1)
+        tokens, new_tokens = torch.cat([prompt, new], dim=1), new.shape[1]
     samples = [tokenizer.decode(row[prompt.shape[1]:].tolist()) for row in tokens.cpu()]
     for i, sample in enumerate(samples):
         head = tokenizer.decode(prompt[i].tolist()) if text is None else text

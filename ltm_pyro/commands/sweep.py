@@ -69,7 +69,7 @@ def figure(results: dict) -> Figure:
 
 def main() -> int:
     args = parser().parse_args()  # before torch and the library load: --help needs neither
-    from ..bounds import evaluate_windows
+    from ..bounds import ScoringConfig, evaluate_windows
     from ..checkpoint import load_checkpoint, model_from_checkpoint
     from ..data import describe_selection, load_corpus, select_windows
     from ..modes import resolve_device
@@ -89,12 +89,12 @@ def main() -> int:
                              args.sample_seed)
     rows = []
     for steps in args.steps:
-        rows.append(evaluate_windows(
-            ltm, windows, config.inference, steps=steps, batch_size=args.batch_size,
-            elbo_samples=args.elbo_samples, iw_samples=args.iw_samples, seed=args.seed,
-            device=device, latent_stats=True, mi_samples=args.mi_samples,
-            fit_free_bits=args.fit == "free-bits",
-            prior_samples=args.prior_samples if not rows else 0))
+        scoring = ScoringConfig(
+            steps=steps, batch_size=args.batch_size, elbo_samples=args.elbo_samples,
+            iw_samples=args.iw_samples, seed=args.seed, latent_stats=True,
+            mi_samples=args.mi_samples, fit_free_bits=args.fit == "free-bits",
+            prior_samples=args.prior_samples if not rows else 0)
+        rows.append(evaluate_windows(ltm, windows, config.inference, scoring, device=device))
         print(markdown_table(rows[-1:], COLUMNS), flush=True)
     table = markdown_table(rows, COLUMNS)
     selection = describe_selection(len(windows), args.sample_windows, args.sample_seed)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..bounds import evaluate_windows, prior_mean_nll
+from ..bounds import ScoringConfig, evaluate_windows, prior_mean_nll
 from ..checkpoint import BEST_NAME, load_checkpoint, model_from_checkpoint
 from ..comparisons import prior_as_posterior, run_flops_per_token, validation_curve
 from ..config import InferenceConfig, preset
@@ -161,14 +161,16 @@ def score_run(study: Study, family: str, run_dir: Path, seed: int = 0) -> dict:
               "epochs": payload["step"] / study.epoch_steps,
               "flops_per_token": run_flops_per_token(trained), "windows": len(test)}
     if family not in LATENT_FAMILIES:
-        summary = evaluate_windows(ltm, test, trained.inference, steps=0, per_window=True)
+        summary = evaluate_windows(ltm, test, trained.inference,
+                                   ScoringConfig(steps=0, per_window=True))
         result.update(T_eval=0, test=summary, test_windows=_per_window(summary))
         return result
 
     def scored(windows: torch.Tensor, steps: int, k: int, **extra) -> dict:  # noqa: ANN003
         return evaluate_windows(ltm, windows, evaluation_inference(family, trained.inference,
                                                                    steps),
-                                steps=steps, iw_samples=k, prior_samples=k, seed=seed, **extra)
+                                ScoringConfig(steps=steps, iw_samples=k, prior_samples=k,
+                                              seed=seed, **extra))
 
     grid = ((0,) if family == NO_INFERENCE else ()) + study.eval_steps
     sweep = {t: scored(valid[: study.sweep_windows], t, study.iw_samples)["iwae_ppl"]
