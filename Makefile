@@ -36,7 +36,7 @@ endif
 # Set when .venv has the other build than the one asked for.
 TORCH_SWAP := $(if $(TORCH_BUILT),$(filter-out $(TORCH_BUILT),$(TORCH)))
 
-.PHONY: setup run test lint mutants mutation gpu-wheels FORCE
+.PHONY: setup run test notebooks lint mutants mutation gpu-wheels FORCE
 
 $(VENV)/.installed: pyproject.toml $(if $(TORCH_SWAP),FORCE)
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,11 @@ TEST_WORKERS ?= 2
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 	OMP_NUM_THREADS=1 $(NOTEBOOK_CI_SIZE) $(PY) -m pytest -q --nbmake --nbmake-timeout=900 notebooks
+
+# The notebooks executed in place at full size (their defaults; tens of minutes on one thread),
+# each code cell stamped with its source's hash: what gets committed is what the code gave.
+notebooks: setup
+	$(PY) experiments/execute_notebooks.py notebooks/*.ipynb
 
 # Ruff, then the library's size and layering targets (printed; a missed one is reported, and
 # make's "ignored" note follows, without failing the target).
