@@ -73,7 +73,7 @@ test: setup
 # The notebooks executed in place at full size (their defaults; tens of minutes on one thread),
 # each code cell stamped with its source's hash: what gets committed is what the code gave.
 notebooks: setup
-	$(PY) experiments/execute_notebooks.py notebooks/*.ipynb
+	$(PY) notebooks/execute.py notebooks/*.ipynb
 
 # Ruff, then the library's size and layering targets (printed; a missed one is reported, and
 # make's "ignored" note follows, without failing the target).

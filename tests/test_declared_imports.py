@@ -102,12 +102,14 @@ def local_modules(repo: Path) -> set[str]:
 
 @cache
 def imports(repo: Path, folder: str) -> list[tuple[Path, set[str]]]:
-    """Each file of ``folder`` (its notebooks for notebooks/) with the modules it imports."""
+    """Each file of ``folder`` (for notebooks/ also its notebooks) with the modules it imports;
+    a script in notebooks/ (e.g. ``execute.py``) serves them and may use their extra."""
+    found = [(path, imported_modules(path.read_text()))
+             for path in sorted((repo / folder).rglob("*.py"))]
     if folder == "notebooks":
-        return [(path, imported_modules(notebook_source(path.read_text())))
-                for path in sorted((repo / folder).glob("*.ipynb"))]
-    return [(path, imported_modules(path.read_text()))
-            for path in sorted((repo / folder).rglob("*.py"))]
+        found += [(path, imported_modules(notebook_source(path.read_text())))
+                  for path in sorted((repo / folder).glob("*.ipynb"))]
+    return found
 
 
 def undeclared(repo: Path, folder: str, pyproject: dict) -> dict[str, list[str]]:

@@ -1,7 +1,7 @@
 r"""Execute the notebooks in place at full size, so their committed outputs are what their code
 gives (``make notebooks``):
 
-    python experiments/execute_notebooks.py notebooks/*.ipynb
+    python notebooks/execute.py notebooks/*.ipynb
 
 Each notebook runs top to bottom in a fresh kernel, from ``notebooks/``, one thread, with the
 size variables unset (their defaults are the full sizes); a notebook that fails is left as it
