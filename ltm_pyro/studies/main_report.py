@@ -126,7 +126,7 @@ def curves_figure(curves: dict[str, list[list[dict]]]):  # noqa: ANN201 - a Figu
             xs = [runs[0][i][x_key] for i in range(length)]
             values = np.array([[run[i]["neg_elbo"] for i in range(length)] for run in runs])
             ax.plot(xs, values.mean(0), "o-", ms=3, color=colours[family],
-                    label=f"{family} ({len(runs)} seeds)")
+                    label=f"{family} ({len(runs)} seed{'s' * (len(runs) != 1)})")
             ax.fill_between(xs, values.min(0), values.max(0), color=colours[family], alpha=0.2)
         ax.set_xscale("log")
         readable_log_ticks(ax)
