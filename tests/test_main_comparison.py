@@ -16,6 +16,7 @@ from ltm_pyro.studies import main_report as report
 from ltm_pyro.studies.main_comparison import (
     Study,
     chosen_learning_rates,
+    run_curve,
     score_run,
     tuning_points,
 )
@@ -99,3 +100,8 @@ def test_a_tiny_study_trains_scores_and_reports(tmp_path, monkeypatch):
     assert [p["family"] for p in parts] == ["ltm", "ltm-no-inference"]
     assert "| ltm | 0 |" in report.decomposition_table(parts)
     assert "ar-window" in report.comparison_table(list(rows.values()))
+    curves = {family: [run_curve(study.long_run(family, 0))]
+              for family in ("ltm", "ltm-no-inference", "ar-window")}
+    assert [p["step"] for p in curves["ltm"][0]] == [3, 6, 9, 12][: len(curves["ltm"][0])]
+    assert curves["ltm"][0][0]["flops"] > curves["ar-window"][0][0]["flops"]  # inner steps count
+    assert len(report.curves_figure(curves).axes) == 2
