@@ -104,8 +104,8 @@ def write_report(study: Study, args: argparse.Namespace) -> None:
     rows, parts = report.comparison_rows(scores), report.decomposition_rows(scores)
     curves = {}
     for family in FAMILY_FLAGS:
-        runs = [study.long_run(family, s) for s in study.seeds]
-        runs = [run for run in runs if (run / "checkpoint.pt").exists()]
+        runs = [study.long_run(family, s) for s in study.seeds  # the scored runs only
+                if study.score_file(family, s).exists()]
         if runs:
             curves[family] = [run_curve(run) for run in runs]
     if curves:

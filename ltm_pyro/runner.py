@@ -421,7 +421,7 @@ class TrainingRun:
                 validated = _due(state.step, cfg.eval_every, self.config)
                 if validated and shard.is_main:
                     self.validate(bar)
-                converged = validated and self.converged()
+                converged = validated and state.step < cfg.max_steps and self.converged()
                 stopping = shard.any(stop.signum is not None, self.device)  # all ranks together
                 if (_due(state.step, cfg.checkpoint_every, self.config) or stopping
                         or converged) and shard.is_main:
