@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ltm_pyro.files import write_json  # noqa: E402
-from ltm_pyro.report import write_results  # noqa: E402
+from ltm_pyro.report import portable, provenance, write_results  # noqa: E402
 from ltm_pyro.runner import finished_run  # noqa: E402
 from ltm_pyro.studies import main_report as report  # noqa: E402
 from ltm_pyro.studies.main_comparison import (  # noqa: E402
@@ -88,7 +88,11 @@ def score_one(study: Study, args: argparse.Namespace) -> None:
         sys.exit(f"main_comparison: {run} has not finished training; run the train phase")
     out = study.score_file(family, int(seed))
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, score_run(study, family, run, int(seed)))
+    trained = read_json(run / "config.json")  # the run's full config, beside its figures
+    write_json(out, portable({**provenance("cpu"), "training_command": " ".join(
+        study.training_job(family, chosen_learning_rates(tuning_points(study))[family],
+                           int(seed), "python")[1:]),
+                     "config": trained, **score_run(study, family, run, int(seed))}))
 
 
 def _run_config(run: Path):  # noqa: ANN202 - a RunConfig

@@ -16,6 +16,8 @@ import torch
 
 from .files import write_json, write_text
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def _cell(value: object) -> str:
     if value is None:
@@ -48,7 +50,7 @@ def device_description(device: torch.device | str) -> str:
 def provenance(device: torch.device | str) -> dict[str, str]:
     """The command that reproduces this process's results, when and where it ran."""
     script = Path(sys.argv[0]).resolve()
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     # A script of this repository by its path in it; any other by its folder and name.
     script = script.relative_to(repo) if script.is_relative_to(repo) else Path(
         script.parent.name, script.name)
@@ -60,6 +62,20 @@ def provenance(device: torch.device | str) -> dict[str, str]:
     }
 
 
+def portable(value: Any, root: Path = REPO) -> Any:
+    """``value`` (JSON-ready data) with every absolute path into the repository, or into a
+    folder beside it, written relative to the repository root: a run folder records its corpus
+    path absolute (so it loads from anywhere), but a committed result must not carry this
+    machine's folders (``tests/test_no_machine_paths.py``)."""
+    if isinstance(value, dict):
+        return {key: portable(item, root) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(item, root) for item in value]
+    if isinstance(value, str):
+        return value.replace(f"{root}/", "").replace(f"{root.parent}/", "../")
+    return value
+
+
 def write_results(json_path: Path, title: str, device: torch.device | str,
                   payload: dict[str, Any], page: str) -> dict[str, str]:
     """Write ``payload`` to ``json_path`` and ``page`` (Markdown) beside it as ``.md``.
@@ -68,7 +84,7 @@ def write_results(json_path: Path, title: str, device: torch.device | str,
     """
     meta = provenance(device)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(json_path, {**meta, **payload})
+    write_json(json_path, portable({**meta, **payload}))
     write_text(json_path.with_suffix(".md"),
                f"# {title}\n\nCommand (run {meta['date']}, {meta['device']}, "
                f"torch {meta['torch']}):\n\n```\n{meta['command']}\n```\n\n{page.rstrip()}\n")

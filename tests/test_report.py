@@ -45,3 +45,16 @@ def test_every_script_ends_by_saying_where_it_wrote(tmp_path, monkeypatch, capsy
     assert finished.value.code == 0
     assert capsys.readouterr().err.splitlines() == [f"wrote {tmp_path}/: a.json, a.md",
                                                     f"wrote {deep}/: log.jsonl"]
+
+
+def test_results_carry_no_path_of_this_machine(tmp_path):
+    """Catches: a result that embeds a trained run's config (its corpus path recorded
+    absolute, so the folder loads from anywhere) writing this machine's folders into a
+    committed file."""
+    from ltm_pyro.report import REPO, portable
+
+    raw = {"config": {"data": {"path": f"{REPO.parent}/shared/data/ptb"}},
+           "runs": [f"{REPO}/runs/x", "runs/y", None, 3.0], "url": "https://example.org/a/b"}
+    assert portable(raw) == {"config": {"data": {"path": "../shared/data/ptb"}},
+                             "runs": ["runs/x", "runs/y", None, 3.0],
+                             "url": "https://example.org/a/b"}
