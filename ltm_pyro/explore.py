@@ -182,7 +182,7 @@ class TrainedRun:
             z = z.expand(num_samples, *z.shape[1:])
         ids, log_probs = continue_tokens(
             self.ltm, start.expand(num_samples, -1), max_new_tokens, z,
-            Sampling(temperature, top_k, top_p, greedy), generator)
+            Sampling(temperature, top_k, top_p, greedy), generator, with_log_probs=details)
         texts = [self.tokenizer.decode(row.tolist()) for row in ids]
         if details:
             return GeneratedText(texts, ids, log_probs)

@@ -142,27 +142,28 @@ def sample_tokens(
 
 @torch.no_grad()
 def continue_tokens(ltm: LatentThoughtModel, start: Tensor, new_tokens: int, z: Tensor | None,
-                    sampling: Sampling, generator: torch.Generator | None = None
-                    ) -> tuple[Tensor, Tensor]:
+                    sampling: Sampling, generator: torch.Generator | None = None,
+                    with_log_probs: bool = False) -> tuple[Tensor, Tensor | None]:
     """``new_tokens`` tokens after ``start`` [B, P] with z fixed, past the context if asked:
     once the window of context + 1 tokens is full, sampling goes on from its last half
-    (the decoder never sees more than its context). Returns the new ids [B, new] and each
-    one's log-probability under the model at temperature 1, unfiltered [B, new], in the
-    context it was drawn in."""
+    (the decoder never sees more than its context). Returns the new ids [B, new] and, with
+    ``with_log_probs`` (one more decoder pass a window), each one's log-probability under
+    the model at temperature 1, unfiltered [B, new], in the context it was drawn in."""
     context = ltm.config.context
-    tokens, drawn, log_probs = start[:, -context:], [], []
-    while sum(chunk.shape[1] for chunk in drawn) < new_tokens:
-        prefix = tokens[:, -(context // 2):] if drawn else tokens
-        step = min(new_tokens - sum(chunk.shape[1] for chunk in drawn),
-                   context + 1 - prefix.shape[1])
+    tokens, done, drawn, log_probs = start[:, -context:], 0, [], []
+    while done < new_tokens:
+        prefix = tokens[:, -(context // 2):] if done else tokens
+        step = min(new_tokens - done, context + 1 - prefix.shape[1])
         window = sample_tokens(ltm, prefix, step, z, sampling.temperature, sampling.greedy,
                                generator, sampling.top_k, sampling.top_p)
-        with evaluating(ltm.decoder):
-            logits = ltm.logits(window[:, :-1], z)[:, -step:].float()
         chosen = window[:, -step:]
-        log_probs.append(torch.log_softmax(logits, -1).gather(-1, chosen[..., None])[..., 0])
+        if with_log_probs:
+            with evaluating(ltm.decoder):
+                logits = ltm.logits(window[:, :-1], z)[:, -step:].float()
+            log_probs.append(torch.log_softmax(logits, -1).gather(-1, chosen[..., None])[..., 0])
         drawn.append(chosen)
-        tokens = torch.cat([tokens, chosen], dim=1)
-    empty = start.new_zeros(start.shape[0], 0)
-    return (torch.cat(drawn, 1) if drawn else empty,
-            torch.cat(log_probs, 1) if log_probs else empty.float())
+        tokens, done = torch.cat([tokens, chosen], dim=1), done + step
+    ids = torch.cat(drawn, 1) if drawn else start.new_zeros(start.shape[0], 0)
+    if not with_log_probs:
+        return ids, None
+    return ids, torch.cat(log_probs, 1) if log_probs else ids.float()

@@ -57,15 +57,19 @@ def read_tokenizer(folder: Path, payload: dict) -> Tokenizer:
     return tokenizer_from_dict(raw["tokenizer"])
 
 
+def corpus_gone(config: RunConfig) -> bool:
+    """Whether the run's training corpus was a file or folder that is not there any more."""
+    return config.data.path is not None and not Path(config.data.path).exists()
+
+
 def corpus_path(config: RunConfig, data: str | Path | None = None) -> str | None:
     """The corpus to read: ``data`` when given, else the run's own, which must still exist."""
     if data is not None:
         return str(data)
-    path = config.data.path
-    if path is not None and not Path(path).exists():
-        raise UsageError(f"the run's training corpus {path} is not there any more; pass --data "
-                         "(data= in Python) with the text to use")
-    return path
+    if corpus_gone(config):
+        raise UsageError(f"the run's training corpus {config.data.path} is not there any more; "
+                         "pass --data (data= in Python) with the text to use")
+    return config.data.path
 
 
 def start_token(tokenizer: Tokenizer) -> int:

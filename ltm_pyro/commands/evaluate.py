@@ -104,17 +104,13 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
         bar.set_postfix(nll=f"{totals.nll / totals.tokens:.3f}",
                         kl=f"{totals.kl / totals.tokens:.3f}")
 
+    scoring = ScoringConfig(
+        steps=args.inference_steps, batch_size=args.batch_size, elbo_samples=args.elbo_samples,
+        iw_samples=args.iw_samples, seed=args.seed, latent_stats=True,
+        mi_samples=args.mi_samples, prior_samples=args.prior_samples)
     summary = mdlm_bound(ltm.decoder, windows, args, device, bar) if (
-        config.model_kind == "mdlm") else evaluate_windows(ltm, windows, config.inference,
-                                                           ScoringConfig(steps=args.inference_steps,
-                                                                         batch_size=args.batch_size,
-                                                                         elbo_samples=args.elbo_samples,
-                                                                         iw_samples=args.iw_samples,
-                                                                         seed=args.seed,
-                                                                         latent_stats=True,
-                                                                         mi_samples=args.mi_samples,
-                                                                         prior_samples=args.prior_samples),
-                                                           device=device, on_batch=progress)
+        config.model_kind == "mdlm") else evaluate_windows(
+        ltm, windows, config.inference, scoring, device=device, on_batch=progress)
     bar.close()
     return {
         **summary,

@@ -71,12 +71,11 @@ def unprompted_start(config, tokenizer, count: int, seed: int) -> tuple[torch.Te
     import torch
 
     from ..data import load_corpus
-    from ..run_folder import start_token
+    from ..run_folder import corpus_gone, start_token
 
-    path = config.data.path
-    if path is not None and not Path(path).exists():
-        print(f"note: the training corpus {path} is not there any more; samples start after "
-              "the end-of-line token", file=sys.stderr)
+    if corpus_gone(config):
+        print(f"note: the training corpus {config.data.path} is not there any more; samples "
+              "start after the end-of-line token", file=sys.stderr)
         return torch.full((count, 1), start_token(tokenizer)), "end-of-line token"
     corpus = load_corpus(config.data, config.model.context, tokenizer)
     pick = torch.randperm(len(corpus.windows["valid"]),
