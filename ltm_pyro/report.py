@@ -63,16 +63,17 @@ def provenance(device: torch.device | str) -> dict[str, str]:
 
 
 def portable(value: Any, root: Path = REPO) -> Any:
-    """``value`` (JSON-ready data) with every absolute path into the repository, or into a
-    folder beside it, written relative to the repository root: a run folder records its corpus
-    path absolute (so it loads from anywhere), but a committed result must not carry this
-    machine's folders (``tests/test_no_machine_paths.py``)."""
+    """``value`` (JSON-ready data) with every absolute path into the repository, or into the
+    corpora folder beside it (``../shared``, docs/data.md), written relative to the
+    repository root: a run folder records its corpus path absolute (so it loads from
+    anywhere), but a committed result must not carry this machine's folders
+    (``tests/test_no_machine_paths.py``). Other paths are left as they are."""
     if isinstance(value, dict):
         return {key: portable(item, root) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [portable(item, root) for item in value]
     if isinstance(value, str):
-        return value.replace(f"{root}/", "").replace(f"{root.parent}/", "../")
+        return value.replace(f"{root}/", "").replace(f"{root.parent}/shared/", "../shared/")
     return value
 
 
