@@ -55,8 +55,8 @@ def test_results_carry_no_path_of_this_machine(tmp_path):
 
     raw = {"config": {"data": {"path": f"{REPO.parent}/shared/data/ptb"}},
            "runs": [f"{REPO}/runs/x", "runs/y", None, 3.0], "url": "https://example.org/a/b",
-           "elsewhere": f"{REPO.parent}/scratch/run"}
+           "elsewhere": f"{REPO.parent}/other/run"}
     assert portable(raw) == {"config": {"data": {"path": "../shared/data/ptb"}},
                              "runs": ["runs/x", "runs/y", None, 3.0],
                              "url": "https://example.org/a/b",
-                             "elsewhere": f"{REPO.parent}/scratch/run"}
+                             "elsewhere": f"{REPO.parent}/other/run"}
