@@ -33,6 +33,7 @@ from ltm_pyro.cli import (  # noqa: E402
 )
 from ltm_pyro.data import BUILTIN_NAME, load_corpus  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
+from ltm_pyro.families import FAMILIES, family_of  # noqa: E402
 from ltm_pyro.generate import Sampling, prior_latents, sample_tokens  # noqa: E402
 from ltm_pyro.mdlm import sample_window  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
@@ -105,7 +106,8 @@ def main() -> int:
                              "the same corpus and tokenizer")
     if args.mdlm is not None:
         models["mdlm"], mdlm_config, mdlm_tokenizer = load(args.mdlm, args.device)
-        if (mdlm_config.model_kind != "mdlm" or mdlm_tokenizer.to_dict() != tokenizer.to_dict()
+        if (family_of(mdlm_config) is not FAMILIES["mdlm"]
+                or mdlm_tokenizer.to_dict() != tokenizer.to_dict()
                 or mdlm_config.model.context != config.model.context):
             raise UsageError("--mdlm must be an MDLM checkpoint with --ltm's context, corpus "
                              "and tokenizer")

@@ -20,15 +20,12 @@ shot accuracy against latent size"; scaling.py's grid trains on another corpus).
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import matplotlib.pyplot as plt  # noqa: E402
-import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
 from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -44,6 +41,7 @@ from ltm_pyro.comparisons import comparison_configs  # noqa: E402
 from ltm_pyro.config import RunConfig  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
+from ltm_pyro.families import family_of  # noqa: E402
 from ltm_pyro.fewshot import (  # noqa: E402
     PermutationTask,
     blind_guess_accuracy,
@@ -54,6 +52,7 @@ from ltm_pyro.generate import posterior_latents, sample_tokens  # noqa: E402
 from ltm_pyro.model import LatentThoughtModel  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import train  # noqa: E402
+from ltm_pyro.studies.figures import accuracy_figure, latents_figure  # noqa: E402
 from ltm_pyro.tokenizers import EOS, Tokenizer, encode_prompt  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
@@ -96,74 +95,6 @@ def accuracy(ltm: LatentThoughtModel, tokenizer: Tokenizer, items, inference, st
     return sum(exact_match(a, item.answer) for a, item in zip(answers, items)) / len(items)
 
 
-def accuracy_figure(rows: list[dict], chance: float, title: str | None = None):  # noqa: ANN201
-    """Accuracy against shots per variant (and T_eval) with +-1 binomial standard error,
-    sqrt(p (1 - p) / items); curves are nudged apart along x so their bars stay readable.
-    ``python experiments/replot.py LABEL.json`` redraws it from the results file."""
-    sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(7, 4.8), constrained_layout=True)
-    curves = list(dict.fromkeys((r["variant"], r["T_eval"]) for r in rows))
-    for i, (variant, steps) in enumerate(curves):
-        points = sorted((r for r in rows if r["variant"] == variant and r["T_eval"] == steps),
-                        key=lambda r: r["shots"])
-        offset = 0.04 * (i - (len(curves) - 1) / 2)  # k * (1 + offset); at k = 0 (linear): offset
-        label = variant if variant.startswith("ar") else f"{variant}, T_eval {steps}"
-        ax.errorbar([r["shots"] * (1 + offset) or offset for r in points],
-                    [r["accuracy"] for r in points],
-                    yerr=[binomial_se(r) for r in points], fmt="o-", capsize=3, label=label)
-    ax.axhline(chance, ls="--", color="grey", lw=1, label="chance (one fixed rule)")
-    ax.set_xscale("symlog", linthresh=1)
-    shots = sorted({r["shots"] for r in rows})
-    ax.set_xticks(shots, [str(k) for k in shots])
-    ax.set_xlim(-0.5, max(shots) * 1.25 + 0.5)
-    items = sorted({r["items"] for r in rows})
-    label_accuracy_axes(ax, "shots k (examples in the prompt)", title or (
-        f"Few-shot accuracy, ±1 binomial s.e. ({'/'.join(map(str, items))} items per point)"))
-    return fig
-
-
-def label_accuracy_axes(ax, xlabel: str, title: str) -> None:  # noqa: ANN001 - an Axes
-    """What both accuracy figures share: accuracy from 0 on y, labels, title and legend."""
-    ax.set_ylim(0, None)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("exact-match accuracy (fraction of held-out strings)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-
-
-def binomial_se(row: dict) -> float:
-    """One standard error of an accuracy over ``items`` independent items."""
-    return math.sqrt(row["accuracy"] * (1 - row["accuracy"]) / row["items"])
-
-
-def latents_figure(rows: list[dict], chance: float, title: str | None = None):  # noqa: ANN201
-    """Accuracy against latent vectors per layer, one curve per k at the largest T_eval, with
-    the ARs' accuracy at the largest k as flat lines: does more latent capacity buy few-shot
-    skill?"""
-    sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(7, 4.8), constrained_layout=True)
-    ltm = [r for r in rows if r["latents_per_layer"]]
-    steps = max(r["T_eval"] for r in ltm)
-    top = max(r["shots"] for r in rows)
-    for shots in sorted({r["shots"] for r in ltm}):
-        points = sorted((r for r in ltm if r["shots"] == shots and r["T_eval"] == steps),
-                        key=lambda r: r["latents_per_layer"])
-        ax.errorbar([r["latents_per_layer"] for r in points], [r["accuracy"] for r in points],
-                    yerr=[binomial_se(r) for r in points], fmt="o-", capsize=3,
-                    label=f"LTM, {shots}-shot")
-    for r in rows:
-        if not r["latents_per_layer"] and r["shots"] == top:
-            ax.axhline(r["accuracy"], ls="-.", lw=1.2, color="black" if r["variant"] ==
-                       "ar-window" else "tab:brown", label=f"{r['variant']}, {top}-shot")
-    ax.axhline(chance, ls="--", color="grey", lw=1, label="chance (one fixed rule)")
-    counts = sorted({r["latents_per_layer"] for r in ltm})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(counts, [str(n) for n in counts])
-    label_accuracy_axes(ax, "latent thought vectors per layer", title or (
-        f"Few-shot accuracy against latent size (T_eval {steps}, ±1 binomial s.e.)"))
-    return fig
-
-
 def variants(base: RunConfig, latents: list[int] | None) -> dict[str, RunConfig]:
     """The LTM and its matched ARs, or with ``latents`` one LTM per latent count (named
     ltm-TT-LN) and the ARs matched to the run flags' LTM."""
@@ -173,7 +104,7 @@ def variants(base: RunConfig, latents: list[int] | None) -> dict[str, RunConfig]
     ltm_name = f"ltm-T{base.inference.steps}"
     ltms = {f"{ltm_name}-L{n}": replace(found[ltm_name], model=replace(
         base.model, latents_per_layer=n)) for n in latents}
-    return {**ltms, **{name: c for name, c in found.items() if c.model_kind != "ltm"}}
+    return {**ltms, **{name: c for name, c in found.items() if not family_of(c).latent}}
 
 
 def main() -> int:

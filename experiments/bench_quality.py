@@ -54,10 +54,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import matplotlib.pyplot as plt  # noqa: E402
-import seaborn as sns  # noqa: E402
 
-from ltm_pyro.bounds import ScoringConfig, evaluate_windows  # noqa: E402
+from ltm_pyro.bounds import ScoringConfig  # noqa: E402
 from ltm_pyro.checkpoint import BEST_NAME, load_checkpoint, model_from_checkpoint  # noqa: E402
 from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
@@ -66,7 +64,7 @@ from ltm_pyro.cli import (  # noqa: E402
     add_window_arguments,
     config_from_args,
     int_list,
-    positive_float,
+    positive_float_list,
     positive_int,
     run_main,
 )
@@ -82,11 +80,11 @@ from ltm_pyro.config import InferenceConfig, RunConfig  # noqa: E402
 from ltm_pyro.data import describe_selection, load_corpus, select_windows  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
-from ltm_pyro.flops import fit_flops_per_token, forward_flops_per_token  # noqa: E402
-from ltm_pyro.mdlm import evaluate_bound  # noqa: E402
+from ltm_pyro.families import family_of  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import Diverged, finished_run, train  # noqa: E402
 from ltm_pyro.scaling import spent  # noqa: E402
+from ltm_pyro.studies.figures import curves_figure  # noqa: E402
 from ltm_pyro.uncertainty import mean_and_sd, paired_bootstrap  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
@@ -142,14 +140,6 @@ def parser() -> OneLineParser:
     return p
 
 
-def positive_float_list(text: str) -> list[float]:
-    """A comma-separated list of numbers above zero, e.g. "1e-3,3e-3"."""
-    values = [positive_float(v.strip()) for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"{text!r} must list numbers above zero")
-    return values
-
-
 def split_list(text: str) -> list[str]:
     splits = [s.strip() for s in text.split(",") if s.strip()]
     if not splits or any(s not in ("train", "valid", "test") for s in splits):
@@ -165,51 +155,6 @@ def eval_inference(name: str, steps: int, trained: RunConfig, base: RunConfig
     if name != NO_INFERENCE:
         return trained.inference
     return prior_as_posterior(base.inference) if steps == 0 else base.inference
-
-
-def curves_figure(curves: dict[str, list[dict]], references: dict[str, float],
-                  title: str | None = None, borrowed: tuple[str, ...] = ()):  # noqa: ANN201
-    """Validation -ELBO (AR: NLL) of each variant against training tokens and training FLOPs
-    (log axes with SI-prefixed ticks), with the corpus' valid references. Variants named in
-    ``borrowed`` (curves taken from another results file) are drawn dashed with open markers.
-    ``python experiments/replot.py LABEL.json`` redraws it from the results file."""
-    from ltm_pyro.viz import readable_log_ticks, reference_label
-
-    sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    colours = dict(zip(curves, sns.color_palette("tab10" if len(curves) <= 10 else "husl",
-                                                  len(curves))))
-    for ax, x_key, label in ((axes[0], "tokens", "training tokens (k = 1e3, M = 1e6)"),
-                             (axes[1], "flops", "training FLOPs, every inner step counted "
-                                                "(G = 1e9, T = 1e12)")):
-        for name, points in curves.items():
-            ax.plot([p[x_key] for p in points], [p["neg_elbo"] for p in points],
-                    "o--" if name in borrowed else "o-", color=colours[name], label=name,
-                    mfc="white" if name in borrowed else None)
-        for ref, style in (("unigram_entropy_valid", "--"), ("entropy_floor_valid", ":")):
-            if ref in references:
-                ax.axhline(references[ref], ls=style, lw=1, label=reference_label(ref),
-                           color="grey" if style == "--" else "black")
-        ax.set_xscale("log")
-        readable_log_ticks(ax)
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation -ELBO (nats/token; AR: NLL)")
-        ax.set_title(f"against training {'tokens' if x_key == 'tokens' else 'FLOPs'}")
-        ax.legend(fontsize=8)
-    fig.suptitle(title or "Validation -ELBO against the training budget")
-    return fig
-
-
-def eval_passes(config: RunConfig, steps: int, iw_samples: int, bound_samples: int) -> float:
-    """What the row's iwae figure cost, in decoder forward passes per scored window: the fit
-    (T x 2: a forward and an input-gradient backward per inner step; the encoder's proposal,
-    if any) and K importance draws. AR: one pass; MDLM: its bound's draws."""
-    if config.model_kind == "mdlm":
-        return float(bound_samples)
-    if not config.model.latents_per_layer:
-        return 1.0
-    fit = fit_flops_per_token(config.model, steps, config.inference)
-    return round(fit / forward_flops_per_token(config.model) + iw_samples, 2)
 
 
 def add_paired_intervals(rows: list[dict], per_window: dict[tuple, dict], ltm: str,
@@ -347,17 +292,12 @@ def score(bench: Bench, name: str, ltm, trained: RunConfig, split: str, steps: i
           seed: int) -> dict:
     """One split's figures at T_eval ``steps`` (an MDLM: its bound), per window as well."""
     args, device, batch = bench.args, trained.train.device, trained.train.batch_size
-    if trained.model_kind == "mdlm":
-        return evaluate_bound(ltm.decoder, bench.windows(split), args.bound_samples, batch,
-                              seed, device)
-    return evaluate_windows(ltm, bench.windows(split),
-                            eval_inference(name, steps, trained, bench.base),
-                            ScoringConfig(steps=steps, batch_size=batch,
-                                          elbo_samples=args.elbo_samples,
-                                          iw_samples=args.iw_samples, seed=seed, latent_stats=True,
-                                          mi_samples=args.mi_samples,
-                                          prior_samples=args.prior_samples, per_window=True),
-                            device=device)
+    return family_of(trained).score(
+        ltm, bench.windows(split), eval_inference(name, steps, trained, bench.base),
+        ScoringConfig(steps=steps, batch_size=batch, elbo_samples=args.elbo_samples,
+                      iw_samples=args.iw_samples, seed=seed, latent_stats=True,
+                      mi_samples=args.mi_samples, prior_samples=args.prior_samples,
+                      per_window=True, bound_samples=args.bound_samples), device)
 
 
 def run_variant(bench: Bench, name: str, config: RunConfig, seed: int, run_dir: Path) -> None:
@@ -389,7 +329,8 @@ def run_variant(bench: Bench, name: str, config: RunConfig, seed: int, run_dir: 
             "tokens_seen": tokens_seen, "train_pflops": used["train_flops"] / 1e15,
             "train_wall_s": None if wall is None else round(wall, 1), "split": split,
             "T_eval": steps,
-            "eval_passes": eval_passes(trained, steps, args.iw_samples, args.bound_samples),
+            "eval_passes": family_of(trained).score_passes(trained, ScoringConfig(
+                steps=steps, iw_samples=args.iw_samples, bound_samples=args.bound_samples)),
             **summary})
         print(markdown_table(bench.rows[-1:], bench.columns), flush=True)
 
@@ -440,7 +381,7 @@ def equal_flop_runs(bench: Bench, runs: dict[str, RunConfig], reference: str
 
     found = {}
     for name, config in runs.items():
-        if config.model_kind in ("ar", "mdlm"):
+        if not family_of(config).latent:
             steps = equal_flop_steps(sized(runs[reference]), sized(config))
             found[name + FLOPS_SUFFIX] = replace(config, train=replace(
                 config.train, max_steps=steps, keep_best=True))

@@ -76,7 +76,7 @@ def parser() -> OneLineParser:
 
 def controlled(config: RunConfig) -> RunConfig:
     """The run with the prior control at every validation (32 draws unless told)."""
-    if config.model_kind != "ltm" or not config.model.latents_per_layer:
+    if not config.model.latents_per_layer:
         raise UsageError("latent use over training needs an LTM with latents; drop --model "
                          "and --latents-per-layer 0")
     draws = config.train.eval_prior_control or DEFAULT_DRAWS

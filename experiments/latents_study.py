@@ -41,9 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
@@ -58,20 +56,26 @@ from ltm_pyro.cli import (  # noqa: E402
     non_negative_int,
     run_main,
 )
-from ltm_pyro.comparisons import prior_as_posterior, tokens_per_step  # noqa: E402
+from ltm_pyro.comparisons import prior_as_posterior, validation_curve  # noqa: E402
 from ltm_pyro.config import RunConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
-from ltm_pyro.files import read_jsonl, write_json  # noqa: E402
+from ltm_pyro.files import write_json  # noqa: E402
 from ltm_pyro.flops import (  # noqa: E402
     fit_flops_per_token,
     forward_flops_per_token,
     training_flops_per_token,
 )
 from ltm_pyro.inference import fit_local_posterior  # noqa: E402
-from ltm_pyro.latent_use import slot_linear_r2  # noqa: E402
+from ltm_pyro.latent_use import slot_correlation_matrices, slot_linear_r2  # noqa: E402
 from ltm_pyro.modes import evaluating  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import METRICS_NAME, train  # noqa: E402
+from ltm_pyro.runner import train  # noqa: E402
+from ltm_pyro.studies.figures import (  # noqa: E402
+    CURVE_KEYS,
+    bounds_mi_figure,
+    slots_figure,
+    training_figure,
+)
 from ltm_pyro.viz import save_figure  # noqa: E402
 
 # Each variant: flags added to the study's own run flags (same tokens, seed and data).
@@ -191,16 +195,6 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     return float(model.score(test_x, test_y))
 
 
-def slot_correlation_matrices(loc: torch.Tensor, n_layers: int) -> list[list[list[float]]]:
-    """Per layer, |correlation| between its slots' centred posterior means ([S, S])."""
-    out = []
-    for layer in loc.double().unflatten(1, (n_layers, -1)).unbind(1):
-        rows = (layer - layer.mean(0)).transpose(0, 1).flatten(1)
-        unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        out.append((unit @ unit.T).abs().tolist())
-    return out
-
-
 def costs(trained, steps: int) -> dict:  # noqa: ANN001 - a RunConfig
     """Decoder-forward equivalents (FLOPs / one decoder forward, ``ltm_pyro/flops.py``, the
     encoder included): per training iteration, and per scored window for the fit at T_eval
@@ -281,8 +275,12 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
                             row[f"probe_{factor}_per_slot"] = [
                                 probe(slot_tx[:, i], tf[:, column], slot_x[:, i],
                                       factors[:, column]) for i in range(slot_x.shape[1])]
-                    extra["slot_matrices"][split] = slot_correlation_matrices(
-                        loc, trained.model.n_layers)
+                    # Still slots (no movement across windows) are None: their correlation
+                    # would be a direction of rounding noise (``latent_use``).
+                    matrices = slot_correlation_matrices(loc, trained.model.n_layers).tolist()
+                    extra["slot_matrices"][split] = [
+                        [[None if math.isnan(v) else v for v in row] for row in layer]
+                        for layer in matrices]
                 rows.append(row)
                 print(markdown_table([row], COLUMNS), flush=True)
     result = {"variant": name, "flags": VARIANTS[name], "rows": rows,
@@ -290,120 +288,6 @@ def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> 
               "references": corpus.references}
     write_json(run_dir / "study.json", result)
     return result
-
-
-def bounds_mi_figure(results: list[dict], title: str | None = None):  # noqa: ANN201 - a Figure
-    """iwae_ppl and MI (from 0, with its standard error, cap and goal) against T_eval, per
-    variant; the ARs' exact perplexities as horizontal lines."""
-    sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for result in results:
-        rows = [r for r in result["rows"] if r["split"] == "valid" and r["eval_start"] == "trained"]
-        rows.sort(key=lambda r: r["T_eval"])
-        if not rows:
-            continue
-        t = [max(r["T_eval"], 0.5) for r in rows]
-        if result["variant"].startswith("ar"):  # exact perplexity: no inference steps
-            axes[0].axhline(rows[0]["iwae_ppl"], ls="--", lw=1, label=result["variant"],
-                            color="grey" if result["variant"] == "ar-full" else "black")
-        else:
-            axes[0].plot(t, [r["iwae_ppl"] for r in rows], "o-", label=result["variant"])
-            axes[1].errorbar(t, [r["mutual_info_per_window"] for r in rows],
-                             yerr=[r["mutual_info_stderr"] for r in rows], fmt="o-", capsize=3,
-                             label=result["variant"])
-    cap = next((r["mutual_info_cap"] for res in results for r in res["rows"]), math.log(256))
-    axes[1].axhline(cap, ls="--", color="grey", lw=1, label="cap log N")
-    axes[1].axhline(3.0, ls=":", color="black", lw=1, label="goal 3 nats")
-    axes[1].set_ylim(0, None)
-    for ax, label, heading in (
-            (axes[0], "valid iwae_ppl (perplexity per token)", "IWAE perplexity (lower is better)"),
-            (axes[1], "valid MI I(x; z) per window (nats, ±1 s.e.)",
-             "Mutual information between x and z")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("T_eval (inference steps at evaluation; 0 drawn at 0.5)")
-        ax.set_ylabel(label)
-        ax.set_title(heading)
-        ax.legend(fontsize=8)
-    fig.suptitle(title or "Latent levers against test-time inference steps (valid split)")
-    return fig
-
-
-def slots_figure(results: list[dict], title: str | None = None):  # noqa: ANN201 - a Figure
-    with_slots = [r for r in results if r["slot_matrices"].get("test")]
-    layers = len(with_slots[0]["slot_matrices"]["test"]) if with_slots else 1
-    fig, axes = plt.subplots(layers, max(1, len(with_slots)), squeeze=False,
-                             figsize=(3.2 * max(2, len(with_slots)), 3 * layers),
-                             constrained_layout=True)
-    for column, result in enumerate(with_slots):
-        for layer, matrix in enumerate(result["slot_matrices"]["test"]):
-            ax = axes[layer][column]
-            sns.heatmap(np.array(matrix), vmin=0, vmax=1, annot=True, fmt=".2f", cmap="mako",
-                        cbar=column == len(with_slots) - 1, cbar_kws={"label": "|correlation|"},
-                        ax=ax)
-            ax.set_title(f"{result['variant']}, layer {layer}", fontsize=9)
-            ax.set(xlabel="slot", ylabel="slot")
-    fig.suptitle(title or "|correlation| of slots' posterior means (test split, training T; "
-                          "1 = copies)", fontsize=10)
-    return fig
-
-
-CURVE_KEYS = ("neg_elbo", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-              "mutual_info_cap")
-
-
-def training_curve(run_dir: Path, config: RunConfig) -> list[dict]:
-    """A variant's validation records against training tokens: the -ELBO and what z carries
-    (the runner scores ``eval_windows`` valid windows at each evaluation, so the MI cap is
-    log of that count, lower than the tables')."""
-    metrics = run_dir / METRICS_NAME
-    if not metrics.exists():
-        return []
-    tokens = tokens_per_step(config)
-    return [{"step": r["step"], "tokens": r["step"] * tokens,
-             **{key: r.get(key) for key in CURVE_KEYS}}
-            for r in read_jsonl(metrics) if r["split"] == "valid"]
-
-
-def training_figure(curves: dict[str, list[dict]], title: str | None = None):  # noqa: ANN201
-    """Validation -ELBO (AR: NLL) and the LTMs' MI and KL per window against training tokens:
-    when z starts to carry information, and whether it keeps it."""
-    sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    colours = dict(zip(curves, sns.color_palette("tab10", max(10, len(curves)))))
-    caps = []
-    for name, points in curves.items():
-        tokens = [p["tokens"] for p in points]
-        axes[0].plot(tokens, [p["neg_elbo"] for p in points], "o-", color=colours[name],
-                     label=name)
-        latent = [p for p in points if p.get("kl_per_window")]  # an AR has no KL
-        if not latent:
-            continue
-        x = [p["tokens"] for p in latent]
-        axes[1].errorbar(x, [p["mutual_info_per_window"] for p in latent],
-                         yerr=[p["mutual_info_stderr"] or 0.0 for p in latent], fmt="o-",
-                         capsize=3, color=colours[name], label=f"{name}: MI")
-        axes[1].plot(x, [p["kl_per_window"] for p in latent], ":", color=colours[name],
-                     label=f"{name}: KL")
-        caps.append(latent[-1]["mutual_info_cap"])
-    if caps:
-        axes[1].axhline(max(caps), ls="--", color="grey", lw=1,
-                        label=f"MI cap log N = {max(caps):.2f} (N: validation windows)")
-    axes[0].set(xlabel="training tokens", ylabel="validation -ELBO (nats/token; AR: NLL)",
-                title="Bound during training")
-    axes[1].set(xlabel="training tokens", ylabel="nats per window (valid)", ylim=(0, None),
-                title="What z carries (MI, ±1 s.e.) and costs (KL, dotted) during training")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.suptitle(title or "Latent levers during training (validation records)")
-    return fig
-
-
-def results_from_report(report_json: dict) -> list[dict]:
-    """The per-variant results of a LABEL.json written by ``report``, as the figures take
-    them (``python experiments/replot.py LABEL.json`` redraws both figures from it)."""
-    return [{"variant": name, "rows": [r for r in report_json["rows"] if r["variant"] == name],
-             "slot_matrices": report_json["slot_matrices"].get(name, {})}
-            for name in report_json["variants"]]
 
 
 def report(argv_base: list[str], args: argparse.Namespace) -> None:
@@ -420,8 +304,8 @@ def report(argv_base: list[str], args: argparse.Namespace) -> None:
     notes = notes_path.read_text() if notes_path.exists() else ""
     flags = "\n".join(f"- `{r['variant']}`: `{' '.join(r['flags']) or '(none)'}`" for r in results)
     references = results[0]["references"] if results else {}
-    curves = {r["variant"]: training_curve(args.runs / args.label / r["variant"],
-                                           RunConfig.from_dict(r["config"]))
+    curves = {r["variant"]: validation_curve(args.runs / args.label / r["variant"],
+                                             RunConfig.from_dict(r["config"]), CURVE_KEYS)
               for r in results}
     write_results(args.results / f"{args.label}.json", f"Latent levers: {args.label}", "cpu",
                   {"rows": rows, "variants": {r["variant"]: r["flags"] for r in results},

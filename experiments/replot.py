@@ -24,7 +24,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ltm_pyro.cli import OneLineParser, run_main  # noqa: E402
@@ -73,7 +72,7 @@ def replot(path: Path, baselines_from: Path | None = None) -> list[Path]:
     results = json.loads(path.read_text())
     command, label = results.get("command", ""), path.stem
     if "bench_quality.py" in command:
-        from bench_quality import curves_figure
+        from ltm_pyro.studies.figures import curves_figure
 
         curves, borrowed = results["curves"], ()
         title = f"{label} ({results['corpus']}): validation -ELBO against the training budget"
@@ -85,14 +84,14 @@ def replot(path: Path, baselines_from: Path | None = None) -> list[Path]:
         figures = {path.with_suffix(".png"): curves_figure(
             curves, results["references"], title, borrowed)}
     elif "bench_icl.py" in command:
-        from bench_icl import accuracy_figure, latents_figure
+        from ltm_pyro.studies.figures import accuracy_figure, latents_figure
 
         rows, chance = results["rows"], results["blind_guess_accuracy"]
         figures = {path.with_suffix(".png"): accuracy_figure(rows, chance)}
         if "--latents" in command:
             figures[path.with_name(f"{label}-latents.png")] = latents_figure(rows, chance)
     elif "latents_study.py" in command:
-        from latents_study import (
+        from ltm_pyro.studies.figures import (
             bounds_mi_figure,
             results_from_report,
             slots_figure,

@@ -56,7 +56,7 @@ from ltm_pyro.cli import (  # noqa: E402
     add_scoring_arguments,
     config_from_args,
     int_list,
-    positive_float,
+    positive_float_list,
     positive_int,
     run_main,
 )
@@ -65,8 +65,8 @@ from ltm_pyro.config import RunConfig  # noqa: E402
 from ltm_pyro.data import load_corpus  # noqa: E402
 from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
+from ltm_pyro.families import family_of  # noqa: E402
 from ltm_pyro.files import write_json  # noqa: E402
-from ltm_pyro.flops import fit_flops_per_token, forward_flops_per_token  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.runner import train  # noqa: E402
 from ltm_pyro.scaling import (  # noqa: E402
@@ -93,14 +93,6 @@ COLUMNS = ["budget", "run", "params", "encoder_params", "T", "max_steps", "token
 #: Run flags that an axis of the grid replaces: giving both is ambiguous.
 AXIS_FLAGS = {"widths": "d_model", "depths": "n_layers", "latents": "latents_per_layer",
               "latent_dims": "latent_dim", "steps": "inference_steps"}
-
-
-def positive_float_list(text: str) -> list[float]:
-    """A comma-separated list of finite numbers above zero, e.g. "4e5,8e5"."""
-    values = [positive_float(v) for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"{text!r} must list finite numbers above zero")
-    return values
 
 
 def latent_dim_list(text: str) -> list[int | None]:
@@ -162,7 +154,7 @@ def parser() -> OneLineParser:
 
 def grid_axes(args: argparse.Namespace, base: RunConfig) -> dict:
     """Each axis's values: the flag's, or the run flags' single value."""
-    if base.model_kind != "ltm":
+    if not family_of(base).latent:
         raise UsageError("scaling trains both families itself: drop --model and choose them "
                          "with --families")
     for axis, flag in AXIS_FLAGS.items():
@@ -272,22 +264,14 @@ def train_and_score(args: argparse.Namespace, run: dict, windows, settings: dict
     return stored
 
 
-def eval_passes(config: RunConfig, iw_samples: int) -> float:
-    """Decoder forward passes per scored window behind iwae_ppl: the fit (T x 2) and K
-    importance draws; an AR: one pass."""
-    if not config.model.latents_per_layer:
-        return 1.0
-    fit = fit_flops_per_token(config.model, config.inference.steps, config.inference)
-    return round(fit / forward_flops_per_token(config.model) + iw_samples, 2)
-
-
 def row(run: dict, stored: dict, train_windows: int, iw_samples: int) -> dict:
     config, point = run["config"], run["point"]
     return {"budget": run["budget"], "run": run["dir"].name, **asdict(point),
             "T": point.steps, "params": count_parameters(config.model),
             "encoder_params": count_encoder_parameters(config.model, config.inference),
             **spent(config, train_windows), "train_wall_s": stored["train_wall_s"],
-            "eval_passes": eval_passes(config, iw_samples), **stored["summary"]}
+            "eval_passes": family_of(config).score_passes(
+                config, ScoringConfig(iw_samples=iw_samples)), **stored["summary"]}
 
 
 def series_label(r: dict, by_budget: bool) -> str:

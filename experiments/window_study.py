@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ltm_pyro.cli import OneLineParser, run_main  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
+from ltm_pyro.families import FAMILIES  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.viz import save_figure  # noqa: E402
 
@@ -119,7 +120,8 @@ def main() -> int:
             raise UsageError(f"--pair {window}: the window must be a whole number of tokens")
     for window, ltm_path, ar_path in sorted(args.pair, key=lambda p: int(p[0])):
         ltm, ar = read(Path(ltm_path)), read(Path(ar_path))
-        if ltm.get("model_kind") != "ltm" or "prior_iwae_ppl" not in ltm:
+        if not FAMILIES.get(ltm.get("model_kind"), FAMILIES["ar"]).latent or (
+                "prior_iwae_ppl" not in ltm):
             raise UsageError(f"{ltm_path} is not an LTM's result with a prior control")
         for other, path in ((ar, ar_path), (full, args.full)):
             differ = [k for k in SAME if other.get(k) != ltm.get(k)]

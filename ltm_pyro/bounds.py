@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -207,6 +208,50 @@ def _refuse_bidirectional(ltm: LatentThoughtModel) -> None:
         raise UsageError("an MDLM is scored by its NELBO bound (ltm_pyro.mdlm.evaluate_bound)")
 
 
+class _Figures(TypedDict):
+    """The figures ``evaluate_windows`` always returns (see ``Bounds``)."""
+
+    tokens: int
+    sequences: int
+    nll_per_token: float
+    kl_per_token: float
+    elbo_per_token: float
+    iwae_per_token: float
+    recon_nll_per_token: float
+    elbo_ppl: float
+    iwae_ppl: float
+    recon_ppl: float
+    inference_steps: int
+    elbo_samples: int
+    iw_samples: int
+
+
+class Bounds(_Figures, total=False):
+    """What ``evaluate_windows`` returns: plain JSON-ready figures under the names every
+    results file uses. Always: per token, the expected NLL and KL under q (``elbo = -(nll +
+    kl)``), the IWAE estimate of log p(x) and the NLL at the fitting draw; their perplexities
+    (``elbo_ppl`` and ``iwae_ppl`` are bounds, ``recon_ppl`` is not); the settings that made
+    them. The keys below only when ``ScoringConfig`` asks for them."""
+
+    # prior_samples K > 0: the IWAE with the prior as proposal.
+    prior_samples: int
+    prior_iwae_per_token: float
+    prior_iwae_ppl: float
+    # latent_stats: what z carries (``latent_use.latent_use_summary``).
+    kl_per_window: float
+    mutual_info_per_window: float
+    mutual_info_stderr: float
+    mutual_info_cap: float
+    mutual_info_samples: int
+    active_units: int
+    active_units_total: int
+    slot_correlation: float | None
+    slot_effective_rank: float | None
+    slot_linear_r2: float | None
+    # per_window: each window's tokens, -ELBO and -IWAE (and the prior's -IWAE), in nats.
+    per_window: dict[str, list[float]]
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
     """How ``evaluate_windows`` scores a split, as one object every caller passes.
@@ -217,7 +262,8 @@ class ScoringConfig:
     ``iw_samples`` K draws for the IWAE bound, ``prior_samples`` K > 0 draws from the prior for
     ``prior_iwae_ppl`` (0: skip); ``latent_stats`` adds what z carries (``latent_use``, MI
     from ``mi_samples`` draws a window); ``per_window`` each window's figures (paired
-    intervals); draws come from generators seeded with ``seed``.
+    intervals); draws come from generators seeded with ``seed``. ``bound_samples``: an
+    MDLM's masked-count draws per window for its bound (``families.MaskedDiffusion``).
     """
 
     steps: int | None = None
@@ -230,6 +276,7 @@ class ScoringConfig:
     prior_samples: int = 0
     per_window: bool = False
     fit_free_bits: bool = False
+    bound_samples: int = 64
 
 
 def evaluate_windows(
@@ -239,7 +286,7 @@ def evaluate_windows(
     scoring: ScoringConfig | None = None,
     device: torch.device | str = "cpu",
     on_batch=None,  # noqa: ANN001 - optional callable(BoundTotals), e.g. a progress bar
-) -> dict[str, float]:
+) -> Bounds:
     """Fit each batch's posterior with T_eval inner steps and total the three bounds, as
     ``scoring`` says (``ScoringConfig``; default: T_eval = T, one draw each).
 

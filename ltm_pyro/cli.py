@@ -10,10 +10,19 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
-from .config import PRESETS, RECIPES, TOKENIZERS, ModelConfig, RunConfig, apply_recipe, preset
+from .config import (
+    PRESETS,
+    RECIPES,
+    TOKENIZERS,
+    ModelConfig,
+    ModelKind,
+    RunConfig,
+    apply_recipe,
+    preset,
+)
 from .errors import UsageError
 from .files import written_files
 
@@ -55,6 +64,14 @@ def rate_below_one(text: str) -> float:
 
 def finite_float(text: str) -> float:
     return _number(text, float, lambda v: True, "a finite number")
+
+
+def positive_float_list(text: str) -> list[float]:
+    """A comma-separated list of finite numbers above zero, e.g. "1e-3,3e-3"."""
+    values = [positive_float(v.strip()) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} must list finite numbers above zero")
+    return values
 
 
 def int_list(text: str) -> list[int]:
@@ -218,7 +235,7 @@ def _data_arguments(g: argparse._ArgumentGroup) -> None:
 
 
 def _model_arguments(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--model", choices=("ltm", "ar", "mdlm"), default="ltm",
+    g.add_argument("--model", choices=get_args(ModelKind), default="ltm",
                    help="the latent-thought model, the autoregressive baseline (no z), or the "
                    "masked-diffusion baseline (MDLM: bidirectional, no z)")
     g.add_argument("--match-params", action="store_true",
@@ -406,22 +423,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     train_cfg.device = args.device
     train_cfg.compile = args.compile
     train_cfg.keep_best = train_cfg.keep_best or args.keep_best
-    config.model = _model_of_kind(args, model)
+    config.model = _family_shape(args, model)
     return config
 
 
-def _model_of_kind(args: argparse.Namespace, model: ModelConfig) -> ModelConfig:
+def _family_shape(args: argparse.Namespace, model: ModelConfig) -> ModelConfig:
     """The LTM's shape, or a baseline's made from it (``--model``, ``--match-params``)."""
-    from .decoder import matched_ar_config
-    from .mdlm import mdlm_model_config
+    from .families import family_named
 
-    if args.match_params and args.model == "ltm":
-        raise UsageError("--match-params applies to --model ar or mdlm only")
-    if args.model == "ar":
-        return matched_ar_config(model) if args.match_params else replace(
-            model, latents_per_layer=0)
-    if args.model == "mdlm":
-        if args.window:
-            raise UsageError("--model mdlm attends to the whole window: drop --window")
-        return mdlm_model_config(model, args.match_params)
-    return model
+    family = family_named(args.model)
+    if args.window and not family.windowed:
+        raise UsageError(f"--model {args.model} attends to the whole window: drop --window")
+    return family.shape(model, args.match_params)

@@ -8,11 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import InferenceConfig, RunConfig
-from .decoder import matched_ar_config
 from .errors import UsageError
+from .families import FAMILIES, family_of
 from .files import read_jsonl
 from .flops import training_flops_per_token
-from .mdlm import mdlm_model_config
 
 NO_INFERENCE = "ltm-no-inference"
 
@@ -39,7 +38,7 @@ def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None
     over it is what fitting q brings (in training or at test time), and its own gain or loss
     against the ARs is the architecture and training noise, not latent use.
     """
-    if base.model_kind != "ltm":
+    if not family_of(base).latent:
         raise UsageError("a comparison trains the LTM and its baselines: drop --model "
                          f"{base.model_kind}")
     found: dict[str, RunConfig] = {}
@@ -48,13 +47,15 @@ def comparison_configs(base: RunConfig, inference_steps: list[int] | None = None
     if with_no_inference:
         found[NO_INFERENCE] = replace(base, inference=prior_as_posterior(base.inference))
     if with_ar:
+        ar = FAMILIES["ar"]
         for name, window in (("ar-window", base.model.window), ("ar-full", None)):
-            ar_model = matched_ar_config(replace(base.model, window=window))
-            found[name] = replace(base, model_kind="ar", model=ar_model)
+            found[name] = replace(base, model_kind=ar.name, model=ar.shape(
+                replace(base.model, window=window), match_params=True))
     if with_mdlm:
         # MDLM masks its inputs itself: word dropout is the causal decoders' lever only.
-        found["mdlm"] = replace(base, model_kind="mdlm",
-                                model=mdlm_model_config(base.model, match_params=True),
+        mdlm = FAMILIES["mdlm"]
+        found["mdlm"] = replace(base, model_kind=mdlm.name,
+                                model=mdlm.shape(base.model, match_params=True),
                                 train=replace(base.train, word_dropout=0.0))
     return found
 
@@ -93,10 +94,15 @@ def equal_flop_steps(reference: RunConfig, baseline: RunConfig) -> int:
     return max(1, round(reference.train.max_steps * step_flops(reference) / step_flops(baseline)))
 
 
-def validation_curve(run_dir: Path, config: RunConfig) -> list[dict]:
+def validation_curve(run_dir: Path, config: RunConfig, keys: tuple[str, ...] = ("neg_elbo",)
+                     ) -> list[dict]:
     """A run's validations: step, training tokens and training FLOPs (every inner step
-    counted) so far, and the valid -ELBO (AR: exact NLL). ``config`` is the trained run's,
-    its ``vocab_size`` set."""
+    counted) so far, and the records' ``keys`` (by default the valid -ELBO; AR: exact NLL;
+    None where a record lacks one). ``config`` is the trained run's, its ``vocab_size`` set.
+    A run with no metrics yet has no curve."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not metrics.exists():
+        return []
     return [{"step": r["step"], "tokens": r["step"] * tokens_per_step(config),
-             "flops": r["step"] * step_flops(config), "neg_elbo": r["neg_elbo"]}
-            for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["split"] == "valid"]
+             "flops": r["step"] * step_flops(config), **{key: r.get(key) for key in keys}}
+            for r in read_jsonl(metrics) if r["split"] == "valid"]

@@ -196,7 +196,7 @@ class RunConfig:
         """The settings that decide what a run's latents can do, in one line (notebooks print
         it first, so a figure is never read without the run it came from)."""
         m, q, t = self.model, self.inference, self.train
-        if self.model_kind != "ltm" or not m.latents_per_layer:
+        if not m.latents_per_layer:
             latents = "no latents"
         else:
             start = f"log-var {q.init_log_var:g}, slot offsets {q.init_loc_scale:g}"

@@ -29,13 +29,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .amortised import build_encoder
-from .bounds import ScoringConfig, evaluate_windows
 from .checkpoint import BEST_NAME, checkpoint_path, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import BatchSampler, Corpus, load_corpus
 from .decoder import Decoder
 from .distributed import Shard, process_group, shard_from_environment
 from .errors import UsageError
+from .families import family_of
 from .files import (
     FolderLocked,
     WriteFailed,
@@ -45,11 +45,10 @@ from .files import (
     rewrite_jsonl,
     write_json,
 )
-from .mdlm import MaskedDiffusionTrainer, validation_record
 from .model import LatentThoughtModel
 from .modes import resolve_device
 from .run_folder import TOKENIZER_NAME, with_absolute_data_path, write_tokenizer
-from .svi import DualRateSVI, StepStats
+from .svi import StepStats
 from .tokenizers import tokenizer_from_dict
 from .training_state import LogWindow, TrainingState
 from .viz import save_figure, training_curves
@@ -185,35 +184,6 @@ def _prepare_folder(out: Path, config: RunConfig, force: bool) -> dict | None:
     return None
 
 
-LATENT_KEYS = ("kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-               "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
-               "slot_effective_rank", "slot_linear_r2")
-
-
-def _evaluate(ltm: LatentThoughtModel, windows: torch.Tensor, config: RunConfig,
-              device: torch.device) -> dict:
-    """Validation figures at the full KL weight, with what the latents carry (``latent_use``)
-    and, with ``eval_prior_control`` K > 0 and latents, the prior control: ``iwae_ppl`` and
-    ``prior_iwae_ppl`` from K draws each, and ``prior_control`` = their ratio - 1."""
-    cfg = config.train
-    if config.model_kind == "mdlm":
-        return validation_record(ltm.decoder, windows[: cfg.eval_windows], cfg, device)
-    control = cfg.eval_prior_control if ltm.has_latents else 0
-    summary = evaluate_windows(ltm, windows[: cfg.eval_windows], config.inference,
-                               ScoringConfig(batch_size=cfg.batch_size,
-                                             elbo_samples=cfg.eval_samples,
-                                             iw_samples=max(control, 1), seed=cfg.seed,
-                                             latent_stats=True, prior_samples=control),
-                               device=device)
-    record = {"neg_elbo": -summary["elbo_per_token"], "nll": summary["nll_per_token"],
-              "kl": summary["kl_per_token"], "elbo_ppl": summary["elbo_ppl"],
-              "recon_ppl": summary["recon_ppl"], **{k: summary[k] for k in LATENT_KEYS}}
-    if control:
-        record.update(iwae_ppl=summary["iwae_ppl"], prior_iwae_ppl=summary["prior_iwae_ppl"],
-                      prior_control=summary["prior_iwae_ppl"] / summary["iwae_ppl"] - 1)
-    return record
-
-
 class Interrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after writing a checkpoint; carries the exit status."""
 
@@ -287,12 +257,10 @@ def _build_state(config: RunConfig, shard: Shard, device: torch.device,
         ltm.encoder = encoder.to(device)
     if config.train.compile:
         ltm.compile()
-    svi = MaskedDiffusionTrainer(ltm, config.train, generator, shard) if (
-        config.model_kind == "mdlm") else DualRateSVI(ltm, config.inference, config.train,
-                                                      generator, shard)
+    trainer = family_of(config).trainer(ltm, config, generator, shard)
     if resume:
-        return TrainingState.from_dict(resume, svi, generator)
-    return TrainingState(svi, generator)
+        return TrainingState.from_dict(resume, trainer, generator)
+    return TrainingState(trainer, generator)
 
 
 def _due(done: int, every: int, config: RunConfig) -> bool:
@@ -320,7 +288,7 @@ class TrainingRun:
                 **config.to_dict(),
                 "corpus": {"name": corpus.name, "references": corpus.references,
                            "windows": {k: len(v) for k, v in corpus.windows.items()}},
-                "parameters": state.svi.ltm.decoder.num_parameters(),
+                "parameters": state.trainer.ltm.decoder.num_parameters(),
             })
         self.last_valid = next((r for r in reversed(self.records) if r["split"] == "valid"), {})
 
@@ -368,8 +336,10 @@ class TrainingRun:
         """Score the validation windows; with ``keep_best``, a new lowest -ELBO is saved as
         best.pt, so a long baseline run can be scored where it was best (early stopping)."""
         earlier = [r["neg_elbo"] for r in self.records if r["split"] == "valid"]
-        self.last_valid = {"split": "valid", "step": self.state.step, **_evaluate(
-            self.state.svi.ltm, self.corpus.windows["valid"], self.config, self.device)}
+        self.last_valid = {"split": "valid", "step": self.state.step,
+                           **family_of(self.config).validate(
+                               self.state.trainer.ltm, self.corpus.windows["valid"],
+                               self.config, self.device)}
         self.log(self.last_valid)
         if self.config.train.keep_best and self.last_valid["neg_elbo"] < min(
                 earlier, default=float("inf")):
@@ -410,7 +380,8 @@ class TrainingRun:
                     break
                 started = time.perf_counter()
                 indices = shard.slice(self.sampler.indices(step))
-                stats = state.svi.step(self.corpus.windows["train"][indices].to(self.device), mask)
+                batch = self.corpus.windows["train"][indices].to(self.device)
+                stats = state.trainer.step(batch, mask)
                 state.record(stats, time.perf_counter() - started)
                 if _due(state.step, cfg.log_every, self.config):
                     self.log_training(stats, global_tokens, bar)

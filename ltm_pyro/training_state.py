@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import restore_rng_states, rng_states
-from .svi import DualRateSVI, StepStats
+from .families import Trainer
+from .svi import StepStats
 
 
 @dataclass
@@ -44,7 +45,7 @@ class LogWindow:
 class TrainingState:
     """A run's progress: ``step`` slow steps done, and everything that moves with them."""
 
-    svi: DualRateSVI
+    trainer: Trainer  # the family's: dual-rate SVI, or the MDLM's
     generator: torch.Generator
     step: int = 0
     window: LogWindow = field(default_factory=LogWindow)
@@ -61,21 +62,23 @@ class TrainingState:
 
     def to_dict(self) -> dict:
         """The checkpoint's training keys (tensors and plain data only)."""
-        encoder = self.svi.ltm.encoder
-        return {"decoder": self.svi.ltm.decoder.state_dict(), "svi": self.svi.state_dict(),
+        encoder = self.trainer.ltm.encoder
+        return {"decoder": self.trainer.ltm.decoder.state_dict(),
+                "svi": self.trainer.state_dict(),
                 "step": self.step, "rng": rng_states(self.generator),
                 "log_window": self.window.state(), "bad_in_a_row": self.bad_in_a_row,
                 "skipped_total": self.skipped_total,
                 **({"encoder": encoder.state_dict()} if encoder is not None else {})}
 
     @classmethod
-    def from_dict(cls, payload: dict, svi: DualRateSVI,
+    def from_dict(cls, payload: dict, trainer: Trainer,
                   generator: torch.Generator) -> TrainingState:
-        """Restore ``svi`` (decoder and optimizer) and the RNGs in place from a checkpoint."""
-        svi.ltm.decoder.load_state_dict(payload["decoder"])
-        if svi.ltm.encoder is not None:
-            svi.ltm.encoder.load_state_dict(payload["encoder"])
-        svi.load_state_dict(payload["svi"])
+        """Restore ``trainer`` (decoder and optimizer) and the RNGs in place from a
+        checkpoint (its state under the key ``svi``, as every checkpoint has it)."""
+        trainer.ltm.decoder.load_state_dict(payload["decoder"])
+        if trainer.ltm.encoder is not None:
+            trainer.ltm.encoder.load_state_dict(payload["encoder"])
+        trainer.load_state_dict(payload["svi"])
         restore_rng_states(payload["rng"], generator)
-        return cls(svi, generator, payload["step"], LogWindow(**payload["log_window"]),
+        return cls(trainer, generator, payload["step"], LogWindow(**payload["log_window"]),
                    payload["bad_in_a_row"], payload["skipped_total"])

@@ -28,6 +28,7 @@ from ltm_pyro.checkpoint import (
 )
 from ltm_pyro.config import DataConfig, InferenceConfig, TrainConfig, preset
 from ltm_pyro.decoder import Decoder
+from ltm_pyro.families import LatentThought
 from ltm_pyro.inference import fit_local_posterior
 from ltm_pyro.model import LatentThoughtModel
 from ltm_pyro.svi import DualRateSVI
@@ -324,13 +325,13 @@ def test_keep_best_saves_the_weights_of_the_lowest_validation(tmp_path, monkeypa
     than those validated (early stopping would then score the wrong model)."""
     figures = iter([4.0, 3.0, 3.5])  # best at the second validation (step 4 of 6), not the last
     validated = {}
-    evaluate = runner._evaluate
+    evaluate = LatentThought.validate
 
-    def scripted(ltm, windows, config, device):  # noqa: ANN001, ANN202
+    def scripted(family, ltm, windows, config, device):  # noqa: ANN001, ANN202
         validated[len(validated) + 1] = copy.deepcopy(ltm.decoder.state_dict())
-        return {**evaluate(ltm, windows, config, device), "neg_elbo": next(figures)}
+        return {**evaluate(family, ltm, windows, config, device), "neg_elbo": next(figures)}
 
-    monkeypatch.setattr(runner, "_evaluate", scripted)
+    monkeypatch.setattr(LatentThought, "validate", scripted)
     runner.train(_tiny_run(eval_every=2, checkpoint_every=2, keep_best=True), tmp_path / "run",
                  progress=False)
     best = load_checkpoint(tmp_path / "run" / BEST_NAME)
@@ -339,7 +340,7 @@ def test_keep_best_saves_the_weights_of_the_lowest_validation(tmp_path, monkeypa
     assert not all(torch.equal(best["decoder"][k], validated[3][k]) for k in validated[3])
     assert load_checkpoint(tmp_path / "run")["step"] == 6  # the run itself goes on to the end
 
-    monkeypatch.setattr(runner, "_evaluate", evaluate)
+    monkeypatch.setattr(LatentThought, "validate", evaluate)
     runner.train(_tiny_run(max_steps=2, eval_every=2), tmp_path / "plain", progress=False)
     assert not (tmp_path / "plain" / BEST_NAME).exists()
 
@@ -360,12 +361,12 @@ def test_patience_stops_the_run_and_a_rerun_trains_no_further(tmp_path, monkeypa
     checkpointed where it stopped, or is undone by rerunning the same command (which would
     train past the point the run was scored at)."""
     figures = iter([4.0, 3.0, 3.5, 3.6, 1.0, 1.0])  # best at step 2; steps 3 and 4 are worse
-    evaluate = runner._evaluate
+    evaluate = LatentThought.validate
 
-    def scripted(ltm, windows, config, device):  # noqa: ANN001, ANN202
-        return {**evaluate(ltm, windows, config, device), "neg_elbo": next(figures)}
+    def scripted(family, ltm, windows, config, device):  # noqa: ANN001, ANN202
+        return {**evaluate(family, ltm, windows, config, device), "neg_elbo": next(figures)}
 
-    monkeypatch.setattr(runner, "_evaluate", scripted)
+    monkeypatch.setattr(LatentThought, "validate", scripted)
     config = _tiny_run(eval_every=1, checkpoint_every=6, patience=2)
     out = tmp_path / "run"
     runner.train(config, out, progress=False)

@@ -14,8 +14,10 @@ import torch
 
 matplotlib.use("Agg")
 
+from ltm_pyro.comparisons import validation_curve  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.latent_use import slot_correlation_matrices, slot_similarity  # noqa: E402
+from ltm_pyro.studies import figures  # noqa: E402
 from ltm_pyro.viz import (  # noqa: E402
     bounds_against_steps,
     heatmap,
@@ -202,7 +204,7 @@ def test_budget_curves_tick_labels_do_not_overlap():
                           {"tokens": 2.0e5, "flops": 6.8e13, "neg_elbo": 6.94}],
               "ar-window": [{"tokens": 1.0e5, "flops": 2.9e12, "neg_elbo": 7.05},
                             {"tokens": 2.0e5, "flops": 5.8e12, "neg_elbo": 6.87}]}
-    fig = load_script("bench_quality").curves_figure(curves, {"unigram_entropy_valid": 6.9})
+    fig = figures.curves_figure(curves, {"unigram_entropy_valid": 6.9})
     for ax in fig.axes:
         assert not _overlap(ax, fig)
         assert sum(bool(t.get_text()) for t in ax.get_xticklabels(which="both")) >= 2
@@ -214,7 +216,7 @@ def test_icl_accuracy_carries_binomial_standard_errors():
     rows = [{"variant": v, "T_eval": 0, "shots": k, "items": 256, "accuracy": acc}
             for v, accs in (("ltm-T16", (0.25, 0.3)), ("ar-window", (0.2, 0.4)))
             for k, acc in zip((0, 4), accs)]
-    fig = load_script("bench_icl").accuracy_figure(rows, 0.247)
+    fig = figures.accuracy_figure(rows, 0.247)
     ax = fig.axes[0]
     bars = [c for c in ax.containers if c.has_yerr]
     assert len(bars) == 2
@@ -230,7 +232,7 @@ def test_icl_latents_figure_has_a_curve_per_k_and_the_ars_at_the_largest_k():
             for n in (1, 4, 16) for t in (0, 16) for k in (0, 8)]
     rows += [{"variant": v, "latents_per_layer": None, "T_eval": 0, "shots": k, "items": 256,
               "accuracy": acc} for v, acc in (("ar-window", 0.4), ("ar-full", 0.2)) for k in (0, 8)]
-    fig = load_script("bench_icl").latents_figure(rows, 0.247)
+    fig = figures.latents_figure(rows, 0.247)
     ax = fig.axes[0]
     curves = [c for c in ax.containers if c.has_yerr]
     assert len(curves) == 2  # k = 0 and k = 8, each at the largest T_eval only
@@ -311,10 +313,10 @@ def test_hover_scatter_svg_has_one_titled_point_per_document_and_escapes_text():
 
 
 def test_latents_training_curves_read_valid_records_and_draw_mi_for_ltms_only(tmp_path):
-    study = load_script("latents_study")
     from ltm_pyro.config import preset
 
     config = preset("tiny")
+    config.model.vocab_size = 50  # a trained run's config, as its results file records it
     run = tmp_path / "ltm"
     run.mkdir()
     records = [{"split": "train", "step": 10, "neg_elbo": 9.0},
@@ -325,13 +327,13 @@ def test_latents_training_curves_read_valid_records_and_draw_mi_for_ltms_only(tm
                 "mutual_info_per_window": 4.0, "mutual_info_stderr": 0.05,
                 "mutual_info_cap": math.log(64)}]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    curve = study.training_curve(run, config)
+    curve = validation_curve(run, config, figures.CURVE_KEYS)
     tokens = config.train.batch_size * config.model.context
     assert [(p["step"], p["tokens"], p["mutual_info_per_window"]) for p in curve] == [
         (100, 100 * tokens, 3.5), (200, 200 * tokens, 4.0)]
-    assert study.training_curve(tmp_path / "missing", config) == []
+    assert validation_curve(tmp_path / "missing", config, figures.CURVE_KEYS) == []
     ar = [{**p, "kl_per_window": 0.0, "mutual_info_per_window": 0.0} for p in curve]
-    fig = study.training_figure({"ltm": curve, "ar-window": ar})
+    fig = figures.training_figure({"ltm": curve, "ar-window": ar})
     _titled_and_labelled(fig)
     bound, carried = fig.axes[:2]
     assert _labels(bound) == ["ltm", "ar-window"]

@@ -18,6 +18,7 @@ from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args
 from ltm_pyro.comparisons import NO_INFERENCE, comparison_configs, prior_as_posterior
 from ltm_pyro.config import DataConfig, InferenceConfig, RunConfig, TrainConfig
 from ltm_pyro.decoder import Decoder
+from ltm_pyro.families import LATENT_KEYS, family_of
 from ltm_pyro.files import read_jsonl
 from ltm_pyro.inference import fit_local_posterior
 from ltm_pyro.latent_use import (
@@ -28,7 +29,7 @@ from ltm_pyro.latent_use import (
     slot_similarity,
 )
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior
-from ltm_pyro.runner import LATENT_KEYS, METRICS_NAME, _evaluate, train
+from ltm_pyro.runner import METRICS_NAME, train
 from ltm_pyro.svi import DualRateSVI
 from ltm_pyro.viz import training_curves
 
@@ -236,10 +237,15 @@ def test_latent_options_leave_the_bounds_unchanged():
     assert 0 <= full["mutual_info_per_window"] <= full["mutual_info_cap"] + 1e-9
 
 
+def _validate(ltm, windows, config, device):  # noqa: ANN001, ANN202
+    """The validation record a training run writes for this config's family."""
+    return family_of(config).validate(ltm, windows, config, device)
+
+
 def test_validation_records_carry_latent_use():
     config = RunConfig(model=micro_config(), inference=HONEST,
                        train=TrainConfig(eval_windows=16, batch_size=8))
-    record = _evaluate(LatentThoughtModel(Decoder(config.model)), _windows(20), config,
+    record = _validate(LatentThoughtModel(Decoder(config.model)), _windows(20), config,
                        torch.device("cpu"))
     assert set(LATENT_KEYS) <= record.keys()
     assert "prior_iwae_ppl" not in record  # the validation record skips the prior control
@@ -253,7 +259,7 @@ def test_validation_records_carry_the_prior_control_when_asked():
     config = RunConfig(model=micro_config(), inference=HONEST,
                        train=TrainConfig(eval_windows=16, batch_size=8, eval_prior_control=8))
     ltm, windows = LatentThoughtModel(Decoder(config.model)), _windows(20)
-    record = _evaluate(ltm, windows, config, torch.device("cpu"))
+    record = _validate(ltm, windows, config, torch.device("cpu"))
     direct = evaluate_windows(ltm, windows[:16], HONEST,
                               ScoringConfig(batch_size=8, iw_samples=8, prior_samples=8,
                                             seed=config.train.seed))
@@ -261,11 +267,11 @@ def test_validation_records_carry_the_prior_control_when_asked():
     assert record["prior_iwae_ppl"] == pytest.approx(direct["prior_iwae_ppl"])
     assert record["prior_control"] == pytest.approx(
         direct["prior_iwae_ppl"] / direct["iwae_ppl"] - 1)
-    plain = _evaluate(ltm, windows, replace(config, train=replace(
+    plain = _validate(ltm, windows, replace(config, train=replace(
         config.train, eval_prior_control=0)), torch.device("cpu"))
     assert record.keys() - plain.keys() == {"iwae_ppl", "prior_iwae_ppl", "prior_control"}
     ar_config = replace(config, model_kind="ar", model=micro_config(latents_per_layer=0))
-    ar = _evaluate(LatentThoughtModel(Decoder(ar_config.model)), windows, ar_config,
+    ar = _validate(LatentThoughtModel(Decoder(ar_config.model)), windows, ar_config,
                    torch.device("cpu"))
     assert not {"iwae_ppl", "prior_iwae_ppl", "prior_control"} & ar.keys()
 

@@ -382,7 +382,7 @@ def test_resume_restores_each_random_stream(tmp_path, stream):
     expected = draw(state.generator)
 
     fresh = _seeded_state(2)  # a new process: everything seeded again, then restored
-    resumed = TrainingState.from_dict(load_checkpoint(tmp_path / "c.pt"), fresh.svi,
+    resumed = TrainingState.from_dict(load_checkpoint(tmp_path / "c.pt"), fresh.trainer,
                                       fresh.generator)
-    assert resumed.generator is fresh.svi.generator
+    assert resumed.generator is fresh.trainer.generator
     assert draw(resumed.generator) == expected

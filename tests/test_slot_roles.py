@@ -17,6 +17,7 @@ from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint, save_che
 from ltm_pyro.cli import OneLineParser, add_run_arguments, config_from_args
 from ltm_pyro.config import PRESETS, ModelConfig, RunConfig, preset
 from ltm_pyro.decoder import Decoder, SlotLinear, count_parameters, matched_ar_config
+from ltm_pyro.families import FAMILIES
 from ltm_pyro.tokenizers import WordTokenizer
 
 from .conftest import micro_config
@@ -207,5 +208,5 @@ def test_config_summary_names_what_decides_the_latents():
     assert "from a 2-block encoder's proposal (elbo loss; log-var 0" in semi_amortised.summary()
     assert "encoder" not in text
     ar = preset("tiny")
-    ar.model_kind = "ar"
-    assert "no latents" in ar.summary()
+    ar.model_kind, ar.model = "ar", FAMILIES["ar"].shape(ar.model, match_params=True)
+    assert ar.summary().startswith("ar (preset tiny") and "no latents" in ar.summary()

@@ -41,11 +41,6 @@ MDLM_STDERR_WARNING = 0.005  # above this relative stderr of an MDLM's bound, sa
 
 METRICS = ["tokens", "nll_per_token", "kl_per_token", "elbo_ppl", "iwae_ppl", "recon_ppl",
            "bits_per_byte"]
-LATENT_METRICS = ["windows", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-                  "mutual_info_cap", "active_units", "active_units_total", "slot_correlation",
-                  "slot_effective_rank", "slot_linear_r2", "prior_samples", "iwae_ppl",
-                  "prior_iwae_ppl"]
-MDLM_METRICS = ["bound_samples", "bound_stderr_per_token", "bound_ppl_rel_stderr"]
 
 
 def parser() -> OneLineParser:
@@ -70,9 +65,10 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
     # torch and the library load here, not at import: --help answers without them.
     from tqdm.auto import tqdm
 
-    from ..bounds import ScoringConfig, evaluate_windows, per_byte
+    from ..bounds import ScoringConfig, per_byte
     from ..checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
     from ..data import describe_selection, load_corpus, select_windows
+    from ..families import family_of
     from ..modes import resolve_device
     from ..run_folder import corpus_path, read_tokenizer
     from ..tokenizers import UNK_WARNING, known_token_count, unk_rate
@@ -99,19 +95,18 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
               "knows those words", file=sys.stderr)
     bar = tqdm(total=len(windows), disable=args.no_progress, desc=f"eval {args.split}")
 
-    def progress(totals) -> None:  # noqa: ANN001 - BoundTotals
-        bar.update(totals.sequences - bar.n)
-        bar.set_postfix(nll=f"{totals.nll / totals.tokens:.3f}",
-                        kl=f"{totals.kl / totals.tokens:.3f}")
+    def progress(sequences: int, figures: dict[str, float]) -> None:
+        bar.update(sequences - bar.n)
+        bar.set_postfix({name: f"{value:.3f}" for name, value in figures.items()})
 
     scoring = ScoringConfig(
         steps=args.inference_steps, batch_size=args.batch_size, elbo_samples=args.elbo_samples,
         iw_samples=args.iw_samples, seed=args.seed, latent_stats=True,
-        mi_samples=args.mi_samples, prior_samples=args.prior_samples)
-    summary = mdlm_bound(ltm.decoder, windows, args, device, bar) if (
-        config.model_kind == "mdlm") else evaluate_windows(
-        ltm, windows, config.inference, scoring, device=device, on_batch=progress)
+        mi_samples=args.mi_samples, prior_samples=args.prior_samples,
+        bound_samples=args.bound_samples)
+    summary = family_of(config).score(ltm, windows, config.inference, scoring, device, progress)
     bar.close()
+    warn_of_bound_error(summary)
     return {
         **summary,
         **per_byte(summary, tokenizer.text_bytes(windows[:, 1:].flatten().tolist())),
@@ -131,28 +126,22 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
     }
 
 
-def mdlm_bound(decoder, windows, args, device, bar) -> dict:  # noqa: ANN001
-    """An MDLM's NELBO bound with its standard error; a warning when the error is above
-    MDLM_STDERR_WARNING of the perplexity (more --bound-samples, or windows, lower it)."""
-    from ..mdlm import evaluate_bound
-
-    def progress(sequences: int, nelbo_per_token: float) -> None:
-        bar.update(sequences - bar.n)
-        bar.set_postfix(nelbo=f"{nelbo_per_token:.3f}")
-
-    summary = evaluate_bound(decoder, windows, args.bound_samples, args.batch_size, args.seed,
-                             device, on_batch=progress)
+def warn_of_bound_error(summary: dict) -> None:
+    """A warning when a stochastic bound (an MDLM's NELBO) has a Monte-Carlo standard error
+    above MDLM_STDERR_WARNING of the perplexity (more --bound-samples, or windows, lower it)."""
+    if "bound_ppl_rel_stderr" not in summary:
+        return
     error = summary["bound_ppl_rel_stderr"]
     if error is None or error > MDLM_STDERR_WARNING:
         size = "unknown (one draw a window)" if error is None else f"{error:.2%}"
         print(f"warning: the bound's Monte-Carlo standard error is {size} of the perplexity "
               f"(target: under {MDLM_STDERR_WARNING:.1%}); raise --bound-samples",
               file=sys.stderr)
-    return summary
 
 
 def main() -> int:
     args = parser().parse_args()  # before torch and the library load: --help needs neither
+    from ..families import family_named
     from ..files import write_json
     from ..report import markdown_table
 
@@ -160,8 +149,7 @@ def main() -> int:
     print(markdown_table([results], ["split", "inference_steps", "iw_samples", "unk_rate",
                                       *METRICS]))
     print()
-    extra = MDLM_METRICS if results["model_kind"] == "mdlm" else LATENT_METRICS
-    print(markdown_table([results], extra))
+    print(markdown_table([results], list(family_named(results["model_kind"]).score_metrics)))
     if args.json:
         write_json(args.json, results)
     return 0

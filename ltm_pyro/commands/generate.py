@@ -88,9 +88,9 @@ def main() -> int:
     import torch
 
     from ..checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+    from ..families import family_of
     from ..files import write_json
-    from ..generate import Sampling, continue_tokens, posterior_latents, prior_latents
-    from ..mdlm import sample_window
+    from ..generate import Sampling, posterior_latents, prior_latents
     from ..modes import resolve_device
     from ..run_folder import read_tokenizer
     from ..tokenizers import encode_prompt, known_token_count
@@ -115,14 +115,9 @@ def main() -> int:
         prompt = prompt.to(device)
         z = prior_latents(ltm, len(prompt), args.prior_scale, generator, device)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.greedy)
-    if config.model_kind == "mdlm":  # one window: it denoises the context at once
-        new_tokens = min(args.max_new_tokens, config.model.context + 1 - prompt.shape[1])
-        window = sample_window(ltm.decoder, prompt, args.denoising_steps or config.model.context,
-                               generator, sampling)
-        tokens = window[:, :prompt.shape[1] + new_tokens]
-    else:  # past the context by a sliding window, z fixed
-        new, _ = continue_tokens(ltm, prompt, args.max_new_tokens, z, sampling, generator)
-        tokens, new_tokens = torch.cat([prompt, new], dim=1), new.shape[1]
+    new = family_of(config).continue_text(ltm, prompt, args.max_new_tokens, z, sampling,
+                                          generator, args.denoising_steps)
+    tokens, new_tokens = torch.cat([prompt, new], dim=1), new.shape[1]
     samples = [tokenizer.decode(row[prompt.shape[1]:].tolist()) for row in tokens.cpu()]
     for i, sample in enumerate(samples):
         head = tokenizer.decode(prompt[i].tolist()) if text is None else text
