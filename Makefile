@@ -79,6 +79,7 @@ notebooks: setup
 # make's "ignored" note follows, without failing the target).
 lint: setup
 	$(VENV)/bin/ruff check ltm_pyro experiments tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_families.py -k "compares or check_sees"
 	-$(PY) experiments/check_structure.py
 
 # Each change the suite once let through, applied to a copy: its named test must fail (minutes).

@@ -322,7 +322,8 @@ def test_the_ablation_starts_at_the_prior_whatever_the_ltm_start():
 
 
 def test_bench_quality_fits_the_ablation_like_the_ltm_and_with_the_prior():
-    bench = load_script("bench_quality")
+    from ltm_pyro.studies import quality as bench
+
     base = RunConfig(model=micro_config(), inference=HONEST)
     runs = comparison_configs(base, with_no_inference=True)
     ablation = runs[NO_INFERENCE]

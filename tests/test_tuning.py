@@ -26,11 +26,11 @@ from ltm_pyro.errors import UsageError
 from ltm_pyro.files import read_jsonl
 from ltm_pyro.flops import forward_flops_per_token
 from ltm_pyro.runner import METRICS_NAME
+from ltm_pyro.studies import quality
 
 from .conftest import REPO, load_script, micro_config
 
-bench_quality = load_script("bench_quality")
-GridPoint = bench_quality.GridPoint
+GridPoint = quality.GridPoint
 
 
 def _base(steps: int = 6, decoder_grads: str = "final") -> RunConfig:
@@ -53,25 +53,25 @@ def test_the_choice_is_the_point_with_the_best_valid_figure():
               _point("ar-window", 1e-3, 100, 58.4), _point("ar-window", 3e-3, 100, 60.0),
               _point("ltm-T6", 1e-3, 30, None), _point("ltm-T6", 3e-3, 30, math.nan),
               _point("ltm-T6", 1e-3, 100, 70.0), _point("ltm-T6", 3e-3, 100, 70.0)]
-    chosen = bench_quality.choose(points)
+    chosen = quality.choose(points)
     assert (chosen["ar-window"]["lr"], chosen["ar-window"]["warmup_steps"]) == (1e-3, 100)
     # A diverged or non-finite point is never chosen; of equal figures the first is.
     assert (chosen["ltm-T6"]["lr"], chosen["ltm-T6"]["warmup_steps"]) == (1e-3, 100)
     with pytest.raises(UsageError, match="mdlm"):
-        bench_quality.choose(points + [_point("mdlm", 1e-3, 30, None)])
-    table = bench_quality.tuning_table(points, chosen)
+        quality.choose(points + [_point("mdlm", 1e-3, 30, None)])
+    table = quality.tuning_table(points, chosen)
     assert "| ltm-T6 | diverged |" in table and table.count("lr 0.001, wu 100 |") == 3
 
 
 def test_the_grid_is_both_flags_crossed_or_the_runs_own_value():
     base = _base()
-    grid = bench_quality.tuning_grid(SimpleNamespace(tune_lr=[1e-3, 3e-3, 1e-3],
+    grid = quality.tuning_grid(SimpleNamespace(tune_lr=[1e-3, 3e-3, 1e-3],
                                                      tune_warmup=[30, 100]), base)
     assert [(p.lr, p.warmup_steps) for p in grid] == [(1e-3, 30), (1e-3, 100), (3e-3, 30),
                                                        (3e-3, 100)]
-    only_lr = bench_quality.tuning_grid(SimpleNamespace(tune_lr=[1e-3], tune_warmup=None), base)
+    only_lr = quality.tuning_grid(SimpleNamespace(tune_lr=[1e-3], tune_warmup=None), base)
     assert only_lr == [GridPoint(1e-3, base.train.warmup_steps)]
-    assert bench_quality.tuning_grid(SimpleNamespace(tune_lr=None, tune_warmup=None), base) == []
+    assert quality.tuning_grid(SimpleNamespace(tune_lr=None, tune_warmup=None), base) == []
 
 
 def test_every_family_gets_the_same_grid_and_its_own_choice(monkeypatch, tmp_path):
@@ -90,12 +90,12 @@ def test_every_family_gets_the_same_grid_and_its_own_choice(monkeypatch, tmp_pat
         assert config.train.min_lr == pytest.approx(config.train.lr / 10)
         return {"valid_iwae_ppl": 50.0 if point == best[name] else 60.0 + point[1] / 1000}
 
-    monkeypatch.setattr(bench_quality, "tuning_figure", fake_figure)
+    monkeypatch.setattr(quality, "tuning_figure", fake_figure)
     args = SimpleNamespace(runs=tmp_path, label="t", test_windows=None, sample_windows=None,
                            sample_seed=0, equal_flops=False)
-    bench = bench_quality.Bench(args, base)
+    bench = quality.Bench(args, base)
     bench.corpus = SimpleNamespace(windows={"valid": torch.zeros(10, 13)})
-    tuned = bench_quality.tune(bench, runs, grid, seeds=[3, 4])
+    tuned = quality.tune(bench, runs, grid, seeds=[3, 4])
     for name in runs:
         assert [(p, s) for n, p, s, _ in trained if n == name] == [
             ((g.lr, g.warmup_steps), 3) for g in grid]
@@ -103,11 +103,11 @@ def test_every_family_gets_the_same_grid_and_its_own_choice(monkeypatch, tmp_pat
         assert bench.points[name] == GridPoint(*best[name])
     assert trained[0][3] == "ltm-T6@lr0.001-wu30-seed3"
     assert len(bench.tuning) == len(runs) * len(grid)
-    record = bench_quality.tuning_record(bench, grid)
+    record = quality.tuning_record(bench, grid)
     assert record["chosen"]["mdlm"]["valid_iwae_ppl"] == 50.0 and len(record["grid"]) == 3
     assert record["seed"] == 3 and record["windows"] == 10
     bench.args.sample_windows = 4
-    _, intro, _ = bench_quality.report_extras(bench, grid, "ltm-T6")
+    _, intro, _ = quality.report_extras(bench, grid, "ltm-T6")
     assert "scored on valid (a random subset of 4 windows (seed 0))" in intro
 
 
@@ -134,10 +134,10 @@ def test_equal_flop_runs_are_the_baselines_at_their_tuned_points():
     base = _base()
     runs = {name: config for name, config in _runs(replace(
         base, model=replace(base.model, vocab_size=0))).items()}  # vocab from the corpus
-    bench = bench_quality.Bench(SimpleNamespace(), base)
+    bench = quality.Bench(SimpleNamespace(), base)
     bench.corpus = SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=23))
     bench.points = {name: GridPoint(1e-3, 7) for name in runs}
-    found = bench_quality.equal_flop_runs(bench, runs, "ltm-T6")
+    found = quality.equal_flop_runs(bench, runs, "ltm-T6")
     assert list(found) == ["ar-window@flops", "ar-full@flops", "mdlm@flops"]
     sized = _runs(base)
     for name, config in found.items():
@@ -157,13 +157,14 @@ def _main_variants(monkeypatch, tmp_path, *flags: str) -> list[tuple[str, int, s
         bench.corpus = SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=23))
         calls.append((name, seed, str(run_dir.relative_to(tmp_path))))
 
-    monkeypatch.setattr(bench_quality, "run_variant", fake_run)
-    monkeypatch.setattr(bench_quality, "write_report", lambda *a: None)
-    monkeypatch.setattr(bench_quality, "tuning_figure", lambda bench, name, config, *_: {
+    script = load_script("bench_quality")
+    monkeypatch.setattr(script, "run_variant", fake_run)
+    monkeypatch.setattr(script, "write_report", lambda *a: None)
+    monkeypatch.setattr(quality, "tuning_figure", lambda bench, name, config, *_: {
         "valid_iwae_ppl": config.train.lr * (1 if name.startswith("ar") else -1)})
     monkeypatch.setattr(sys, "argv", ["bench_quality.py", "--label", "x", "--runs",
                                       str(tmp_path), "--preset", "tiny-v1", *flags])
-    assert bench_quality.main() == 0
+    assert script.main() == 0
     return calls
 
 

@@ -86,9 +86,9 @@ def test_per_window_figures_add_up_to_the_split_totals():
 
 
 def test_bench_quality_puts_a_paired_interval_on_each_baseline_row():
-    from .conftest import load_script
 
-    bench = load_script("bench_quality")
+    from ltm_pyro.studies import quality as bench
+
     nll, tokens = _windows(50)
     ltm_nll = nll - 0.03 * tokens + np.random.default_rng(4).normal(0, 1.0, size=50)
     windows = {("ltm-T4", 0, "test", 4): {"neg_iwae": list(ltm_nll), "tokens": list(tokens)},
@@ -105,9 +105,9 @@ def test_bench_quality_puts_a_paired_interval_on_each_baseline_row():
 
 
 def test_bench_quality_gives_mean_and_sd_over_seeds():
-    from .conftest import load_script
 
-    bench = load_script("bench_quality")
+    from ltm_pyro.studies import quality as bench
+
     rows = [{"variant": "ar", "split": "test", "T_eval": 0, "iwae_ppl": v, "elbo_ppl": v,
              "ltm_vs_this": d} for v, d in ((50.0, -0.04), (52.0, -0.05), (54.0, -0.06))]
     rows.append({"variant": "ltm", "split": "test", "T_eval": 4, "iwae_ppl": 49.0,
