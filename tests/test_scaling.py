@@ -21,6 +21,7 @@ from ltm_pyro.scaling import (  # noqa: E402
     point_config,
     with_budget,
 )
+from ltm_pyro.studies import scaling_study  # noqa: E402
 
 from .conftest import REPO, load_script, micro_config  # noqa: E402
 from .test_figures import _overlap  # noqa: E402
@@ -164,8 +165,8 @@ def test_grid_writes_results_with_configs_and_reuses_finished_runs(tmp_path, mon
     def refuse(*args, **kwargs):  # noqa: ANN002, ANN003
         raise AssertionError("a finished run was trained or scored again")
 
-    monkeypatch.setattr(scaling, "train", refuse)
-    monkeypatch.setattr(scaling, "evaluate_windows", refuse)
+    monkeypatch.setattr(scaling_study, "train", refuse)
+    monkeypatch.setattr(scaling_study, "evaluate_windows", refuse)
     for extra in ([], ["--report"]):
         monkeypatch.setattr(sys, "argv", [SCRIPT, *MICRO_GRID, *out, "--budget",
                                           "tokens,flops", "--flops", flops, *extra])
@@ -174,7 +175,7 @@ def test_grid_writes_results_with_configs_and_reuses_finished_runs(tmp_path, mon
         assert again["rows"] == rows
     # A result stored before the library added a config field (here word_dropout, at its
     # default) is still the same run: reused, not retrained.
-    stored_files = sorted((tmp_path / "runs" / "micro").glob(f"*/{scaling.RESULT_NAME}"))
+    stored_files = sorted((tmp_path / "runs" / "micro").glob(f"*/{scaling_study.RESULT_NAME}"))
     assert len(stored_files) == len({r["run"] for r in rows})  # budgets can share a run
     for path in stored_files:
         stored = json.loads(path.read_text())
@@ -197,8 +198,8 @@ def test_grid_writes_results_with_configs_and_reuses_finished_runs(tmp_path, mon
     assert {r["run"]: r["train_wall_s"] for r in rescored} == {
         name: wall + 1000.0 for name, wall in walls.items()}
     scaling = load_script("scaling")
-    monkeypatch.setattr(scaling, "train", refuse)
-    monkeypatch.setattr(scaling, "evaluate_windows", refuse)
+    monkeypatch.setattr(scaling_study, "train", refuse)
+    monkeypatch.setattr(scaling_study, "evaluate_windows", refuse)
     # A changed setting (another seed) is a different run: trained, not reused.
     monkeypatch.setattr(sys, "argv", [SCRIPT, *MICRO_GRID, *out, "--seed", "1"])
     with pytest.raises(AssertionError, match="trained or scored again"):
@@ -249,9 +250,8 @@ def _labelled(fig) -> None:  # noqa: ANN001 - a Figure
 
 
 def test_frontier_figure_draws_each_familys_pareto_frontier():
-    scaling = load_script("scaling")
     rows = _rows()
-    fig = scaling.frontier_figure(rows, {}, {"entropy_floor_valid": 3.5})
+    fig = scaling_study.frontier_figure(rows, {}, {"entropy_floor_valid": 3.5})
     _labelled(fig)
     flops_ax = fig.axes[1]
     legend = {t.get_text() for t in flops_ax.get_legend().get_texts()}
@@ -262,32 +262,30 @@ def test_frontier_figure_draws_each_familys_pareto_frontier():
 
 
 def test_frontier_figure_draws_the_semi_amortised_frontier_only_when_it_has_runs():
-    scaling = load_script("scaling")
     sa = {**_rows()[2], "family": "sa", "run": "sa-d32-T4", "train_flops": 3e9, "iwae_ppl": 84.0}
-    fig = scaling.frontier_figure([*_rows(), sa], {}, {})
+    fig = scaling_study.frontier_figure([*_rows(), sa], {}, {})
     legend = {t.get_text() for t in fig.axes[1].get_legend().get_texts()}
     assert "semi-amortised LTM Pareto frontier" in legend
     assert "semi-amortised LTM k4 z8 T4" in legend
     staircases = [line for line in fig.axes[1].get_lines() if line.get_drawstyle() == "steps-post"]
     assert [84.0] in [list(line.get_ydata()) for line in staircases]
-    trade = scaling.trade_figure([*_rows(), {**sa, "encoder_params": 5000}])
+    trade = scaling_study.trade_figure([*_rows(), {**sa, "encoder_params": 5000}])
     sizes = {x for line in trade.axes[0].get_lines() for x in line.get_xdata()}
     assert 32000 + 5000 in sizes  # a semi-amortised model's size counts its encoder
-    plain = scaling.frontier_figure(_rows(), {}, {})
+    plain = scaling_study.frontier_figure(_rows(), {}, {})
     assert "semi-amortised LTM Pareto frontier" not in {
         t.get_text() for t in plain.axes[1].get_legend().get_texts()}
 
 
 def test_trade_figure_rings_runs_of_equal_flops():
-    scaling = load_script("scaling")
-    fig = scaling.trade_figure(_rows(), tolerance=0.15)
+    fig = scaling_study.trade_figure(_rows(), tolerance=0.15)
     _labelled(fig)
     labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert labels[-1] == "equal FLOPs #1 (±15%): 3.7G"  # the bigger AR and the LTM at T 4
     rings = [line for line in fig.axes[0].get_lines() if line.get_markersize() == 17]
     assert len(rings) == 1 and sorted(rings[0].get_xdata()) == [32000, 64000]
-    table = scaling.equal_flop_tables(_rows())
+    table = scaling_study.equal_flop_tables(_rows())
     assert table.index("ar-d64-T0") < table.index("ltm-d32-T4")  # best first
     # A run that serves two budgets (the same steps) is listed once, naming both.
-    twice = scaling.equal_flop_tables([*_rows(), dict(_rows()[1], budget="FLOPs 3.7G")])
+    twice = scaling_study.equal_flop_tables([*_rows(), dict(_rows()[1], budget="FLOPs 3.7G")])
     assert twice.count("ar-d64-T0") == 1 and "tokens 409.6k; FLOPs 3.7G" in twice
