@@ -31,22 +31,11 @@ MI and KL per window, against training tokens, from each run's metrics.jsonl).
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-
-from ltm_pyro.bounds import ScoringConfig, evaluate_windows  # noqa: E402
-from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
     add_run_arguments,
@@ -56,27 +45,7 @@ from ltm_pyro.cli import (  # noqa: E402
     non_negative_int,
     run_main,
 )
-from ltm_pyro.comparisons import prior_as_posterior, validation_curve  # noqa: E402
-from ltm_pyro.config import RunConfig  # noqa: E402
-from ltm_pyro.data import load_corpus  # noqa: E402
-from ltm_pyro.files import write_json  # noqa: E402
-from ltm_pyro.flops import (  # noqa: E402
-    fit_flops_per_token,
-    forward_flops_per_token,
-    training_flops_per_token,
-)
-from ltm_pyro.inference import fit_local_posterior  # noqa: E402
-from ltm_pyro.latent_use import slot_correlation_matrices, slot_linear_r2  # noqa: E402
-from ltm_pyro.modes import evaluating  # noqa: E402
-from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import train  # noqa: E402
-from ltm_pyro.studies.figures import (  # noqa: E402
-    CURVE_KEYS,
-    bounds_mi_figure,
-    slots_figure,
-    training_figure,
-)
-from ltm_pyro.viz import save_figure  # noqa: E402
+from ltm_pyro.studies.latents import report, study_variant  # noqa: E402
 
 # Each variant: flags added to the study's own run flags (same tokens, seed and data).
 VARIANTS: dict[str, list[str]] = {
@@ -145,13 +114,6 @@ VARIANTS: dict[str, list[str]] = {
                            "embedding"],
 }
 
-COLUMNS = ["variant", "eval_start", "split", "T_eval", "train_passes", "fit_passes",
-           "iwae_ppl", "elbo_ppl", "recon_ppl",
-           "prior_iwae_ppl", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-           "active_units", "slot_correlation", "slot_effective_rank", "slot_linear_r2",
-           "probe_topic_half", "probe_style_half", "probe_topic_train", "probe_style_train"]
-
-
 def parser() -> OneLineParser:
     p = OneLineParser.from_doc(__doc__)
     add_run_arguments(p)
@@ -173,161 +135,6 @@ def variant_config(argv_base: list[str], name: str):  # noqa: ANN201 - a RunConf
     return config_from_args(args)
 
 
-def posterior_means(ltm, windows: torch.Tensor, inference, steps: int, batch_size: int,
-                    seed: int) -> torch.Tensor:  # noqa: ANN001
-    """Fitted loc [N, N_z, d] of every window: fitted as evaluation fits (eval mode, same
-    seed), but with no bound draws between batches, so from the second batch on the fits'
-    draws are not those of ``evaluate_windows``."""
-    generator = torch.Generator().manual_seed(seed)
-    locs = []
-    with evaluating(ltm.decoder):
-        for start in range(0, len(windows), batch_size):
-            tokens = windows[start:start + batch_size]
-            mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1)
-            locs.append(fit_local_posterior(ltm, tokens, mask, inference, generator,
-                                            steps=steps).posterior.loc)
-    return torch.cat(locs)
-
-
-def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-          test_y: np.ndarray) -> float:
-    model = LogisticRegression(max_iter=3000).fit(train_x, train_y)
-    return float(model.score(test_x, test_y))
-
-
-def costs(trained, steps: int) -> dict:  # noqa: ANN001 - a RunConfig
-    """Decoder-forward equivalents (FLOPs / one decoder forward, ``ltm_pyro/flops.py``, the
-    encoder included): per training iteration, and per scored window for the fit at T_eval
-    ``steps`` (scoring the bounds' draws is extra and the same for every variant)."""
-    forward = forward_flops_per_token(trained.model)
-    train = training_flops_per_token(trained.model, trained.inference.steps,
-                                     trained.train.decoder_grads, trained.inference)
-    fit = fit_flops_per_token(trained.model, steps, trained.inference)
-    return {"train_passes": round(train / forward, 2), "fit_passes": round(fit / forward, 2)}
-
-
-def study_variant(argv_base: list[str], name: str, args: argparse.Namespace) -> dict:
-    config = variant_config(argv_base, name)
-    run_dir = args.runs / args.label / name
-    started = time.perf_counter()
-    train(config, run_dir, force=True, progress=False)
-    wall = time.perf_counter() - started
-    ltm, trained, tokenizer = model_from_checkpoint(load_checkpoint(run_dir), "cpu")
-    corpus = load_corpus(trained.data, trained.model.context, tokenizer)
-    seed, batch = trained.train.seed, trained.train.batch_size
-    has_latents = ltm.has_latents
-    # The no-inference ablation is fitted like the LTM at evaluation (from the LTM's start)
-    # except at T_eval 0, where q is the prior exactly.
-    base_inference = config_from_args(parser().parse_args([*argv_base, "--label", "x"])).inference
-    train_steps = base_inference.steps if name == "ltm-no-inference" else trained.inference.steps
-    eval_steps = sorted({*(args.eval_steps or []), train_steps}) if has_latents else [0]
-    if name == "ltm-no-inference":
-        eval_steps = sorted({0, *eval_steps})
-    rows, extra = [], {"slot_matrices": {}}
-    for split in ("valid", "test"):
-        windows = corpus.windows[split]
-        for steps in eval_steps:
-            starts = [("trained", trained.inference)]
-            if name == "ltm-no-inference":
-                starts = [("trained", prior_as_posterior(base_inference) if steps == 0
-                           else base_inference)]
-            already_prior = (trained.inference.init_log_var == 0.0
-                             and not trained.inference.init_log_var_jitter)
-            if (has_latents and steps == train_steps and name != "ltm-no-inference"
-                    and not already_prior and ltm.encoder is None):
-                starts.append(("prior", replace(trained.inference, init_log_var=0.0,
-                                                init_log_var_jitter=0.0)))
-            for start_name, inference in starts:
-                prior = args.prior_samples if steps == train_steps else 0
-                summary = evaluate_windows(ltm, windows, inference, ScoringConfig(
-                    steps=steps, batch_size=batch, elbo_samples=args.elbo_samples,
-                    iw_samples=args.iw_samples, seed=seed, latent_stats=True,
-                    mi_samples=args.mi_samples, prior_samples=prior))
-                row = {"variant": name, "eval_start": start_name, "split": split,
-                       "T_eval": steps, "train_wall_s": round(wall, 1),
-                       **costs(trained, steps),
-                       "tokens_seen": trained.train.max_steps * batch * trained.model.context,
-                       **summary}
-                if has_latents and steps == train_steps and start_name == "trained":
-                    loc = posterior_means(ltm, windows, inference, steps, batch, seed)
-                    x = loc.flatten(1).numpy()
-                    # The probes' fits, not evaluate_windows' (whose summary also has it):
-                    # the committed rows were computed this way.
-                    row["slot_linear_r2"] = slot_linear_r2(loc, trained.model.n_layers)
-                    factors = corpus.factors[split]
-                    half = len(x) // 2
-                    for factor, column in (("topic", 0), ("style", 1)):
-                        y = factors[:, column]
-                        row[f"probe_{factor}_half"] = probe(x[:half], y[:half], x[half:], y[half:])
-                    if args.probe_train_windows:
-                        if "train_x" not in extra:
-                            tw = corpus.windows["train"][: args.probe_train_windows]
-                            extra["train_x"] = posterior_means(ltm, tw, inference, steps, batch,
-                                                               seed).flatten(1).numpy()
-                        tx = extra["train_x"]
-                        tf = corpus.factors["train"][: len(tx)]
-                        for factor, column in (("topic", 0), ("style", 1)):
-                            row[f"probe_{factor}_train"] = probe(tx, tf[:, column], x,
-                                                                 factors[:, column])
-                            # Each slot alone: does every slot carry the factor, or one?
-                            slot_x, slot_tx = x.reshape(len(x), ltm.latent_shape[0], -1), \
-                                tx.reshape(len(tx), ltm.latent_shape[0], -1)
-                            row[f"probe_{factor}_per_slot"] = [
-                                probe(slot_tx[:, i], tf[:, column], slot_x[:, i],
-                                      factors[:, column]) for i in range(slot_x.shape[1])]
-                    # Still slots (no movement across windows) are None: their correlation
-                    # would be a direction of rounding noise (``latent_use``).
-                    matrices = slot_correlation_matrices(loc, trained.model.n_layers).tolist()
-                    extra["slot_matrices"][split] = [
-                        [[None if math.isnan(v) else v for v in row] for row in layer]
-                        for layer in matrices]
-                rows.append(row)
-                print(markdown_table([row], COLUMNS), flush=True)
-    result = {"variant": name, "flags": VARIANTS[name], "rows": rows,
-              "slot_matrices": extra["slot_matrices"], "config": trained.to_dict(),
-              "references": corpus.references}
-    write_json(run_dir / "study.json", result)
-    return result
-
-
-def report(argv_base: list[str], args: argparse.Namespace) -> None:
-    results = []
-    for folder in sorted((args.runs / args.label).iterdir()):
-        if (folder / "study.json").exists():
-            results.append(json.loads((folder / "study.json").read_text()))
-    order = {name: i for i, name in enumerate(VARIANTS)}
-    results.sort(key=lambda r: order.get(r["variant"], 99))
-    rows = [r for res in results for r in res["rows"]]
-    rows.sort(key=lambda r: (r["split"] != "valid", order.get(r["variant"], 99), r["T_eval"],
-                             r["eval_start"]))
-    notes_path = args.results / f"{args.label}-notes.md"
-    notes = notes_path.read_text() if notes_path.exists() else ""
-    flags = "\n".join(f"- `{r['variant']}`: `{' '.join(r['flags']) or '(none)'}`" for r in results)
-    references = results[0]["references"] if results else {}
-    curves = {r["variant"]: validation_curve(args.runs / args.label / r["variant"],
-                                             RunConfig.from_dict(r["config"]), CURVE_KEYS)
-              for r in results}
-    write_results(args.results / f"{args.label}.json", f"Latent levers: {args.label}", "cpu",
-                  {"rows": rows, "variants": {r["variant"]: r["flags"] for r in results},
-                   "slot_matrices": {r["variant"]: r["slot_matrices"] for r in results},
-                   "configs": {r["variant"]: r["config"] for r in results},
-                   "curves": curves, "references": references},
-                  f"Variants (each adds these flags to the command's; same tokens and seed):\n\n"
-                  f"{flags}\n\nAll windows of each split (N = 256: MI cap log N = 5.55 nats). "
-                  "Perplexities per predicted token; `iwae_ppl`/`elbo_ppl` are valid bounds; "
-                  "`recon_ppl` is not. `eval_start` prior: the fit starts at log-variance 0. "
-                  "Probes: topic (32 classes, chance ~0.03) and style (8) from posterior means; "
-                  "`_half` fitted on the first half of the split, `_train` on train windows. "
-                  "`train_passes`: FLOPs per training iteration in decoder forwards; "
-                  "`fit_passes`: FLOPs of a window's fit at T_eval in decoder forwards "
-                  "(encoder included)."
-                  f"\n\n{markdown_table(rows, COLUMNS)}\n\nReferences (nats/token): "
-                  f"{references}\n\n{notes}")
-    save_figure(bounds_mi_figure(results), args.results / f"{args.label}.png")
-    save_figure(slots_figure(results), args.results / f"{args.label}-slots.png")
-    save_figure(training_figure(curves), args.results / f"{args.label}-training.png")
-
-
 def main() -> int:
     argv = sys.argv[1:]
     args = parser().parse_args(argv)
@@ -347,12 +154,14 @@ def main() -> int:
             continue
         argv_base.append(item)
     if args.report:
-        report(argv_base, args)
+        report(args, list(VARIANTS))
         return 0
+    base_inference = config_from_args(parser().parse_args([*argv_base, "--label", "x"])).inference
     for name in [v for v in args.variants.split(",") if v]:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; choose among {', '.join(VARIANTS)}")
-        study_variant(argv_base, name, args)
+        study_variant(variant_config(argv_base, name), base_inference, name, VARIANTS[name],
+                      args)
     return 0
 
 

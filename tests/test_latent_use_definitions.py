@@ -10,7 +10,6 @@ with the bug it catches in its docstring (the changes are listed in tests/mutant
 from __future__ import annotations
 
 import math
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -25,8 +24,7 @@ from ltm_pyro.latent_use import (
     slot_similarity,
 )
 from ltm_pyro.model import LocalPosterior
-
-from .conftest import load_script
+from ltm_pyro.studies.latents import probe
 
 # ---------------------------------------------------------------- mutual information
 
@@ -318,18 +316,13 @@ def test_slot_linear_r2_is_bitwise_reproducible():
 # ---------------------------------------------------------------- the held-out probe
 
 
-@pytest.fixture(scope="module")
-def latents_study() -> ModuleType:
-    return load_script("latents_study")  # imports sklearn, seaborn: about 2 s, once
-
-
-def test_probe_scores_held_out_rows_only(latents_study: ModuleType):
-    """experiments/latents_study.py's linear probe on pure-noise labels (4 classes) with more
-    features than fitting rows: on its fitting rows it is right about every time, on fresh
-    rows at chance. The probe reports chance.
+def test_probe_scores_held_out_rows_only():
+    """The latents study's linear probe (``ltm_pyro/studies/latents.py``) on pure-noise
+    labels (4 classes) with more features than fitting rows: on its fitting rows it is right
+    about every time, on fresh rows at chance. The probe reports chance.
     Catches: the probe scored on the rows it was fitted on."""
     rng = np.random.default_rng(0)
     train_x, test_x = rng.normal(size=(40, 60)), rng.normal(size=(400, 60))
     train_y, test_y = rng.integers(0, 4, 40), rng.integers(0, 4, 400)
-    assert latents_study.probe(train_x, train_y, train_x, train_y) > 0.9  # seen rows
-    assert latents_study.probe(train_x, train_y, test_x, test_y) < 0.4  # chance is 0.25
+    assert probe(train_x, train_y, train_x, train_y) > 0.9  # seen rows
+    assert probe(train_x, train_y, test_x, test_y) < 0.4  # chance is 0.25

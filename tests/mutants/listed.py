@@ -242,7 +242,7 @@ MUTANTS = [
            ',\n                                          driver="gelsd")',
            ')',
            LUD + 'test_slot_linear_r2_is_bitwise_reproducible'),
-    Mutant('probe scored on its fitting rows', 'experiments/latents_study.py',
+    Mutant('probe scored on its fitting rows', 'ltm_pyro/studies/latents.py',
            'return float(model.score(test_x, test_y))',
            'return float(model.score(train_x, train_y))',
            LUD + 'test_probe_scores_held_out_rows_only'),
