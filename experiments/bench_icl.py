@@ -26,9 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
-from ltm_pyro.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from ltm_pyro.cli import (  # noqa: E402
     OneLineParser,
     add_run_arguments,
@@ -37,27 +34,9 @@ from ltm_pyro.cli import (  # noqa: E402
     positive_int,
     run_main,
 )
-from ltm_pyro.comparisons import comparison_configs  # noqa: E402
-from ltm_pyro.config import RunConfig  # noqa: E402
-from ltm_pyro.decoder import count_parameters  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
-from ltm_pyro.families import family_of  # noqa: E402
-from ltm_pyro.fewshot import (  # noqa: E402
-    PermutationTask,
-    blind_guess_accuracy,
-    exact_match,
-    few_shot_items,
-)
-from ltm_pyro.generate import posterior_latents, sample_tokens  # noqa: E402
-from ltm_pyro.model import LatentThoughtModel  # noqa: E402
-from ltm_pyro.report import markdown_table, write_results  # noqa: E402
-from ltm_pyro.runner import train  # noqa: E402
-from ltm_pyro.studies.figures import accuracy_figure, latents_figure  # noqa: E402
-from ltm_pyro.tokenizers import EOS, Tokenizer, encode_prompt  # noqa: E402
-from ltm_pyro.viz import save_figure  # noqa: E402
-
-COLUMNS = ["variant", "latents_per_layer", "params", "tokens_seen", "T_eval", "shots", "items",
-           "accuracy"]
+from ltm_pyro.fewshot import PermutationTask  # noqa: E402
+from ltm_pyro.studies.icl import score_variants, write_report  # noqa: E402
 
 
 def parser() -> OneLineParser:
@@ -80,33 +59,6 @@ def parser() -> OneLineParser:
     return p
 
 
-@torch.no_grad()
-def accuracy(ltm: LatentThoughtModel, tokenizer: Tokenizer, items, inference, steps: int,
-             seed: int, device: torch.device) -> float:  # noqa: ANN001
-    """Exact-match accuracy of greedy answers; every item of a k has the same prompt length."""
-    start = [tokenizer.index[EOS]]  # episodes start a line, as in training
-    prompts = torch.tensor([start + encode_prompt(tokenizer, item.prompt) for item in items],
-                           device=device)
-    answer_length = len(items[0].answer.split())
-    generator = torch.Generator(device=device).manual_seed(seed)
-    z = posterior_latents(ltm, prompts, inference, steps, generator)
-    tokens = sample_tokens(ltm, prompts, answer_length, z, greedy=True)
-    answers = [tokenizer.decode(row[prompts.shape[1]:].tolist()) for row in tokens.cpu()]
-    return sum(exact_match(a, item.answer) for a, item in zip(answers, items)) / len(items)
-
-
-def variants(base: RunConfig, latents: list[int] | None) -> dict[str, RunConfig]:
-    """The LTM and its matched ARs, or with ``latents`` one LTM per latent count (named
-    ltm-TT-LN) and the ARs matched to the run flags' LTM."""
-    found = comparison_configs(base)
-    if not latents:
-        return found
-    ltm_name = f"ltm-T{base.inference.steps}"
-    ltms = {f"{ltm_name}-L{n}": replace(found[ltm_name], model=replace(
-        base.model, latents_per_layer=n)) for n in latents}
-    return {**ltms, **{name: c for name, c in found.items() if not family_of(c).latent}}
-
-
 def main() -> int:
     args = parser().parse_args()
     if args.data is not None:
@@ -116,47 +68,13 @@ def main() -> int:
     corpus_dir = args.runs / args.label / "corpus"
     task.write_corpus(corpus_dir, args.train_episodes, max(200, args.train_episodes // 20),
                       args.examples_per_episode, seed=base.train.seed)
-    base.data.path, base.data.tokenizer = str(corpus_dir), "word"
+    base = replace(base, data=replace(base.data, path=str(corpus_dir), tokenizer="word"))
     longest = max(args.shots) * (2 * args.length + 2) + args.length + 2
     if longest > base.model.context:
         raise UsageError(f"a {max(args.shots)}-shot prompt has {longest} tokens, more than the "
                          f"context of {base.model.context}; raise --seq-len or lower --shots")
-    rows, configs = [], {}
-    for name, config in variants(base, args.latents).items():
-        run_dir = args.runs / args.label / name
-        train(config, run_dir, force=True, progress=not args.no_progress)
-        ltm, trained, tokenizer = model_from_checkpoint(load_checkpoint(run_dir),
-                                                        config.train.device)
-        configs[name] = trained.to_dict()
-        tokens_seen = config.train.max_steps * config.train.batch_size * config.model.context
-        for steps in args.eval_inference_steps if ltm.has_latents else [0]:
-            for shots in args.shots:
-                items = few_shot_items(task, shots, args.items, seed=1000 + shots)
-                rows.append({"variant": name, "latents_per_layer": (
-                                 trained.model.latents_per_layer if ltm.has_latents else None),
-                             "params": count_parameters(trained.model),
-                             "tokens_seen": tokens_seen, "T_eval": steps, "shots": shots,
-                             "items": len(items),
-                             "accuracy": accuracy(ltm, tokenizer, items, trained.inference,
-                                                  steps, config.train.seed,
-                                                  ltm.decoder.tok_embeddings.weight.device)})
-                print(markdown_table(rows[-1:], COLUMNS), flush=True)
-    chance = blind_guess_accuracy(task)
-    table = markdown_table(rows, COLUMNS)
-    write_results(args.results / f"{args.label}.json", args.label, base.train.device, {
-        "blind_guess_accuracy": chance,
-        "task": {"alphabet": task.alphabet, "length": task.length, "rules": len(task.rules),
-                 "train_items": len(task.train_items), "eval_items": len(task.eval_items)},
-        "rows": rows, "configs": configs,
-    },
-        f"Hidden-permutation task: strings of {task.length} symbols from {task.alphabet}, "
-        f"{len(task.rules)} rules; answering with one fixed rule scores {chance:.3f} (chance); "
-        "queries are held-out "
-        "strings, exemplars training strings. Greedy answers, exact match.\n\n"
-        f"{table}\n")
-    save_figure(accuracy_figure(rows, chance), args.results / f"{args.label}.png")
-    if args.latents:
-        save_figure(latents_figure(rows, chance), args.results / f"{args.label}-latents.png")
+    rows, configs = score_variants(base, task, args)
+    table = write_report(args, base, task, rows, configs)
     print(table)
     return 0
 

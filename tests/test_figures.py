@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 from ltm_pyro.comparisons import validation_curve  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.latent_use import slot_correlation_matrices, slot_similarity  # noqa: E402
-from ltm_pyro.studies import figures  # noqa: E402
+from ltm_pyro.studies import figures, icl  # noqa: E402
 from ltm_pyro.viz import (  # noqa: E402
     bounds_against_steps,
     heatmap,
@@ -249,13 +249,13 @@ def test_icl_latent_grid_trains_one_ltm_per_count_beside_the_base_ars():
     from ltm_pyro.config import preset
 
     base = preset("tiny")
-    found = load_script("bench_icl").variants(base, [1, 8])
+    found = icl.variants(base, [1, 8])
     steps = base.inference.steps
     assert list(found) == [f"ltm-T{steps}-L1", f"ltm-T{steps}-L8", "ar-window", "ar-full"]
     assert [found[f"ltm-T{steps}-L{n}"].model.latents_per_layer for n in (1, 8)] == [1, 8]
     plain = comparison_configs(base)
     assert found["ar-window"] == plain["ar-window"] and found["ar-full"] == plain["ar-full"]
-    assert load_script("bench_icl").variants(base, None) == plain
+    assert icl.variants(base, None) == plain
 
 
 def _quality_results(latents_per_layer: int, curves: dict) -> dict:
