@@ -11,6 +11,7 @@ import pytest
 from ltm_pyro.errors import UsageError
 from ltm_pyro.files import read_jsonl
 from ltm_pyro.runner import METRICS_NAME
+from ltm_pyro.studies import latent_use_curve
 
 from .conftest import load_script, train_in_process
 
@@ -52,11 +53,11 @@ def test_rows_carry_the_prior_control_against_tokens_and_a_finished_run_is_not_r
 def test_the_control_defaults_to_32_draws_and_needs_latents(monkeypatch, tmp_path):
     module = load_script("latent_use_over_training")
     monkeypatch.setattr(sys, "argv", [SCRIPT, "--label", "x", *MICRO])
-    config = module.controlled(module.config_from_args(module.parser().parse_args()))
-    assert config.train.eval_prior_control == module.DEFAULT_DRAWS == 32
+    config = latent_use_curve.controlled(module.config_from_args(module.parser().parse_args()))
+    assert config.train.eval_prior_control == latent_use_curve.DEFAULT_DRAWS == 32
     monkeypatch.setattr(sys, "argv", [SCRIPT, "--label", "x", "--model", "ar", *MICRO])
     with pytest.raises(UsageError, match="needs an LTM"):
-        module.controlled(module.config_from_args(module.parser().parse_args()))
+        latent_use_curve.controlled(module.config_from_args(module.parser().parse_args()))
 
 
 def test_a_baseline_run_is_tabled_at_the_same_steps_and_a_mismatch_is_refused(
