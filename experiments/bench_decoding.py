@@ -61,12 +61,11 @@ def models(args) -> dict[str, LatentThoughtModel]:  # noqa: ANN001
     if args.checkpoint is not None:
         ltm, config, _ = model_from_checkpoint(load_checkpoint(args.checkpoint, device), device)
         return {config.model_kind: ltm}
-    config = preset(args.preset).model
-    config.vocab_size = args.vocab_size
+    config = replace(preset(args.preset).model, vocab_size=args.vocab_size)
     if args.seq_len is not None:
-        config.context = args.seq_len
+        config = replace(config, context=args.seq_len)
     if args.window is not None:
-        config.window = args.window or None
+        config = replace(config, window=args.window or None)
     torch.manual_seed(args.seed)
     return {kind: LatentThoughtModel(Decoder(replace(config, latents_per_layer=latents))
                                      .to(device).eval())

@@ -87,11 +87,12 @@ def parser() -> OneLineParser:
 
 def build(name: str, args) -> tuple[RunConfig, LatentThoughtModel, LatentThoughtModel]:  # noqa: ANN001
     config = preset(name)
+    config = config.updated(
+        model={"vocab_size": args.vocab_size or (50258 if name.startswith("ltm-") else 10000),
+               "context": args.seq_len or config.model.context},
+        train={"batch_size": args.batch_size or config.train.batch_size},
+        inference={"steps": args.inference_steps})
     model = config.model
-    model.vocab_size = args.vocab_size or (50258 if name.startswith("ltm-") else 10000)
-    model.context = args.seq_len or model.context
-    config.train.batch_size = args.batch_size or config.train.batch_size
-    config.inference.steps = args.inference_steps
     device = resolve_device(args.device)
     ltm = LatentThoughtModel(Decoder(model).to(device))
     ar = LatentThoughtModel(Decoder(matched_ar_config(model)).to(device))

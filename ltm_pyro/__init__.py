@@ -7,7 +7,8 @@ Modules by layer (docs/design.md §3); a layer imports from itself, the ones abo
   (the masked-diffusion baseline)
 - evaluation: ``bounds`` (three figures), ``latent_use``, ``uncertainty`` (paired intervals),
   ``diagnostics``, ``sample_quality``, ``fewshot``
-- runs and files: ``runner``, ``training_state``, ``comparisons``, ``checkpoint``, ``files``,
+- runs and files: ``families`` (LTM, AR and MDLM behind one interface), ``runner``,
+  ``training_state``, ``comparisons``, ``checkpoint``, ``files``,
   ``data``, ``synthetic``, ``tokenizers``, ``report``, ``viz``, ``generate``, ``explore``
   (``load_run``: encode, score, generate), ``posterior`` (fitted q as data), ``run_folder``
 - studies: ``studies`` (what an experiment computes; its script is only a command line)
@@ -23,7 +24,7 @@ _EXPORTS = {
     "LatentThoughtModel": "model", "LocalPosterior": "model", "ModelConfig": "config",
     "Posteriors": "posterior", "RunConfig": "config", "TextPosterior": "posterior",
     "TrainConfig": "config", "TrainedRun": "explore", "fit_local_posterior": "inference",
-    "load_run": "explore", "preset": "config",
+    "family_of": "families", "load_run": "explore", "preset": "config", "train": "runner",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -404,27 +404,24 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The preset, then the recipe, with every run flag the user gave applied on top."""
     from .svi import check_kl_cycles
 
-    config = apply_recipe(preset(args.preset), args.recipe)
-    config.model_kind = args.model
-    config.data.path = args.data
-    config.data.tokenizer = args.tokenizer
+    changes: dict[str, dict] = {"model": {}, "inference": {}, "train": {},
+                                "data": {"path": args.data, "tokenizer": args.tokenizer}}
     for dest, section, field in FLAG_FIELDS:
         value = getattr(args, dest)
         if value is not None:
-            setattr(getattr(config, section), field, value)
-    model, inference, train_cfg = config.model, config.inference, config.train
+            changes[section][field] = value
     if args.window is not None:
-        model.window = args.window or None
+        changes["model"]["window"] = args.window or None
     if args.fast_lr is not None:
-        inference.lr_min = args.fast_lr / 10
+        changes["inference"]["lr_min"] = args.fast_lr / 10
     if args.slow_lr is not None:
-        train_cfg.min_lr = args.slow_lr / 10
-    check_kl_cycles(train_cfg)  # refused at parse time, before any data is read
-    train_cfg.device = args.device
-    train_cfg.compile = args.compile
-    train_cfg.keep_best = train_cfg.keep_best or args.keep_best
-    config.model = _family_shape(args, model)
-    return config
+        changes["train"]["min_lr"] = args.slow_lr / 10
+    changes["train"].update(device=args.device, compile=args.compile)
+    config = apply_recipe(preset(args.preset), args.recipe).updated(model_kind=args.model,
+                                                                    **changes)
+    check_kl_cycles(config.train)  # refused at parse time, before any data is read
+    return config.updated(train={"keep_best": config.train.keep_best or args.keep_best},
+                          model=_family_shape(args, config.model))
 
 
 def _family_shape(args: argparse.Namespace, model: ModelConfig) -> ModelConfig:

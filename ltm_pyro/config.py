@@ -22,7 +22,7 @@ SlotRoles = Literal["shared", "value", "key-value", "embedding"]
 TOKENIZERS = ("word", "char", "bpe")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Decoder shape. ``latents_per_layer = 0`` gives the autoregressive baseline;
     ``bidirectional`` (no latents, no window) the masked-diffusion baseline (``mdlm.py``).
@@ -69,7 +69,7 @@ class ModelConfig:
         return multiple_of * math.ceil(hidden / multiple_of)
 
 
-@dataclass
+@dataclass(frozen=True)
 class InferenceConfig:
     """The fast loop that fits each batch's local posterior.
 
@@ -127,7 +127,7 @@ class InferenceConfig:
     encoder_loss: EncoderLoss = "elbo"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The slow loop over the global decoder weights, and the run around it."""
 
@@ -168,7 +168,7 @@ class TrainConfig:
     device: str = "cpu"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where windows come from: the built-in synthetic corpus (path None) or text files."""
 
@@ -179,7 +179,7 @@ class DataConfig:
     synthetic_eval_docs: int = 256
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model_kind: ModelKind = "ltm"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -191,6 +191,14 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def updated(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes``: a section's fields as a dict (``train={"max_steps": 40}``)
+        or a top-level field (``model_kind="ar"``). Configs are frozen, so the settings a run
+        or a figure was made with never change under the code that holds them."""
+        values = {name: dataclasses.replace(getattr(self, name), **change)
+                  if isinstance(change, dict) else change for name, change in changes.items()}
+        return dataclasses.replace(self, **values)
 
     def summary(self) -> str:
         """The settings that decide what a run's latents can do, in one line (notebooks print
@@ -333,21 +341,14 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def apply_recipe(config: RunConfig, name: str) -> RunConfig:
-    """Set ``config``'s fields to recipe ``name``'s values (in place) and record its name."""
+    """``config`` with recipe ``name``'s values and its name recorded."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    sections = {"model": config.model, "inference": config.inference, "train": config.train}
-    for section, values in RECIPES[name].items():
-        for key, value in values.items():
-            setattr(sections[section], key, value)
-    config.recipe = name
-    return config
+    return config.updated(**RECIPES[name], recipe=name)
 
 
 def preset(name: str) -> RunConfig:
     """A fresh copy of a named preset (raises ValueError naming the choices)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    config = RunConfig.from_dict(PRESETS[name].to_dict())
-    config.preset = name
-    return config
+    return PRESETS[name].updated(preset=name)

@@ -251,10 +251,10 @@ def _build_state(config: RunConfig, shard: Shard, device: torch.device,
                  resume: dict | None) -> TrainingState:
     """The seeded model and optimizers, restored from ``resume`` when there is one."""
     generator = seed_everything(config.train.seed)
-    ltm = LatentThoughtModel(Decoder(config.model).to(device))
+    decoder = Decoder(config.model).to(device)
     encoder = build_encoder(config.model, config.inference)  # None unless asked for
-    if encoder is not None and ltm.has_latents:
-        ltm.encoder = encoder.to(device)
+    ltm = LatentThoughtModel(decoder, encoder=encoder.to(device) if (
+        encoder is not None and decoder.has_latents) else None)
     if config.train.compile:
         ltm.compile()
     trainer = family_of(config).trainer(ltm, config, generator, shard)
@@ -416,7 +416,7 @@ def _train(config: RunConfig, out: Path, force: bool, progress: bool, shard: Sha
     resume = _resume_point(out, config, force, shard)
     tokenizer = tokenizer_from_dict(resume["tokenizer"]) if resume else None
     corpus = load_corpus(config.data, config.model.context, tokenizer)
-    config.model.vocab_size = corpus.tokenizer.vocab_size
+    config = config.updated(model={"vocab_size": corpus.tokenizer.vocab_size})
     if shard.is_main and not (out / TOKENIZER_NAME).exists():
         write_tokenizer(out, corpus.tokenizer)
     state = _build_state(config, shard, device, resume)

@@ -10,6 +10,7 @@ constructed case the encoder learns to propose a q better than the prior.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -196,8 +197,8 @@ def test_flags_set_the_encoder_and_the_default_has_none():
         ["--encoder-layers", "2", "--encoder-lr", "0.003", "--encoder-loss", "fit"]))
     assert (config.inference.encoder_layers, config.inference.encoder_lr,
             config.inference.encoder_loss) == (2, 0.003, "fit")
-    config.model.vocab_size = 30
-    assert len(build_encoder(config.model, config.inference).blocks) == 2
+    model = replace(config.model, vocab_size=30)
+    assert len(build_encoder(model, config.inference).blocks) == 2
 
 
 def test_a_run_with_an_encoder_resumes_bit_identically_and_loads_it(tmp_path, monkeypatch):
@@ -205,9 +206,7 @@ def test_a_run_with_an_encoder_resumes_bit_identically_and_loads_it(tmp_path, mo
     4 of 6 and resumed ends with the uninterrupted run's metrics, decoder and encoder; the
     loaded model scores with the saved encoder (T_eval 0: its proposal's KL)."""
     def config():  # noqa: ANN202
-        run = _tiny_run()
-        run.inference.encoder_layers = 1
-        return run
+        return _tiny_run().updated(inference={"encoder_layers": 1})
 
     reference = tmp_path / "reference"
     runner.train(config(), reference, progress=False)

@@ -237,17 +237,12 @@ def test_evaluation_matches_the_bounds_written_out(noise):
 
 
 def _tiny_run(**train_overrides) -> runner.RunConfig:
-    config = preset("tiny")
-    config.model.context = 16
-    config.model.window = 8
-    config.data = DataConfig(synthetic_train_docs=64, synthetic_eval_docs=16)
-    config.inference.steps = 2
     train = dict(max_steps=6, batch_size=4, warmup_steps=2, eval_every=3, eval_windows=4,
                  log_every=1, checkpoint_every=3)
     train.update(train_overrides)
-    for key, value in train.items():
-        setattr(config.train, key, value)
-    return config
+    return preset("tiny").updated(
+        model={"context": 16, "window": 8}, inference={"steps": 2}, train=train,
+        data=DataConfig(synthetic_train_docs=64, synthetic_eval_docs=16))
 
 
 def _records(out) -> list[dict]:
@@ -266,8 +261,7 @@ def test_kl_warmup_weights_the_training_loss_and_never_the_validation(tmp_path):
 
     # One step at warm-up weight 1/4 is one step of a run whose KL weight is 1/4 throughout.
     first = _tiny_run(max_steps=1, eval_every=1, kl_warmup_steps=4)
-    constant = _tiny_run(max_steps=1, eval_every=1)
-    constant.inference.kl_weight = 0.25
+    constant = _tiny_run(max_steps=1, eval_every=1).updated(inference={"kl_weight": 0.25})
     full = _tiny_run(max_steps=1, eval_every=1)
     weights = {}
     for name, config in (("first", first), ("constant", constant), ("full", full)):
@@ -489,7 +483,6 @@ def test_a_run_saved_before_a_config_field_existed_still_resumes(tmp_path):
     before = _records(out)
     runner.train(_tiny_run(max_steps=3), out, progress=False)
     assert _records(out) == before and load_checkpoint(out)["step"] == 3
-    changed = _tiny_run(max_steps=3)
-    changed.inference.free_bits_group = "layer"
+    changed = _tiny_run(max_steps=3).updated(inference={"free_bits_group": "layer"})
     with pytest.raises(runner.UsageError, match="different config"):
         runner.train(changed, out, progress=False)

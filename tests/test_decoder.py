@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,8 +14,7 @@ from .conftest import micro_config
     ("ltm-s", 38_369_280), ("ltm-m", 51_005_952), ("ltm-l", 76_279_296),
 ])
 def test_paper_preset_parameter_counts(name, expected):
-    config = preset(name).model
-    config.vocab_size = 50258
+    config = replace(preset(name).model, vocab_size=50258)
     assert config.context == 1024
     with torch.device("meta"):
         decoder = Decoder(config)

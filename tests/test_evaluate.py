@@ -5,6 +5,7 @@ import math
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -203,8 +204,7 @@ def test_evaluate_scores_the_sampled_subset_it_names(trained, tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny", "small", "ltm-s"])
 def test_matched_ar_is_within_two_percent(name):
-    config = preset(name).model
-    config.vocab_size = 10000
+    config = replace(preset(name).model, vocab_size=10000)
     ltm_params = count_parameters(config)
     ar = matched_ar_config(config)
     assert ar.latents_per_layer == 0
@@ -212,8 +212,7 @@ def test_matched_ar_is_within_two_percent(name):
 
 
 def test_flops_count_every_inner_step():
-    config = preset("small").model
-    config.vocab_size = 1000
+    config = replace(preset("small").model, vocab_size=1000)
     forward = forward_flops_per_token(config)
     assert training_flops_per_token(config, 16) == pytest.approx((16 * 2 + 3) * forward)
     assert training_flops_per_token(config, 16, "trajectory") == pytest.approx(17 * 3 * forward)

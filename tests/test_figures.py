@@ -315,8 +315,7 @@ def test_hover_scatter_svg_has_one_titled_point_per_document_and_escapes_text():
 def test_latents_training_curves_read_valid_records_and_draw_mi_for_ltms_only(tmp_path):
     from ltm_pyro.config import preset
 
-    config = preset("tiny")
-    config.model.vocab_size = 50  # a trained run's config, as its results file records it
+    config = preset("tiny").updated(model={"vocab_size": 50})  # as a trained run records it
     run = tmp_path / "ltm"
     run.mkdir()
     records = [{"split": "train", "step": 10, "neg_elbo": 9.0},

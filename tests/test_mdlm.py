@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import signal
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -268,8 +269,7 @@ def test_revealed_positions_are_never_resampled():
 
 
 def test_matched_mdlm_has_the_ltms_parameter_count_and_whole_window_flops():
-    ltm = preset("tiny").model
-    ltm.vocab_size = 98
+    ltm = replace(preset("tiny").model, vocab_size=98)
     mdlm = mdlm_model_config(ltm, match_params=True)
     assert mdlm.bidirectional and mdlm.window is None and mdlm.latents_per_layer == 0
     assert abs(count_parameters(mdlm) - count_parameters(ltm)) <= 0.001 * count_parameters(ltm)

@@ -9,6 +9,7 @@ and loss normalisation, and compare with the fast loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -171,16 +172,27 @@ def test_released_recipe_first_training_kl_matches_the_released_code(tmp_path):
     """The issue's configuration: the released code logs a training KL of 7.5 nats/token."""
     from ltm_pyro.runner import train
 
-    config = apply_recipe(preset("small"), "released")
-    model = config.model
-    model.d_model, model.n_layers, model.n_heads, model.latents_per_layer = 128, 2, 4, 8
-    model.context, model.window = 128, 64
-    config.data = DataConfig(path=str(shared_data("ptb")), tokenizer="word")
-    run = config.train
-    run.batch_size, run.lr, run.min_lr, run.warmup_steps = 16, 1e-3, 1e-4, 25
-    run.max_steps, run.log_every, run.eval_windows = 1, 1, 2
-    config.inference.steps = 16
+    config = apply_recipe(preset("small"), "released").updated(
+        model={"d_model": 128, "n_layers": 2, "n_heads": 4, "latents_per_layer": 8,
+               "context": 128, "window": 64},
+        data=DataConfig(path=str(shared_data("ptb")), tokenizer="word"),
+        train={"batch_size": 16, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 25,
+               "max_steps": 1, "log_every": 1, "eval_windows": 2},
+        inference={"steps": 16})
     train(config, tmp_path / "run", progress=False)
     first = next(r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")
                  if r["split"] == "train")
     assert first["kl"] == pytest.approx(7.5, abs=0.2), first["kl"]  # measured: 7.526
+
+
+def test_configs_are_frozen_and_updated_builds_a_new_one():
+    """Catches: a config changed under the code that holds it (the runner once set the
+    vocabulary size on its caller's config, and the scaling grid relied on it)."""
+    tiny = preset("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tiny.train.max_steps = 1
+    longer = tiny.updated(train={"max_steps": 7}, model_kind="ar")
+    assert (longer.train.max_steps, longer.model_kind, longer.train.lr) == (7, "ar", tiny.train.lr)
+    assert (tiny.train.max_steps, tiny.model_kind) == (400, "ltm") and preset("tiny") == tiny
+    with pytest.raises(TypeError, match="max_step"):
+        tiny.updated(train={"max_step": 7})

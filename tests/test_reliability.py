@@ -115,11 +115,10 @@ def test_bad_input_exits_non_zero_with_one_line_from_a_real_process(tmp_path, sc
 
 
 def test_kl_warmup_ramps_to_the_configured_weight():
-    config = preset("tiny")
-    config.inference.kl_weight, config.train.kl_warmup_steps = 0.5, 4
+    config = preset("tiny").updated(inference={"kl_weight": 0.5}, train={"kl_warmup_steps": 4})
     weights = [kl_weight_at(s, config.inference, config.train) for s in range(6)]
     assert weights == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
-    config.train.kl_warmup_steps = 0
+    config = config.updated(train={"kl_warmup_steps": 0})
     assert kl_weight_at(0, config.inference, config.train) == 0.5
 
 

@@ -37,9 +37,8 @@ MICRO_GRID = [*MICRO, "--widths", "16"]
 
 
 def _base() -> RunConfig:
-    config = RunConfig(model=micro_config(vocab_size=50, context=16))
-    config.train.batch_size = 4
-    return config
+    return RunConfig(model=micro_config(vocab_size=50, context=16)).updated(
+        train={"batch_size": 4})
 
 
 def _points() -> list[GridPoint]:
@@ -71,7 +70,7 @@ def test_semi_amortised_family_is_the_ltm_grid_with_an_encoder_and_the_ltm_has_n
     base = _base()
     sa = point_config(base, points[2])
     assert (sa.model_kind, sa.inference.encoder_layers, sa.inference.steps) == ("ltm", 2, 2)
-    base.inference.encoder_layers = 3  # the run flags' encoder: sa keeps it, ltm drops it
+    base = base.updated(inference={"encoder_layers": 3})  # sa keeps the flags' encoder, ltm not
     assert point_config(base, points[3]).inference.encoder_layers == 3
     assert point_config(base, points[0]).inference.encoder_layers == 0
     assert point_config(base, points[4]).model_kind == "ar"
@@ -98,8 +97,7 @@ def test_flop_budget_gives_each_run_steps_within_a_step_of_the_budget():
 
 
 def test_a_warmup_longer_than_the_run_is_cut():
-    base = _base()
-    base.train.warmup_steps = 30
+    base = _base().updated(train={"warmup_steps": 30})
     short = with_budget(point_config(base, GridPoint("ar", 16, 1)), "tokens", 20 * 64)
     assert (short.train.max_steps, short.train.warmup_steps) == (20, 2)
     long = with_budget(point_config(base, GridPoint("ar", 16, 1)), "tokens", 200 * 64)

@@ -135,8 +135,8 @@ def test_slot_weights_are_initialised_like_the_shared_ones():
 
 @pytest.mark.parametrize("roles", ROLES)
 def test_extra_parameters_are_counted_and_given_to_the_matched_ar(roles):
-    config = preset("tiny").model
-    config.vocab_size, config.window, config.slot_roles = 98, 4, roles  # the study's shape
+    config = replace(preset("tiny").model, vocab_size=98, window=4,
+                     slot_roles=roles)  # the study's shape
     shared = count_parameters(replace(config, slot_roles="shared"))
     layers, slots, z, d = config.n_layers, config.latents_per_layer, config.z_dim, config.d_model
     extra = {"shared": 0, "value": (slots - 1) * z * d, "key-value": 2 * (slots - 1) * z * d,
@@ -203,10 +203,9 @@ def test_config_summary_names_what_decides_the_latents():
     for part in ("preset tiny", "window 16", "slot roles key-value", "T = 16", "log-var 0",
                  "slot offsets 0.5", "free bits 1/slot", "400 steps"):
         assert part in text, part
-    semi_amortised = preset("tiny")
-    semi_amortised.inference.encoder_layers = 2
+    semi_amortised = preset("tiny").updated(inference={"encoder_layers": 2})
     assert "from a 2-block encoder's proposal (elbo loss; log-var 0" in semi_amortised.summary()
     assert "encoder" not in text
-    ar = preset("tiny")
-    ar.model_kind, ar.model = "ar", FAMILIES["ar"].shape(ar.model, match_params=True)
+    tiny = preset("tiny")
+    ar = tiny.updated(model_kind="ar", model=FAMILIES["ar"].shape(tiny.model, match_params=True))
     assert ar.summary().startswith("ar (preset tiny") and "no latents" in ar.summary()
