@@ -84,3 +84,23 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     path.parent.mkdir()
     path.write_text("def f():\n    from ..runner import train\n    from . import sibling\n")
     assert imported_modules(path, tmp_path) == {"runner", "studies"}
+
+
+def contract_items() -> list[str]:
+    """The items of docs/design.md §4: each bullet and each paragraph that opens in bold."""
+    text = (REPO / "docs" / "design.md").read_text()
+    section = text[text.index("## 4. Contracts"):text.index("## 5.")]
+    return re.split(r"\n(?=- |\*\*)", section)[1:]
+
+
+def test_every_contract_names_the_test_that_holds_it_and_that_test_exists():
+    """Catches: a contract in docs/design.md §4 that no test is named for, and a named test
+    that was renamed or deleted (the doc would then point at nothing)."""
+    assert all("tests/test_" in item for item in contract_items()), [
+        item[:80] for item in contract_items() if "tests/test_" not in item]
+    cited = re.findall(r"tests/(test_\w+\.py)(?:::(\w+))?", (REPO / "docs" / "design.md")
+                       .read_text())
+    missing = [f"{path}::{name}" for path, name in cited
+               if not (REPO / "tests" / path).exists() or (
+                   name and f"def {name}(" not in (REPO / "tests" / path).read_text())]
+    assert cited and not missing, missing
