@@ -92,7 +92,8 @@ def score_one(study: Study, args: argparse.Namespace) -> None:
     write_json(out, portable({**provenance("cpu"), "training_command": " ".join(
         study.training_job(family, chosen_learning_rates(tuning_points(study))[family],
                            int(seed), "python")[1:]),
-                     "config": trained, **score_run(study, family, run, int(seed))}))
+                     "config": trained, **score_run(study, family, run, int(seed)),
+                     "curve": run_curve(run)}))
 
 
 def _run_config(run: Path):  # noqa: ANN202 - a RunConfig
@@ -106,12 +107,11 @@ def write_report(study: Study, args: argparse.Namespace) -> None:
     points = tuning_points(study)
     chosen = chosen_learning_rates(points)
     rows, parts = report.comparison_rows(scores), report.decomposition_rows(scores)
-    curves = {}
+    curves = {}  # each scored run's validations, from its score file (so from this checkout)
     for family in FAMILY_FLAGS:
-        runs = [study.long_run(family, s) for s in study.seeds  # the scored runs only
-                if study.score_file(family, s).exists()]
+        runs = [s["curve"] for s in scores if s["family"] == family]
         if runs:
-            curves[family] = [run_curve(run) for run in runs]
+            curves[family] = runs
     if curves:
         save_figure(report.curves_figure(curves), study.results / "main-curves.png")
     page = "\n\n".join([

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -45,3 +46,18 @@ def test_a_study_runs_reports_and_replots(tmp_path, script, flags, figures):
         (results / name).unlink()
     _run("replot.py", str(results / "smoke.json"))
     assert all((results / name).stat().st_size for name in figures)
+
+
+def test_the_main_comparison_report_rebuilds_from_the_committed_files_alone(tmp_path):
+    """Catches: a report that needs the run folders (gone once a session ends) rather than the
+    committed tuning and score files, or that no longer reproduces the committed tables."""
+    committed = REPO / "experiments" / "results" / "main"
+    copy = tmp_path / "experiments" / "results" / "main"
+    shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("*.png"))
+    done = subprocess.run([sys.executable, str(REPO / "experiments" / "main_comparison.py"),
+                           "report"], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    tables = (committed / "main.md").read_text().split("## Equal tuning")[1]
+    assert (copy / "main.md").read_text().split("## Equal tuning")[1] == tables
+    assert (copy / "main-curves.png").stat().st_size
