@@ -34,8 +34,7 @@ from ltm_pyro.cli import (  # noqa: E402
 from ltm_pyro.data import BUILTIN_NAME, load_corpus  # noqa: E402
 from ltm_pyro.errors import UsageError  # noqa: E402
 from ltm_pyro.families import FAMILIES, family_of  # noqa: E402
-from ltm_pyro.generate import Sampling, prior_latents, sample_tokens  # noqa: E402
-from ltm_pyro.mdlm import sample_window  # noqa: E402
+from ltm_pyro.generate import Sampling, prior_latents  # noqa: E402
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 from ltm_pyro.sample_quality import distinct_n, scorer_nll_per_token, unigram_entropy  # noqa: E402
 from ltm_pyro.synthetic import TopicStyleProcess  # noqa: E402
@@ -98,14 +97,16 @@ def main() -> int:
     args = parser().parse_args()
     ltm, config, tokenizer = load(args.ltm, args.device)
     scorer, _, scorer_tokenizer = load(args.scorer, args.device)
-    models = {"ltm": ltm}
+    models = {"ltm": (ltm, config)}
     if args.ar is not None:
-        models["ar"], _, ar_tokenizer = load(args.ar, args.device)
+        ar, ar_config, ar_tokenizer = load(args.ar, args.device)
+        models["ar"] = (ar, ar_config)
         if ar_tokenizer.to_dict() != tokenizer.to_dict():
             raise UsageError("--ar uses another vocabulary than --ltm; pass models trained on "
                              "the same corpus and tokenizer")
     if args.mdlm is not None:
-        models["mdlm"], mdlm_config, mdlm_tokenizer = load(args.mdlm, args.device)
+        mdlm, mdlm_config, mdlm_tokenizer = load(args.mdlm, args.device)
+        models["mdlm"] = (mdlm, mdlm_config)
         if (family_of(mdlm_config) is not FAMILIES["mdlm"]
                 or mdlm_tokenizer.to_dict() != tokenizer.to_dict()
                 or mdlm_config.model.context != config.model.context):
@@ -124,18 +125,14 @@ def main() -> int:
     first = real[:, :1].to(args.device)
     rows = [{"source": "test data", "prior_scale": None, **measures(real, scorer, builtin)}]
     new_tokens = config.model.context - 1
-    for name, model in models.items():
+    sampling = Sampling(args.temperature, top_p=args.top_p)
+    for name, (model, model_config) in models.items():
         for scale in args.prior_scales if model.has_latents else [None]:
             draws = torch.Generator(device=args.device).manual_seed(args.seed)
             z = prior_latents(model, len(first), scale, draws, args.device)
-            if name == "mdlm":
-                window = sample_window(model.decoder, first,
-                                       args.denoising_steps or config.model.context, draws,
-                                       Sampling(args.temperature, top_p=args.top_p))
-                samples = window[:, :new_tokens + 1].cpu()
-            else:
-                samples = sample_tokens(model, first, new_tokens, z, args.temperature,
-                                        generator=draws, top_p=args.top_p).cpu()
+            new = family_of(model_config).continue_text(model, first, new_tokens, z, sampling,
+                                                        draws, args.denoising_steps)
+            samples = torch.cat([first, new], dim=1).cpu()
             rows.append({"source": name, "prior_scale": scale,
                          **measures(samples, scorer, builtin)})
             print(markdown_table(rows[-1:], COLUMNS), flush=True)
