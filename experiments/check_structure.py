@@ -2,9 +2,9 @@
 
     python experiments/check_structure.py        # exit 1 when a target is missed
 
-Longest function and largest class in ltm_pyro/ (lines, docstrings included), and whether the
-fast loop (inference.py) imports the distributed module. Targets: functions <= 60 lines,
-classes <= 150, no such import.
+Longest function and largest class in ltm_pyro/ and its sub-packages (lines, docstrings
+included), and whether the fast loop (inference.py) imports the distributed module. Targets:
+functions <= 60 lines, classes <= 150, no such import.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ MAX_FUNCTION, MAX_CLASS = 60, 150
 def spans(kind: type) -> list[tuple[int, str]]:
     """(lines, module:name) of every ``kind`` node in the package, longest first."""
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):  # sub-packages (commands, studies) included
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, kind):
-                found.append((node.end_lineno - node.lineno + 1, f"{path.stem}:{node.name}"))
+                found.append((node.end_lineno - node.lineno + 1, f"{module}:{node.name}"))
     return sorted(found, reverse=True)
 
 

@@ -63,12 +63,9 @@ def parser() -> OneLineParser:
 
 def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
     # torch and the library load here, not at import: --help answers without them.
-    from tqdm.auto import tqdm
-
-    from ..bounds import ScoringConfig, per_byte
+    from ..bounds import per_byte
     from ..checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
     from ..data import describe_selection, load_corpus, select_windows
-    from ..families import family_of
     from ..modes import resolve_device
     from ..run_folder import corpus_path, read_tokenizer
     from ..tokenizers import UNK_WARNING, known_token_count, unk_rate
@@ -93,20 +90,7 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
         print(f"warning: {unknown:.1%} of the scored tokens of {corpus.name} are <unk> under the "
               "checkpoint's vocabulary; its perplexities are not comparable with a model that "
               "knows those words", file=sys.stderr)
-    bar = tqdm(total=len(windows), disable=args.no_progress, desc=f"eval {args.split}")
-
-    def progress(sequences: int, figures: dict[str, float]) -> None:
-        bar.update(sequences - bar.n)
-        bar.set_postfix({name: f"{value:.3f}" for name, value in figures.items()})
-
-    scoring = ScoringConfig(
-        steps=args.inference_steps, batch_size=args.batch_size, elbo_samples=args.elbo_samples,
-        iw_samples=args.iw_samples, seed=args.seed, latent_stats=True,
-        mi_samples=args.mi_samples, prior_samples=args.prior_samples,
-        bound_samples=args.bound_samples)
-    summary = family_of(config).score(ltm, windows, config.inference, scoring, device, progress)
-    bar.close()
-    warn_of_bound_error(summary)
+    summary = score_with_progress(ltm, config, windows, args, device)
     return {
         **summary,
         **per_byte(summary, tokenizer.text_bytes(windows[:, 1:].flatten().tolist())),
@@ -124,6 +108,31 @@ def evaluate(args) -> dict:  # noqa: ANN001 - argparse.Namespace
         "references": corpus.references,
         "seed": args.seed,
     }
+
+
+def score_with_progress(ltm, config, windows, args, device) -> dict:  # noqa: ANN001
+    """The run's family scores ``windows`` as the flags say, behind a progress bar showing
+    the running figures; a warning when a stochastic bound is too noisy."""
+    from tqdm.auto import tqdm
+
+    from ..bounds import ScoringConfig
+    from ..families import family_of
+
+    bar = tqdm(total=len(windows), disable=args.no_progress, desc=f"eval {args.split}")
+
+    def progress(sequences: int, figures: dict[str, float]) -> None:
+        bar.update(sequences - bar.n)
+        bar.set_postfix({name: f"{value:.3f}" for name, value in figures.items()})
+
+    scoring = ScoringConfig(
+        steps=args.inference_steps, batch_size=args.batch_size, elbo_samples=args.elbo_samples,
+        iw_samples=args.iw_samples, seed=args.seed, latent_stats=True,
+        mi_samples=args.mi_samples, prior_samples=args.prior_samples,
+        bound_samples=args.bound_samples)
+    summary = family_of(config).score(ltm, windows, config.inference, scoring, device, progress)
+    bar.close()
+    warn_of_bound_error(summary)
+    return summary
 
 
 def warn_of_bound_error(summary: dict) -> None:

@@ -116,38 +116,9 @@ def study_variant(config: RunConfig, base_inference: InferenceConfig, name: str,
                        "tokens_seen": trained.train.max_steps * batch * trained.model.context,
                        **summary}
                 if has_latents and steps == train_steps and start_name == "trained":
-                    loc = posterior_means(ltm, windows, inference, steps, batch, seed)
-                    x = loc.flatten(1).numpy()
-                    # The probes' fits, not evaluate_windows' (whose summary also has it):
-                    # the committed rows were computed this way.
-                    row["slot_linear_r2"] = slot_linear_r2(loc, trained.model.n_layers)
-                    factors = corpus.factors[split]
-                    half = len(x) // 2
-                    for factor, column in (("topic", 0), ("style", 1)):
-                        y = factors[:, column]
-                        row[f"probe_{factor}_half"] = probe(x[:half], y[:half], x[half:], y[half:])
-                    if args.probe_train_windows:
-                        if "train_x" not in extra:
-                            tw = corpus.windows["train"][: args.probe_train_windows]
-                            extra["train_x"] = posterior_means(ltm, tw, inference, steps, batch,
-                                                               seed).flatten(1).numpy()
-                        tx = extra["train_x"]
-                        tf = corpus.factors["train"][: len(tx)]
-                        for factor, column in (("topic", 0), ("style", 1)):
-                            row[f"probe_{factor}_train"] = probe(tx, tf[:, column], x,
-                                                                 factors[:, column])
-                            # Each slot alone: does every slot carry the factor, or one?
-                            slot_x, slot_tx = x.reshape(len(x), ltm.latent_shape[0], -1), \
-                                tx.reshape(len(tx), ltm.latent_shape[0], -1)
-                            row[f"probe_{factor}_per_slot"] = [
-                                probe(slot_tx[:, i], tf[:, column], slot_x[:, i],
-                                      factors[:, column]) for i in range(slot_x.shape[1])]
-                    # Still slots (no movement across windows) are None: their correlation
-                    # would be a direction of rounding noise (``latent_use``).
-                    matrices = slot_correlation_matrices(loc, trained.model.n_layers).tolist()
-                    extra["slot_matrices"][split] = [
-                        [[None if math.isnan(v) else v for v in row] for row in layer]
-                        for layer in matrices]
+                    figures, extra["slot_matrices"][split] = latent_structure(
+                        ltm, trained, corpus, split, inference, steps, args, extra)
+                    row.update(figures)
                 rows.append(row)
                 print(markdown_table([row], COLUMNS), flush=True)
     result = {"variant": name, "flags": flags, "rows": rows,
@@ -155,6 +126,44 @@ def study_variant(config: RunConfig, base_inference: InferenceConfig, name: str,
               "references": corpus.references}
     write_json(run_dir / "study.json", result)
     return result
+
+
+def latent_structure(ltm, trained: RunConfig, corpus, split: str,  # noqa: ANN001
+                     inference: InferenceConfig, steps: int, args: argparse.Namespace,
+                     extra: dict) -> tuple[dict, list]:
+    """What the posterior means of a split's windows hold: the slots' linear R^2, linear
+    probes of the built-in corpus' topic and style (fitted on half the split, and with
+    --probe-train-windows on train windows, also slot by slot), and the slot matrices (a
+    still slot's cells None: its correlation would be a direction of rounding noise). The
+    train windows' means are fitted once per variant, kept in ``extra``."""
+    batch, seed = trained.train.batch_size, trained.train.seed
+    loc = posterior_means(ltm, corpus.windows[split], inference, steps, batch, seed)
+    x = loc.flatten(1).numpy()
+    # The probes' fits, not evaluate_windows' (whose summary also has it): the committed rows
+    # were computed this way.
+    figures = {"slot_linear_r2": slot_linear_r2(loc, trained.model.n_layers)}
+    factors, half = corpus.factors[split], len(x) // 2
+    for factor, column in (("topic", 0), ("style", 1)):
+        y = factors[:, column]
+        figures[f"probe_{factor}_half"] = probe(x[:half], y[:half], x[half:], y[half:])
+    if args.probe_train_windows:
+        if "train_x" not in extra:
+            tw = corpus.windows["train"][: args.probe_train_windows]
+            extra["train_x"] = posterior_means(ltm, tw, inference, steps, batch,
+                                               seed).flatten(1).numpy()
+        tx = extra["train_x"]
+        tf = corpus.factors["train"][: len(tx)]
+        slots = ltm.latent_shape[0]
+        slot_x, slot_tx = x.reshape(len(x), slots, -1), tx.reshape(len(tx), slots, -1)
+        for factor, column in (("topic", 0), ("style", 1)):
+            figures[f"probe_{factor}_train"] = probe(tx, tf[:, column], x, factors[:, column])
+            # Each slot alone: does every slot carry the factor, or one?
+            figures[f"probe_{factor}_per_slot"] = [
+                probe(slot_tx[:, i], tf[:, column], slot_x[:, i], factors[:, column])
+                for i in range(slots)]
+    matrices = slot_correlation_matrices(loc, trained.model.n_layers).tolist()
+    return figures, [[[None if math.isnan(v) else v for v in cells] for cells in layer]
+                     for layer in matrices]
 
 
 def report(args: argparse.Namespace, variants: list[str]) -> None:
