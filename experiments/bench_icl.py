@@ -16,6 +16,8 @@ prior mean). Writes LABEL.json, LABEL.md and LABEL.png into --results.
 ARs matched to the run flags' LTM, and adds LABEL-latents.png: accuracy against latent size at
 each k, at the largest T_eval, with the ARs' accuracy at the largest k (the scaling axis "few-
 shot accuracy against latent size"; scaling.py's grid trains on another corpus).
+
+What it computes lives in ``ltm_pyro/studies/icl.py``; this script is its command line.
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ overfit, so each @flops run is stopped on valid: it keeps the weights of its val
 lowest -ELBO (--eval-every, the first --eval-windows valid windows; ``best.pt``) and is scored
 there (``scored_step``).
 Finished runs in --runs/LABEL with the same config are reused, not trained again.
+
+What it computes lives in ``ltm_pyro/studies/quality.py``; this script is its command line.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ with the same data and schedule) adds its valid perplexity at each step and the 
 ``iwae_ppl`` relative to it. ``--report-only`` reports the run folder as it stands, with its
 own config and no training: a run stopped part-way (Ctrl-C or SIGTERM write a checkpoint)
 is reported up to its last validation, and the page says where it stopped.
+
+What it computes lives in ``ltm_pyro/studies/latent_use_curve.py``; this script is its command line.
 """
 
 from __future__ import annotations

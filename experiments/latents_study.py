@@ -27,6 +27,8 @@ separate invocations); --report gathers them into experiments/results/latents/LA
 and LABEL.png (iwae_ppl and MI against T_eval), LABEL-slots.png (slot-correlation
 heatmaps of each layer's posterior means) and LABEL-training.png (validation -ELBO, and the
 MI and KL per window, against training tokens, from each run's metrics.jsonl).
+
+What it computes lives in ``ltm_pyro/studies/latents.py``; this script is its command line.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ iwae_ppl against training tokens and against training FLOPs, each family's Paret
 drawn) and LABEL-trade.png (iwae_ppl against parameters and against T, runs of equal training
 FLOPs ringed: a bigger AR against a smaller LTM with more T). --report gathers the finished
 runs of the grid given without training anything.
+
+What it computes lives in ``ltm_pyro/studies/scaling_study.py``; this script is its command line.
 """
 
 from __future__ import annotations
