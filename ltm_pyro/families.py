@@ -101,10 +101,7 @@ class LatentThought(ModelFamily):
 
     name = "ltm"
     latent = True
-    score_metrics = ("windows", "kl_per_window", "mutual_info_per_window", "mutual_info_stderr",
-                     "mutual_info_cap", "active_units", "active_units_total",
-                     "slot_correlation", "slot_effective_rank", "slot_linear_r2",
-                     "prior_samples", "iwae_ppl", "prior_iwae_ppl")
+    score_metrics = ("windows", *LATENT_KEYS, "prior_samples", "iwae_ppl", "prior_iwae_ppl")
 
     def shape(self, model: ModelConfig, match_params: bool) -> ModelConfig:
         if match_params:

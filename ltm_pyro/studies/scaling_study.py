@@ -19,7 +19,7 @@ from matplotlib.ticker import NullFormatter
 from ..amortised import count_encoder_parameters
 from ..bounds import ScoringConfig, evaluate_windows
 from ..checkpoint import load_checkpoint, model_from_checkpoint
-from ..comparisons import validation_curve
+from ..comparisons import step_flops, tokens_per_step, validation_curve
 from ..config import RunConfig
 from ..decoder import count_parameters
 from ..errors import UsageError
@@ -34,8 +34,6 @@ from ..scaling import (
     pareto_frontier,
     point_config,
     spent,
-    step_flops,
-    tokens_per_step,
     with_budget,
 )
 from ..viz import readable_log_ticks, save_figure
