@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .decoder import Decoder
 from .modes import autocast
-from .objective import analytic_kl, log_density_ratio, sequence_terms
+from .objective import analytic_kl, log_density_ratio, negative_elbo, sequence_terms
 
 
 def masked_token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -260,14 +260,26 @@ class LatentThoughtModel:
                 pyro.sample("z", q.to_event(2))
 
     def _traces(
-        self, tokens: Tensor, mask: Tensor, local: LocalPosterior | None, noise: Tensor | None
+        self, tokens: Tensor, mask: Tensor, local: LocalPosterior | None, noise: Tensor | None,
+        kl_weight: float = 1.0,
     ) -> tuple[poutine.Trace, poutine.Trace]:
         """(model trace, guide trace) of one draw, in ``sequence_terms``' order."""
-        guide_trace = poutine.trace(self.guide).get_trace(tokens, mask, local, noise)
+        guide_trace = poutine.trace(self.guide).get_trace(tokens, mask, local, noise, kl_weight)
         model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(
-            tokens, mask
+            tokens, mask, None, None, kl_weight
         )
         return model_trace, guide_trace
+
+    def objective_terms(
+        self, tokens: Tensor, mask: Tensor, local: LocalPosterior | None, noise: Tensor | None,
+        kl_weight: float = 1.0,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The slow step's loss (``negative_elbo`` at ``kl_weight``, summed over sequences) and
+        the per-sequence NLL and KL [B] it is made of, unweighted, from one draw's traces: the
+        step differentiates the same objective as the fast loop and reports the plain terms."""
+        traces = self._traces(tokens, mask, local, noise, kl_weight)
+        log_lik, kl = sequence_terms(*traces, analytic_kl)
+        return negative_elbo(*traces), -log_lik, kl
 
     def elbo_terms(
         self, tokens: Tensor, mask: Tensor, local: LocalPosterior | None, noise: Tensor | None

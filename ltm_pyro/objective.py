@@ -1,10 +1,12 @@
 """The objective's per-sequence terms, read off a model and a guide trace in one place.
 
-Every figure the library computes from the Pyro program comes from ``sequence_terms``: the
-training surrogate of the fast loop (``SyncFreeMeanFieldELBO``, ``FreeBitsMeanFieldELBO``), the
-NLL and KL the slow step and evaluation report (``LatentThoughtModel.elbo_terms``) and the
-importance weights of the IWAE bound (``LatentThoughtModel.log_weights``). A new latent site,
-or a new guide, changes what the traces hold, never this walk over them.
+Every figure the library computes from the Pyro program comes from ``sequence_terms``, and
+every loss it differentiates from ``negative_elbo``: the surrogate of the fast loop and the
+encoder step (``SyncFreeMeanFieldELBO``, ``FreeBitsMeanFieldELBO``) and of the slow step
+(``LatentThoughtModel.objective_terms``), the NLL and KL that training and evaluation report
+(``LatentThoughtModel.elbo_terms``) and the importance weights of the IWAE bound
+(``LatentThoughtModel.log_weights``). A new latent site, or a new guide, changes what the
+traces hold, never this walk over them.
 """
 
 from __future__ import annotations
@@ -67,6 +69,15 @@ def sequence_terms(model_trace: Trace, guide_trace: Trace, latent_term: LatentTe
     return log_lik, latent
 
 
+def negative_elbo(model_trace: Trace, guide_trace: Trace,
+                  latent_term: LatentTerm = analytic_kl) -> Tensor:
+    """The loss every optimiser step differentiates, summed over sequences: the latent term
+    minus the log-likelihood, each site scaled and masked as the program says, so a KL weight
+    given through ``poutine.scale`` applies, and a free-bits ``latent_term`` replaces the KL."""
+    log_lik, latent = sequence_terms(model_trace, guide_trace, latent_term, scaled=True)
+    return latent.sum() - log_lik.sum()
+
+
 class SyncFreeMeanFieldELBO(TraceMeanField_ELBO):
     """``TraceMeanField_ELBO.differentiable_loss`` without host synchronisation.
 
@@ -83,8 +94,8 @@ class SyncFreeMeanFieldELBO(TraceMeanField_ELBO):
             return super().differentiable_loss(model, guide, *args, **kwargs)
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            log_lik, kl = sequence_terms(model_trace, guide_trace, self.latent_term, scaled=True)
-            loss = loss - (log_lik.sum() - kl.sum()) / self.num_particles
+            loss = loss + negative_elbo(model_trace, guide_trace, self.latent_term) / (
+                self.num_particles)
         return loss
 
     def latent_term(self, guide_site: dict, model_site: dict) -> Tensor:

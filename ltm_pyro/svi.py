@@ -207,11 +207,11 @@ class DualRateSVI:
             posterior, noise = fit.posterior, fit.noise
             if self.inference.noise == "fresh":
                 noise = self.shard.randn(noise.shape, self.generator, noise.device)
-        nll, kl = self.slow_view.elbo_terms(tokens, mask, posterior, noise)
-        nll, kl = nll.sum() / tokens_in_batch, kl.sum() / tokens_in_batch
+        loss, nll, kl = self.slow_view.objective_terms(tokens, mask, posterior, noise, kl_weight)
         # The KL of the fixed, fitted q carries no decoder gradient: free bits and the KL
         # weight act through the fit only, and the reported KL stays the full one.
-        loss = nll + kl_weight * kl
+        loss = loss / tokens_in_batch
+        nll, kl = nll.sum() / tokens_in_batch, kl.sum() / tokens_in_batch
         loss.backward()  # under DDP: gradients summed over ranks = the global batch's
         grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), self.train.grad_clip)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)

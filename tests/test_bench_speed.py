@@ -1,5 +1,6 @@
-"""bench_speed.py: its plain-PyTorch reference computes what the Pyro program computes, and the
-benchmark runs end to end at CI size (no timing is asserted: timings belong in benchmarks)."""
+"""bench_speed.py (ltm_pyro.studies.speed): its plain-PyTorch reference computes what the Pyro
+program computes, and the benchmark runs end to end at CI size (no timing is asserted: timings
+belong in benchmarks)."""
 
 import json
 import subprocess
@@ -11,11 +12,9 @@ import torch
 
 from ltm_pyro.decoder import Decoder
 from ltm_pyro.model import LatentThoughtModel, LocalPosterior
+from ltm_pyro.studies.speed import plain_inner_loss, pyro_inner_loss
 
 from .conftest import REPO, micro_config
-
-sys.path.insert(0, str(REPO / "experiments"))
-from bench_speed import plain_inner_loss, pyro_inner_loss  # noqa: E402
 
 
 @pytest.mark.parametrize("validate", [False, True])

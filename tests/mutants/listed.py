@@ -81,8 +81,8 @@ MUTANTS = [
     # "Validation at the warm-up weight" (a model left at the last training step's weight)
     # cannot be written since the KL weight became an argument: the model holds no step state.
     Mutant("the training objective ignores the KL weight", "ltm_pyro/objective.py",
-           "sequence_terms(model_trace, guide_trace, self.latent_term, scaled=True)",
-           "sequence_terms(model_trace, guide_trace, self.latent_term, scaled=False)",
+           "sequence_terms(model_trace, guide_trace, latent_term, scaled=True)",
+           "sequence_terms(model_trace, guide_trace, latent_term, scaled=False)",
            "tests/test_inference_svi.py::test_sync_free_elbo_matches_pyro_without_validation"),
     Mutant("weight decay on norm gains", "ltm_pyro/svi.py",
            '[p for p in params if p.dim() < 2], "weight_decay": 0.0',
