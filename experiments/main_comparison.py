@@ -118,11 +118,14 @@ def write_report(study: Study, args: argparse.Namespace) -> None:
         "## Equal tuning\n", report.tuning_table(points, chosen),
         "## Test split (whole)\n", report.comparison_table(rows),
         "## Where the gain comes from (test split; last column: valid subset)\n",
-        report.decomposition_table(parts)])
+        report.decomposition_table(parts),
+        "Each latent run in one sentence (intervals over test windows):\n",
+        "\n".join(f"- {report.gain_source(part)}" for part in parts)])
     write_results(study.results / "main.json", "The main comparison: PTB, LTM against "
                   "size-matched ARs and its no-inference ablation", "cpu",
                   {"study": {k: str(v) for k, v in vars(study).items()}, "tuning": points,
                    "chosen_lr": chosen, "comparison": rows, "decomposition": parts,
+                   "gain_sources": [report.gain_source(part) for part in parts],
                    "curves": curves}, page)
 
 

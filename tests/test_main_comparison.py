@@ -105,3 +105,28 @@ def test_a_tiny_study_trains_scores_and_reports(tmp_path, monkeypatch):
     assert [p["step"] for p in curves["ltm"][0]] == [3, 6, 9, 12][: len(curves["ltm"][0])]
     assert curves["ltm"][0][0]["flops"] > curves["ar-window"][0][0]["flops"]  # inner steps count
     assert len(report.curves_figure(curves).axes) == 2
+
+
+def _interval(low, high):
+    return {"difference": (low + high) / 2, "low": low, "high": high}
+
+
+@pytest.mark.parametrize("lead, read, fixed, says", [
+    ((-0.05, -0.01), (-0.02, -0.01), (-0.04, -0.01), "survives with z fixed, and z read"),
+    ((-0.05, -0.01), (-0.01, 0.01), (-0.04, -0.01), "adds nothing measurable"),
+    ((-0.05, -0.01), (-0.03, -0.01), (-0.01, 0.02), "The lead is z read at test time"),
+    ((-0.05, -0.01), (-0.01, 0.01), (-0.01, 0.02), "neither"),
+    ((-0.01, 0.02), (-0.03, -0.01), (-0.04, -0.01), "is level with"),
+    ((0.01, 0.02), (-0.03, -0.01), (-0.04, -0.01), "trails"),
+])
+def test_each_latent_run_gets_the_sentence_its_intervals_support(lead, read, fixed, says):
+    """Catches: a lead claimed from an interval that spans zero, and a lead credited to z read
+    at test time (or to training) when its own interval does not exclude zero."""
+    row = {"family": "ltm", "seed": 1, "vs_ar_window": _interval(*lead),
+           "q_vs_prior": _interval(*read), "prior_mean_vs_ar_window": _interval(*fixed)}
+    sentence = report.gain_source(row)
+    assert says in sentence and sentence.startswith("ltm seed 1")
+    others = {"survives with z fixed, and z read", "adds nothing measurable",
+              "The lead is z read at test time", "neither", "is level with", "trails"} - {says}
+    assert not any(other in sentence for other in others)
+    assert report.gain_source({**row, "vs_ar_window": None}).endswith("scored yet.")

@@ -97,6 +97,34 @@ def decomposition_rows(scores: list[dict]) -> list[dict]:
     return rows
 
 
+def gain_source(row: dict) -> str:
+    """One sentence per latent run (issue 42.5): does it lead the windowed AR of its seed, and
+    is a lead z read at test time (q beats the prior as proposal at the same K), a training
+    effect that survives with z fixed (the decoder alone, z at the prior mean, beats the AR),
+    or neither. Each call is made on a 95% interval over test windows excluding zero."""
+    name = f"{row['family']} seed {row['seed']}"
+    lead = row.get("vs_ar_window")
+    if lead is None:
+        return f"{name}: no windowed AR of this seed is scored yet."
+    read, fixed = row["q_vs_prior"], row["prior_mean_vs_ar_window"]
+    facts = (f"{name} against the windowed AR: {percent(lead)}; q against the prior as proposal: "
+             f"{percent(read)}; z held at the prior mean against the AR: {percent(fixed)}")
+    if lead["high"] >= 0:
+        position = "trails" if lead["low"] > 0 else "is level with"
+        return f"{facts}. It {position} the AR, so there is no lead to explain."
+    read_helps, fixed_leads = read["high"] < 0, fixed["high"] < 0
+    if fixed_leads:
+        source = "a training effect that survives with z fixed" + (
+            ", and z read at test time adds to it" if read_helps else
+            "; z read at test time adds nothing measurable")
+    elif read_helps:
+        source = "z read at test time: with z fixed the decoder alone does not beat the AR"
+    else:
+        source = ("neither z read at test time nor the decoder with z fixed is separately "
+                  "established")
+    return f"{facts}. The lead is {source}."
+
+
 def percent(interval: dict | None, key: str = "difference") -> str:
     """A margin as '+1.23% [-0.40, +2.90]' (its interval in percentage points)."""
     if not interval:
