@@ -36,7 +36,7 @@ endif
 # Set when .venv has the other build than the one asked for.
 TORCH_SWAP := $(if $(TORCH_BUILT),$(filter-out $(TORCH_BUILT),$(TORCH)))
 
-.PHONY: setup run test notebooks lint mutants mutation gpu-wheels FORCE
+.PHONY: setup run test notebooks lint mutants mutation mutation-module gpu-wheels FORCE
 
 $(VENV)/.installed: pyproject.toml $(if $(TORCH_SWAP),FORCE)
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,14 @@ mutation: setup
 	$(PY) -m pip install --quiet -e ".[mutation]"
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2
 	$(PY) tests/mutants/score.py --mutants mutants --json experiments/results/mutation/core.json
+
+# mutmut over one module outside the core with its own tests, in its own worktree beside this
+# checkout (resumes; one thread, so it can run beside one experiment), then the scores of every
+# module run so far (issue 43): make mutation-module MODULE=flops
+mutation-module: setup
+	$(PY) -m pip install --quiet -e ".[mutation]"
+	$(PY) tests/mutants/by_module.py run $(MODULE)
+	$(PY) tests/mutants/by_module.py score
 
 # Wheels the GPU machine lacks (it has torch, numpy, seaborn, tqdm): see experiments/gpu_checks.sh.
 gpu-wheels:
