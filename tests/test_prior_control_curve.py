@@ -3,6 +3,7 @@ known: a decoder that ignores z (no gap at any K), and a 1-D z whose log p(x) is
 quadrature (a gap at K 1 that closes as the prior's draws find the posterior)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -86,3 +87,24 @@ def test_a_model_without_latents_or_no_draws_is_refused_in_one_line():
         proposal_curve(ar, _windows(2, 23, 13), FIT, [1])
     with pytest.raises(UsageError, match="positive"):
         proposal_curve(_sharp_ltm(), _windows(2, 7, 9), FIT, [0, 4])
+
+
+def test_the_curve_fits_q_with_the_steps_it_is_given():
+    """Catches: ``steps`` dropped on the way to the fit (the config's T used instead)."""
+    ltm, windows = _sharp_ltm(), _windows(8, 7, 9)
+    given = proposal_curve(ltm, windows, FIT, [4], steps=1, batch_size=8).rows
+    configured = proposal_curve(ltm, windows, replace(FIT, steps=1), [4], batch_size=8).rows
+    default = proposal_curve(ltm, windows, FIT, [4], batch_size=8).rows
+    assert given == configured
+    assert given[0]["iwae_ppl"] != pytest.approx(default[0]["iwae_ppl"], rel=1e-6)
+
+
+def test_the_figures_do_not_depend_on_how_the_windows_are_batched():
+    """Catches: the token count kept for the last batch only. For a decoder that ignores z
+    every bound is the exact likelihood, whatever the draws, so batching cannot move it."""
+    ltm, windows = z_blind_ltm(), _windows(12, 23, 13)
+    fit = InferenceConfig(steps=2, init_log_var=0.0)
+    whole = proposal_curve(ltm, windows, fit, [2], batch_size=12).rows[0]
+    batched = proposal_curve(ltm, windows, fit, [2], batch_size=5).rows[0]
+    for key in ("iwae_ppl", "prior_iwae_ppl"):
+        assert batched[key] == pytest.approx(whole[key], rel=1e-5), key

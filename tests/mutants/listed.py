@@ -25,6 +25,7 @@ CORE = "tests/test_core_behaviour.py::"
 LU, LUD = "ltm_pyro/latent_use.py", "tests/test_latent_use_definitions.py::"
 ED = "tests/test_estimator_definitions.py::"
 PD = "tests/test_pipeline_definitions.py::"
+PC = "tests/test_prior_control_curve.py::"
 
 
 @dataclass(frozen=True)
@@ -588,6 +589,17 @@ MUTANTS = [
            '"rng": rng_states(self.generator)',
            '"rng": rng_states(torch.Generator())',
            PD + "test_resume_restores_each_random_stream[inner-loop-generator]"),
+    # Issue 43.1: survivors of mutmut beyond the core (tests/mutants/by_module.py), each given
+    # the test named here (readings: experiments/results/mutation/modules-verdicts.json).
+    Mutant("the prior-control curve fits q with the config's T, not the given one",
+           "ltm_pyro/proposal_curve.py",
+           "inference, generator,\n                                            steps=steps)",
+           "inference, generator)",
+           PC + "test_the_curve_fits_q_with_the_steps_it_is_given"),
+    Mutant("the prior-control curve counts the last batch's tokens only",
+           "ltm_pyro/proposal_curve.py",
+           "tokens_scored += float(mask.sum())", "tokens_scored = float(mask.sum())",
+           PC + "test_the_figures_do_not_depend_on_how_the_windows_are_batched"),
 ]
 
 
