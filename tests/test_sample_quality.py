@@ -31,3 +31,14 @@ def test_scorer_nll_matches_cross_entropy_and_refuses_an_ltm():
                                                                            rel=1e-5)
     with pytest.raises(ValueError, match="AR model"):
         scorer_nll_per_token(LatentThoughtModel(Decoder(micro_config())), tokens)
+
+
+def test_unigram_entropy_skips_absent_ids_and_counts_singletons():
+    """Catches: ids that never occur counted (0 log 0 is nan) and ids seen once left out."""
+    tokens = torch.tensor([[0, 3, 3, 3]])  # ids 1 and 2 absent; 0 seen once
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert unigram_entropy(tokens) == pytest.approx(expected)
+
+
+def test_distinct_n_of_sequences_shorter_than_n_is_undefined():
+    assert math.isnan(distinct_n(torch.tensor([[1, 2]]), 3))

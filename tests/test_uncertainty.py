@@ -119,3 +119,29 @@ def test_bench_quality_gives_mean_and_sd_over_seeds():
     assert ar["ltm_vs_this_mean"] == pytest.approx(-0.05)
     ltm = summary[("ltm", 4)]
     assert ltm["iwae_ppl_sd"] is None and "ltm_vs_this_mean" not in ltm
+
+
+def test_two_seeds_have_a_spread():
+    """Catches: the sd left out below three seeds (two seeds have a sample sd)."""
+    assert mean_and_sd([1.0, 3.0]) == {"mean": 2.0, "sd": pytest.approx(math.sqrt(2)), "seeds": 2}
+
+
+def test_the_result_names_its_level_windows_and_resamples():
+    """Catches: a renamed key of the interval every result file records."""
+    nll_b, tokens = _windows(30)
+    result = paired_bootstrap(nll_b - 0.01 * tokens, nll_b, tokens, resamples=300, level=0.8)
+    assert {k: result[k] for k in ("level", "windows", "resamples")} == {
+        "level": 0.8, "windows": 30, "resamples": 300}
+
+
+def test_single_precision_inputs_are_summed_in_double():
+    """Catches: float32 inputs summed in float32. Windows of ~4,000 nats each differ by 1/1024
+    nats a window (exact in float32): float32 sums of 1,000 of them cannot see it."""
+    nll_b = np.full(1000, 4000.0, dtype=np.float32) + np.arange(1000, dtype=np.float32) / 8
+    nll_a = nll_b - np.float32(1 / 1024)  # exact in float32: the difference survives the cast
+    tokens = np.full(1000, 100.0, dtype=np.float32)
+    expected = math.expm1(-1000 / 1024 / 100_000)
+    result = paired_bootstrap(nll_a, nll_b, tokens, resamples=50)
+    assert result["difference"] == pytest.approx(expected, rel=1e-6)
+    assert result["low"] == pytest.approx(expected, rel=1e-6)
+    assert result["high"] == pytest.approx(expected, rel=1e-6)

@@ -26,6 +26,7 @@ LU, LUD = "ltm_pyro/latent_use.py", "tests/test_latent_use_definitions.py::"
 ED = "tests/test_estimator_definitions.py::"
 PD = "tests/test_pipeline_definitions.py::"
 PC = "tests/test_prior_control_curve.py::"
+UN, SQ = "tests/test_uncertainty.py::", "tests/test_sample_quality.py::"
 
 
 @dataclass(frozen=True)
@@ -600,6 +601,26 @@ MUTANTS = [
            "ltm_pyro/proposal_curve.py",
            "tokens_scored += float(mask.sum())", "tokens_scored = float(mask.sum())",
            PC + "test_the_figures_do_not_depend_on_how_the_windows_are_batched"),
+    Mutant("two seeds reported without a spread", "ltm_pyro/uncertainty.py",
+           "if len(values) > 1 else None", "if len(values) > 2 else None",
+           UN + "test_two_seeds_have_a_spread"),
+    Mutant("the interval's level recorded under another key", "ltm_pyro/uncertainty.py",
+           '"level": level,', '"confidence": level,',
+           UN + "test_the_result_names_its_level_windows_and_resamples"),
+    Mutant("float32 nats summed in float32", "ltm_pyro/uncertainty.py",
+           "nll_a, nll_b = np.asarray(nll_a, dtype=np.float64), "
+           "np.asarray(nll_b, dtype=np.float64)",
+           "nll_a, nll_b = np.asarray(nll_a), np.asarray(nll_b)",
+           UN + "test_single_precision_inputs_are_summed_in_double"),
+    Mutant("unigram entropy counts absent ids", "ltm_pyro/sample_quality.py",
+           "counts[counts > 0]", "counts[counts >= 0]",
+           SQ + "test_unigram_entropy_skips_absent_ids_and_counts_singletons"),
+    Mutant("unigram entropy drops ids seen once", "ltm_pyro/sample_quality.py",
+           "counts[counts > 0]", "counts[counts > 1]",
+           SQ + "test_unigram_entropy_skips_absent_ids_and_counts_singletons"),
+    Mutant("distinct-n divides by zero n-grams", "ltm_pyro/sample_quality.py",
+           "if total else math.nan", "if True else math.nan",
+           SQ + "test_distinct_n_of_sequences_shorter_than_n_is_undefined"),
 ]
 
 
