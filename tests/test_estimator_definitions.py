@@ -331,6 +331,40 @@ def test_flops_by_hand_for_the_baselines():
     assert training_flops_per_token(mdlm, 16) == pytest.approx(13824)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_encoder_flops_match_the_matrix_multiplies_the_encoder_does(layers):
+    """Catches: an encoder FLOP count whose weights are not the encoder's (a block's
+    projections or MLP, the pooling's projections, the head) or whose attention sees another
+    number of keys: the linear products of one real forward (counted by torch's FLOP counter,
+    layer by layer as they run) plus the attention scores and weighted sums counted by hand
+    (4 d per query and key: every one of the window's context + 1 positions in each block,
+    every slot's query in the pooling) give the count per position."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ltm_pyro.amortised import Encoder
+    from ltm_pyro.config import InferenceConfig
+    from ltm_pyro.flops import encoder_flops_per_token
+
+    config = ModelConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=2, context=12,
+                         latents_per_layer=3, latent_dim=4)
+    inference = InferenceConfig(encoder_layers=layers)
+    windows, positions, d = 3, config.context + 1, config.d_model
+    tokens = torch.randint(0, 50, (windows, positions), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:  # counts the linear layers' products
+        Encoder(config, inference)(tokens, torch.ones(windows, config.context))
+    attention = windows * 4 * d * positions * (layers * positions + config.n_latents)
+    total = counter.get_total_flops() + attention
+    assert encoder_flops_per_token(config, inference) * windows * positions == pytest.approx(
+        total, rel=1e-12)
+    assert fit_flops_per_token(config, 2, inference) == pytest.approx(
+        2 * 2 * forward_flops_per_token(config) + total / windows / positions, rel=1e-12)
+
+
+def test_a_model_without_latents_has_no_fit_to_pay_for():
+    ar = ModelConfig(**{**SHAPE, "latents_per_layer": 0})
+    assert fit_flops_per_token(ar, 16) == 0.0
+
+
 @pytest.mark.parametrize("window", [3, None])
 def test_flops_match_the_matrix_multiplies_the_decoder_does(window):
     """Catches: a FLOP count whose weight matrices are not the decoder's (a projection or MLP

@@ -2,6 +2,7 @@
 time with its own tests (issue 43.1):
 
     .venv/bin/python tests/mutants/by_module.py run flops      # run, or resume, one module
+    .venv/bin/python tests/mutants/by_module.py rerun flops    # its survivors, with today's tests
     .venv/bin/python tests/mutants/by_module.py list           # the modules, their tests, state
     .venv/bin/python tests/mutants/by_module.py score          # -> results/mutation/modules.*
 
@@ -11,7 +12,10 @@ the same command, and never mix with another module's test selection (mutmut dis
 verdict when its selection changes). One child process and one thread: it can run beside one
 experiment on a 2-core machine. ``score`` reads every module's worktree and the hand readings
 in ``experiments/results/mutation/modules-verdicts.json``, and records the commit each
-module's verdicts come from.
+module's verdicts come from. ``rerun`` copies this checkout's tests into the module's worktree
+and lets mutmut re-run the survivors against them (the source stays at the worktree's commit,
+and the commit of the tests is recorded), so a test written for a survivor is checked by
+mutmut itself.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +106,30 @@ def run(module: str) -> int:
                           env=env).returncode
 
 
+def rerun(module: str) -> int:
+    folder = worktree(module)
+    changed = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", commit_of(folder),
+                              "HEAD", "--", f"ltm_pyro/{module}.py"])
+    if changed.returncode:
+        raise SystemExit(f"ltm_pyro/{module}.py changed since {commit_of(folder)}: remove "
+                         f"{folder} (git worktree remove) and run the module again")
+    names = survivors(next(iter(merged_codes([folder / "mutants"]).values())))
+    shutil.rmtree(folder / "tests")
+    shutil.copytree(REPO / "tests", folder / "tests",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "run",
+                           "--max-children", "1", *names], cwd=folder,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    (folder / "tests-from").write_text(commit_of(REPO) + "\n")
+    return code
+
+
+def tests_commit(folder: Path) -> str:
+    """The commit whose tests gave the verdicts: the worktree's, or that of a ``rerun``."""
+    marker = folder / "tests-from"
+    return marker.read_text().strip() if marker.exists() else commit_of(folder)
+
+
 def module_rows(read: dict) -> list[dict]:
     """One row per module run so far: mutmut's counts, the hand readings, the score now."""
     equivalent = read.get("equivalent", {})
@@ -116,7 +145,9 @@ def module_rows(read: dict) -> list[dict]:
             explained_kill = sum(name in killed_later for name in unkilled)
             killed = counts["killed"] + explained_kill
             rows.append({
-                "module": path, "commit": commit_of(folder), "mutants": sum(counts.values()),
+                "module": path, "commit": commit_of(folder),
+                "survivors_rerun_with_tests_of": tests_commit(folder),
+                "mutants": sum(counts.values()),
                 **{k: counts[k] for k in ("killed", "survived", "no_tests", "not_checked")},
                 "equivalent": sum(name in equivalent for name in unkilled),
                 "killed_later": explained_kill,
@@ -132,8 +163,9 @@ def score() -> int:
     verdicts_path = RESULTS / "modules-verdicts.json"
     read = json.loads(verdicts_path.read_text()) if verdicts_path.exists() else {}
     rows = module_rows(read)
-    columns = ["module", "commit", "mutants", "killed", "survived", "no_tests", "not_checked",
-               "equivalent", "killed_later", "unexplained", "score_now", "meets_goal"]
+    columns = ["module", "commit", "survivors_rerun_with_tests_of", "mutants", "killed",
+               "survived", "no_tests", "not_checked", "equivalent", "killed_later",
+               "unexplained", "score_now", "meets_goal"]
     table = markdown_table(rows, columns)
     print(table)
     missing = [m for m in MODULE_TESTS if not any(r["module"] == f"ltm_pyro/{m}.py"
@@ -141,7 +173,8 @@ def score() -> int:
     write_results(RESULTS / "modules.json", "Mutation score beyond the core (issue 43)", "cpu",
                   {"goal": GOAL, "tests": MODULE_TESTS, "not_run": missing, "rows": rows},
                   f"mutmut over each module with its own tests (`tests/mutants/by_module.py`), "
-                  f"each at the commit named in its row.\n\n{table}\n\nScore now = (killed + "
+                  f"each at the commit named in its row (its survivors re-run by mutmut with "
+                  f"the tests of the next column's commit).\n\n{table}\n\nScore now = (killed + "
                   f"killed by tests added after the run) / (killed + survived + no tests); goal "
                   f"{GOAL:.0%} per module, every mutant checked. Not run yet: "
                   f"{', '.join(missing) or 'none'}.")
@@ -158,13 +191,13 @@ def listing() -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("action", choices=("run", "list", "score"))
+    p.add_argument("action", choices=("run", "rerun", "list", "score"))
     p.add_argument("module", nargs="?", choices=tuple(MODULE_TESTS))
     args = p.parse_args()
-    if args.action == "run":
+    if args.action in ("run", "rerun"):
         if not args.module:
-            p.error("run needs a module, e.g. `run flops`")
-        return run(args.module)
+            p.error(f"{args.action} needs a module, e.g. `{args.action} flops`")
+        return run(args.module) if args.action == "run" else rerun(args.module)
     return listing() if args.action == "list" else score()
 
 
