@@ -116,3 +116,79 @@ def test_nuts_agrees_with_quadrature():
     comparison = compare_to_reference(guide, reference)
     assert np.all(np.abs(comparison["standardised_mean_difference"]) < 0.2)
     assert np.all(np.abs(comparison["variance_ratio"] - 1) < 0.3)
+
+
+def test_pareto_k_and_ess_are_per_row_of_any_leading_shape():
+    """Catches: the flat-row test or the log-sum-exp taken over another axis (or all of them),
+    and a spread below 1 nat mistaken for equal weights: rows [..., K] are independent."""
+    rng = np.random.default_rng(2)
+    spread = rng.normal(0, 0.3, size=(2, 3, 500))  # weights that differ, by under a nat
+    spread[1, 2] = -4.0  # one row of equal weights
+    k_hat, ess = pareto_k(spread), importance_ess(spread)
+    assert k_hat.shape == ess.shape == (2, 3)
+    assert k_hat[1, 2] == -np.inf and np.isfinite(np.delete(k_hat.ravel(), 5)).all()
+    for index in np.ndindex(2, 3):
+        w = np.exp(spread[index])
+        assert ess[index] == pytest.approx(w.sum() ** 2 / (w ** 2).sum(), rel=1e-9)
+        alone = pareto_k(spread[index][None])[0]
+        assert k_hat[index] == alone or (np.isinf(alone) and np.isinf(k_hat[index]))
+
+
+def test_contraction_is_per_coordinate():
+    log_var = torch.log(torch.tensor([[0.5, 1.0, 0.1], [0.5, 1.0, 0.3]]))
+    contraction = posterior_contraction(LocalPosterior(torch.zeros(2, 3), log_var))
+    assert torch.allclose(contraction, torch.tensor([0.5, 0.0, 0.8]))
+
+
+def test_iwae_from_log_weights_is_the_log_mean_of_the_weights():
+    from ltm_pyro.diagnostics import iwae_from_log_weights
+
+    log_w = np.array([[0.0, math.log(3.0)], [-1000.0, -1000.0 + math.log(5.0)]])
+    assert iwae_from_log_weights(log_w) == pytest.approx([math.log(2.0), -1000.0 + math.log(3.0)])
+
+
+def test_guide_draws_have_the_guides_moments_and_named_dims():
+    loc = torch.tensor([[[1.0, -2.0]], [[0.0, 3.0]]])  # [sequence 2, slot 1, dim 2]
+    log_var = torch.log(torch.tensor([[[0.25, 4.0]], [[1.0, 0.01]]]))
+    data = guide_inference_data(LocalPosterior(loc, log_var), draws=20000,
+                                generator=torch.Generator().manual_seed(0))
+    z = data.posterior["z"]
+    assert z.dims == ("chain", "draw", "sequence", "slot", "dim") and z.shape == (1, 20000, 2, 1, 2)
+    values = z.values[0]
+    assert np.allclose(values.mean(0), loc.numpy(), atol=0.05)
+    assert np.allclose(values.var(0) / log_var.exp().numpy(), 1.0, atol=0.05)
+    again = guide_inference_data(LocalPosterior(loc, log_var), draws=20000,
+                                 generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(again.posterior["z"].values, z.values)
+
+
+def test_comparison_to_a_reference_by_its_definition():
+    """Catches: moments taken over one chain only, or over the wrong dims, the SMD scaled by
+    the guide's sd, a variance ratio inverted: checked against numpy on constructed draws."""
+    rng = np.random.default_rng(3)
+    reference_z = rng.normal(1.0, 2.0, size=(3, 400, 2, 1, 2))  # 3 chains
+    guide_z = rng.normal(1.5, 1.0, size=(1, 900, 2, 1, 2))
+    as_data = lambda z: az.from_dict(posterior={"z": z}, dims={"z": ["sequence", "slot", "dim"]})  # noqa: E731
+    result = compare_to_reference(as_data(guide_z), as_data(reference_z))
+    r, g = reference_z.reshape(-1, 2, 1, 2), guide_z.reshape(-1, 2, 1, 2)
+    assert np.allclose(result["standardised_mean_difference"],
+                       (g.mean(0) - r.mean(0)) / r.std(0), rtol=1e-9)
+    assert np.allclose(result["variance_ratio"], g.var(0) / r.var(0), rtol=1e-9)
+    assert np.all(result["variance_ratio"] < 0.5)  # the guide here is the narrower one
+
+
+def test_nuts_reference_runs_seeded_chains_and_names_the_dims():
+    """Catches: chains that share a seed (identical, so r_hat is meaningless), draws stacked
+    in the wrong order, and a run that does not repeat under its seed."""
+    config = micro_config(vocab_size=5, context=4, n_layers=1, latents_per_layer=1,
+                          latent_dim=1, window=None)
+    ltm = LatentThoughtModel(Decoder(config).eval())
+    tokens = torch.randint(0, 5, (1, 5), generator=torch.Generator().manual_seed(1))
+    run = lambda seed: nuts_reference(ltm, tokens, torch.ones(1, 4), num_samples=6,  # noqa: E731
+                                      warmup_steps=4, chains=2, seed=seed)
+    first = run(0)
+    z = first.posterior["z"]
+    assert z.dims == ("chain", "draw", "sequence", "slot", "dim") and z.shape == (2, 6, 1, 1, 1)
+    assert not np.array_equal(z.values[0], z.values[1])
+    assert np.array_equal(run(0).posterior["z"].values, z.values)
+    assert np.array_equal(run(1).posterior["z"].values[0], z.values[1])  # chain c: seed + c
