@@ -122,7 +122,8 @@ def test_pareto_k_and_ess_are_per_row_of_any_leading_shape():
     """Catches: the flat-row test or the log-sum-exp taken over another axis (or all of them),
     and a spread below 1 nat mistaken for equal weights: rows [..., K] are independent."""
     rng = np.random.default_rng(2)
-    spread = rng.normal(0, 0.3, size=(2, 3, 500))  # weights that differ, by under a nat
+    spread = rng.normal(0, 0.05, size=(2, 3, 500))  # weights that differ, by under a nat
+    assert np.ptp(spread, axis=-1).max() < 1.0
     spread[1, 2] = -4.0  # one row of equal weights
     k_hat, ess = pareto_k(spread), importance_ess(spread)
     assert k_hat.shape == ess.shape == (2, 3)
@@ -179,16 +180,18 @@ def test_comparison_to_a_reference_by_its_definition():
 
 def test_nuts_reference_runs_seeded_chains_and_names_the_dims():
     """Catches: chains that share a seed (identical, so r_hat is meaningless), draws stacked
-    in the wrong order, and a run that does not repeat under its seed."""
+    in the wrong order, a run that does not repeat under its seed, and the warm-up asked for
+    not passed to the sampler."""
     config = micro_config(vocab_size=5, context=4, n_layers=1, latents_per_layer=1,
                           latent_dim=1, window=None)
     ltm = LatentThoughtModel(Decoder(config).eval())
     tokens = torch.randint(0, 5, (1, 5), generator=torch.Generator().manual_seed(1))
-    run = lambda seed: nuts_reference(ltm, tokens, torch.ones(1, 4), num_samples=6,  # noqa: E731
-                                      warmup_steps=4, chains=2, seed=seed)
+    run = lambda seed, warmup=4: nuts_reference(  # noqa: E731
+        ltm, tokens, torch.ones(1, 4), num_samples=6, warmup_steps=warmup, chains=2, seed=seed)
     first = run(0)
     z = first.posterior["z"]
     assert z.dims == ("chain", "draw", "sequence", "slot", "dim") and z.shape == (2, 6, 1, 1, 1)
     assert not np.array_equal(z.values[0], z.values[1])
     assert np.array_equal(run(0).posterior["z"].values, z.values)
     assert np.array_equal(run(1).posterior["z"].values[0], z.values[1])  # chain c: seed + c
+    assert not np.array_equal(run(0, warmup=5).posterior["z"].values, z.values)
