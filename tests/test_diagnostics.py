@@ -195,3 +195,17 @@ def test_nuts_reference_runs_seeded_chains_and_names_the_dims():
     assert np.array_equal(run(0).posterior["z"].values, z.values)
     assert np.array_equal(run(1).posterior["z"].values[0], z.values[1])  # chain c: seed + c
     assert not np.array_equal(run(0, warmup=5).posterior["z"].values, z.values)
+
+
+def test_single_precision_log_weights_give_double_precision_figures():
+    """Catches: float32 log-weights (a float32 model's) kept in float32, so an ESS or IWAE
+    figure carries float32 rounding into the results."""
+    from ltm_pyro.diagnostics import iwae_from_log_weights
+
+    log_w = np.random.default_rng(4).normal(-300.0, 2.0, size=(3, 64))
+    single = log_w.astype(np.float32)
+    for measure in (importance_ess, iwae_from_log_weights, pareto_k):
+        out = measure(single)
+        assert out.dtype == np.float64, measure.__name__
+    assert iwae_from_log_weights(single) == pytest.approx(
+        iwae_from_log_weights(single.astype(np.float64)), abs=1e-12)
