@@ -244,3 +244,56 @@ def test_a_tuned_equal_flop_bench_records_its_grid_choices_and_budgets(tmp_path)
         assert budgets[name]["epochs"] == pytest.approx(
             budgets[name]["slow_steps"] * 4 / train_windows["train"])
     assert torch.isfinite(torch.tensor([r["iwae_ppl"] for r in report["rows"]])).all()
+
+
+def test_the_comparison_builds_each_family_as_it_says():
+    """Catches: the LTM variants trained at the base T whatever T was asked, ARs that are not
+    size-matched, an ar-window that sees the whole context or an ar-full that keeps the
+    window, and an ablation whose q is not the prior exactly (a config that writes null)."""
+    from ltm_pyro.decoder import count_parameters
+
+    base = replace(_base(), model=replace(micro_config(), window=3),
+                   inference=InferenceConfig(steps=6, init_log_var_jitter=0.5,
+                                             init_loc_scale=0.5))
+    found = comparison_configs(base, [2, 8], with_no_inference=True)
+    assert [found[f"ltm-T{t}"].inference.steps for t in (2, 8)] == [2, 8]
+    assert found["ar-window"].model.window == 3 and found["ar-full"].model.window is None
+    ltm_size = count_parameters(base.model)
+    for name in ("ar-window", "ar-full"):
+        assert found[name].model.latents_per_layer == 0
+        assert abs(count_parameters(found[name].model) / ltm_size - 1) < 0.02, name
+        assert count_parameters(found[name].model) != count_parameters(
+            replace(base.model, latents_per_layer=0)), name  # widened, not just stripped
+    prior = found[NO_INFERENCE].inference
+    assert (prior.steps, prior.init_log_var, prior.init_log_var_jitter,
+            prior.init_loc_scale) == (0, 0.0, 0.0, 0.0)
+    assert all(isinstance(v, float) for v in (prior.init_log_var_jitter, prior.init_loc_scale))
+
+
+def test_step_flops_are_per_token_flops_times_the_batchs_tokens():
+    """Catches: a step's FLOPs divided by its tokens instead of multiplied, an encoder left
+    out of a run's count, and an equal-FLOP budget of at least two steps."""
+    from ltm_pyro.comparisons import step_flops
+
+    config = replace(_base(), model=replace(micro_config(), vocab_size=23))
+    tokens = config.train.batch_size * config.model.context
+    assert step_flops(config) == pytest.approx(run_flops_per_token(config) * tokens)
+    encoded = replace(config, inference=replace(config.inference, encoder_layers=1))
+    assert run_flops_per_token(encoded) > run_flops_per_token(config)
+    one_step = replace(config, train=replace(config.train, max_steps=1))
+    assert equal_flop_steps(one_step, one_step) == 1
+
+
+def test_a_validation_curve_counts_tokens_and_flops_at_each_validation(tmp_path):
+    from ltm_pyro.comparisons import step_flops, validation_curve
+
+    config = replace(_base(), model=replace(micro_config(), vocab_size=23))
+    records = [{"split": "train", "step": 1, "neg_elbo": 9.0},
+               {"split": "valid", "step": 2, "neg_elbo": 5.0},
+               {"split": "valid", "step": 4, "neg_elbo": 4.0}]
+    (tmp_path / METRICS_NAME).write_text("".join(json.dumps(r) + "\n" for r in records))
+    curve = validation_curve(tmp_path, config)
+    tokens = config.train.batch_size * config.model.context
+    assert curve == [{"step": s, "tokens": s * tokens, "flops": s * step_flops(config),
+                      "neg_elbo": v} for s, v in ((2, 5.0), (4, 4.0))]
+    assert validation_curve(tmp_path / "none", config) == []
