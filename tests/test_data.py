@@ -159,3 +159,43 @@ def test_window_selection_is_the_sample_when_given_else_the_first_and_says_which
     assert describe_selection(7, None, 0) == "the first 7 windows"
     assert describe_selection(None, None, 0) == "all windows"
     assert describe_selection(None, 5, 2) == "a random subset of 5 windows (seed 2)"
+
+
+# The built-in corpus is the same on every machine (synthetic.py): every committed result on
+# it depends on that. This fingerprint of its words, and of documents and factors drawn from
+# its process, changes when the process, its parameters, its words or its sampler change
+# (or numpy's generator streams do): then every built-in result needs re-running.
+BUILTIN_FINGERPRINT = "586e68ad8d0760bbf9564710d617d469e16f33e2f35293a459dc448b939bfd90"
+
+
+def test_the_builtin_process_is_the_one_the_results_were_measured_on():
+    import hashlib
+
+    from ltm_pyro.synthetic import VOCAB_WORDS, pseudo_words
+
+    tokens, factors = TopicStyleProcess.default().sample(64, 17, seed=5)
+    digest = hashlib.sha256()
+    digest.update(" ".join(pseudo_words(VOCAB_WORDS)).encode())
+    digest.update(tokens.astype(np.int64).tobytes())
+    digest.update(factors.astype(np.int64).tobytes())
+    assert digest.hexdigest() == BUILTIN_FINGERPRINT, (
+        "the built-in corpus changed: re-run the built-in results, then update the fingerprint")
+
+
+def test_the_process_draws_every_factor_and_distinct_words():
+    from ltm_pyro.synthetic import N_STYLES, N_TOPICS, pseudo_words
+
+    _, factors = TopicStyleProcess.default().sample(2000, 2, seed=0)
+    assert set(factors[:, 0]) == set(range(N_TOPICS)) and set(factors[:, 1]) == set(range(N_STYLES))
+    words = pseudo_words(400)
+    assert len(set(words)) == 400
+
+
+@pytest.mark.parametrize("first_scored", [2, 3])
+def test_the_exact_likelihood_conditions_on_the_prefix_it_is_told(first_scored):
+    """log p(x_k.. | x_<k) = log p(x_1.. | x_0) - log p(x_1..x_{k-1} | x_0), by the chain rule."""
+    process = TopicStyleProcess.default()
+    tokens, _ = process.sample(5, 6, seed=1)
+    whole = process.log_likelihood(tokens)
+    prefix = process.log_likelihood(tokens[:, :first_scored])
+    assert np.allclose(process.log_likelihood(tokens, first_scored), whole - prefix)
