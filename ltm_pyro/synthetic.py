@@ -102,7 +102,7 @@ class TopicStyleProcess:
             joint = joint + log_next[:, :, tokens[:, t - 1], tokens[:, t]]
             if t + 1 == first_scored:
                 prefix = joint.copy()
-        log_prior = -np.log(N_TOPICS * N_STYLES)
-        log_joint = np.logaddexp.reduce((joint + log_prior).reshape(-1, tokens.shape[0]), axis=0)
-        log_prefix = np.logaddexp.reduce((prefix + log_prior).reshape(-1, tokens.shape[0]), axis=0)
+        # The factors' prior is uniform, so its constant cancels between joint and prefix.
+        log_joint = np.logaddexp.reduce(joint.reshape(-1, tokens.shape[0]), axis=0)
+        log_prefix = np.logaddexp.reduce(prefix.reshape(-1, tokens.shape[0]), axis=0)
         return log_joint - log_prefix
