@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -199,3 +201,89 @@ def test_the_exact_likelihood_conditions_on_the_prefix_it_is_told(first_scored):
     whole = process.log_likelihood(tokens)
     prefix = process.log_likelihood(tokens[:, :first_scored])
     assert np.allclose(process.log_likelihood(tokens, first_scored), whole - prefix)
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "does not exist"), (b"  \n", "is empty"), (b"ab\x00cd", "looks binary"),
+    (b"caf\xe9", "is not UTF-8 (byte 3)"),
+])
+def test_a_bad_corpus_file_is_refused_saying_what_is_wrong(tmp_path, content, says):
+    from ltm_pyro.data import load_corpus
+
+    path = tmp_path / "corpus.txt"
+    if content is not None:
+        path.write_bytes(content)
+    expected = re.escape(f"{path} {says}") if content else "does not exist"
+    with pytest.raises(UsageError, match=expected):
+        load_corpus(DataConfig(path=str(path)), 4, None)
+
+
+def test_a_folder_of_wikitext_splits_and_one_with_a_lone_file(tmp_path):
+    """Catches: WikiText's .tokens and .raw files (or files without a suffix) not taken for
+    splits, and a hidden file counted beside a folder's lone text file."""
+    words = " ".join(f"w{i % 7}" for i in range(60)) + "\n"
+    for suffix in (".tokens", ".raw", ""):
+        folder = tmp_path / f"wiki{suffix or '-bare'}"
+        folder.mkdir()
+        for split in ("train", "valid", "test"):
+            name = f"wiki.{split}{suffix}" if suffix else split
+            (folder / name).write_text(split + " " + words)
+        assert {s: t.split()[0] for s, t in read_splits(folder).items()} == {
+            "train": "train", "valid": "valid", "test": "test"}, suffix
+    lone = tmp_path / "shakespeare"
+    lone.mkdir()
+    (lone / "input.txt").write_text(words * 20)
+    (lone / ".DS_Store").write_bytes(b"\x00")
+    assert "".join(read_splits(lone).values()) == words * 20
+    with pytest.raises(UsageError, match="name them like train.txt"):
+        read_splits(_half_split_folder(tmp_path))
+
+
+def _half_split_folder(root):
+    folder = root / "half"
+    folder.mkdir()
+    (folder / "train.txt").write_text("a b c\n")
+    (folder / "notes.txt").write_text("x\n")
+    return folder
+
+
+def test_one_file_is_cut_by_lines_without_losing_or_adding_text(tmp_path):
+    lines = [f"line {i} of the file\n" for i in range(40)]
+    path = tmp_path / "one.txt"
+    path.write_text("".join(lines))
+    splits = read_splits(path)
+    assert splits["train"] + splits["valid"] + splits["test"] == "".join(lines)
+    assert splits["train"] == "".join(lines[:36]) and splits["valid"] == "".join(lines[36:38])
+
+
+def test_a_text_corpus_keeps_its_name_tokenizer_size_and_unigram_reference(tmp_path):
+    """Catches: the BPE size asked for not reaching the tokenizer, a split of exactly one
+    window refused, the corpus' name lost, and a unigram reference that is not the add-one
+    unigram cross-entropy of valid's predicted tokens under train's counts."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    text = " ".join(f"word{i % 23} other{i % 5}" for i in range(400)) + "\n"
+    for split, size in (("train", 1), ("valid", 1), ("test", 1)):
+        (folder / f"{split}.txt").write_text(text * size)
+    config = DataConfig(path=str(folder), tokenizer="bpe", bpe_vocab_size=266)
+    corpus = text_corpus(folder, config, 8)
+    assert corpus.name == "tiny" and corpus.tokenizer.vocab_size <= 266
+    assert corpus.tokenizer.vocab_size != text_corpus(
+        folder, DataConfig(path=str(folder), tokenizer="bpe", bpe_vocab_size=262), 8
+    ).tokenizer.vocab_size
+    short = tmp_path / "short"
+    short.mkdir()
+    for split in ("train", "valid", "test"):
+        (short / f"{split}.txt").write_text("a b c d e f g h i\n")  # 9 words + newline: 1 window
+    one = text_corpus(short, DataConfig(path=str(short), tokenizer="word"), 8)
+    assert all(len(w) == 1 for w in one.windows.values())
+    train, valid = corpus.windows["train"][:, 1:], corpus.windows["valid"][:, 1:]
+    counts = torch.bincount(train.flatten(), minlength=corpus.tokenizer.vocab_size) + 1.0
+    expected = -(counts / counts.sum()).log()[valid.flatten()].mean()
+    assert corpus.references["unigram_entropy_valid"] == pytest.approx(float(expected))
+
+
+def test_a_training_split_of_exactly_one_batch_is_enough():
+    assert len(BatchSampler(8, 8, seed=0).indices(0)) == 8
+    with pytest.raises(UsageError, match="7 windows, fewer than one batch of 8"):
+        BatchSampler(7, 8, seed=0)
