@@ -99,7 +99,7 @@ def test_folder_without_splits_is_a_usage_error(tmp_path):
 def test_too_short_corpus_is_a_usage_error(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("".join(f"w{i}\n" for i in range(40)))
-    with pytest.raises(UsageError, match="shorter than one window"):
+    with pytest.raises(UsageError, match="shorter than one window of 65 tokens"):
         text_corpus(path, DataConfig(), 64)
 
 
@@ -287,3 +287,41 @@ def test_a_training_split_of_exactly_one_batch_is_enough():
     assert len(BatchSampler(8, 8, seed=0).indices(0)) == 8
     with pytest.raises(UsageError, match="7 windows, fewer than one batch of 8"):
         BatchSampler(7, 8, seed=0)
+
+
+def test_the_builtin_splits_are_distinct_documents_with_their_own_references():
+    """Catches: two splits drawn with one seed (the same documents), a unigram reference off
+    by a position, and the corpus' name lost."""
+    from ltm_pyro.data import BUILTIN_NAME, unigram_entropy
+
+    corpus = builtin_corpus(16, 64, 32)
+    rows = {split: {tuple(w.tolist()) for w in windows}
+            for split, windows in corpus.windows.items()}
+    assert not rows["train"] & rows["valid"] and not rows["valid"] & rows["test"]
+    assert not rows["train"] & rows["test"]
+    train, valid = corpus.windows["train"][:, 1:], corpus.windows["valid"][:, 1:]
+    assert corpus.references["unigram_entropy_valid"] == unigram_entropy(
+        train, valid, corpus.tokenizer.vocab_size)
+    assert corpus.name == BUILTIN_NAME
+
+
+def test_the_unigram_reference_smooths_over_the_whole_vocabulary():
+    """Add-one counts over all 4 ids, two of them never seen in train: p(1) = 2 / 7."""
+    from ltm_pyro.data import unigram_entropy
+
+    value = unigram_entropy(torch.tensor([0, 0, 1]), torch.tensor([1]), vocab_size=4)
+    assert value == pytest.approx(-np.log(2 / 7))
+
+
+def test_a_text_folder_loads_with_a_given_tokenizer(tmp_path):
+    """Catches: the settings, window length or given tokenizer dropped on the way from
+    load_corpus to the corpus, and a missing file read directly not refused in one line."""
+    from ltm_pyro.data import load_corpus, read_text
+
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_text(" ".join(f"w{i % 9}" for i in range(50)) + "\n")
+    tokenizer = WordTokenizer.fit("w0 w1 w2 w3 w4 w5 w6 w7 w8\n")
+    corpus = load_corpus(DataConfig(path=str(tmp_path)), 8, tokenizer)
+    assert corpus.tokenizer is tokenizer and corpus.windows["train"].shape[1] == 9
+    with pytest.raises(UsageError, match="missing.txt does not exist"):
+        read_text(tmp_path / "missing.txt")
