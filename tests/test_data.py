@@ -303,6 +303,8 @@ def test_the_builtin_splits_are_distinct_documents_with_their_own_references():
     assert corpus.references["unigram_entropy_valid"] == unigram_entropy(
         train, valid, corpus.tokenizer.vocab_size)
     assert corpus.name == BUILTIN_NAME
+    # each split draws its factors from its own stream: valid's topics are not train's first
+    assert not np.array_equal(corpus.factors["train"][:32], corpus.factors["valid"])
 
 
 def test_the_unigram_reference_smooths_over_the_whole_vocabulary():
@@ -323,5 +325,7 @@ def test_a_text_folder_loads_with_a_given_tokenizer(tmp_path):
     tokenizer = WordTokenizer.fit("w0 w1 w2 w3 w4 w5 w6 w7 w8\n")
     corpus = load_corpus(DataConfig(path=str(tmp_path)), 8, tokenizer)
     assert corpus.tokenizer is tokenizer and corpus.windows["train"].shape[1] == 9
+    fitted = load_corpus(DataConfig(path=str(tmp_path), tokenizer="char"), 8, None)
+    assert isinstance(fitted.tokenizer, CharTokenizer)
     with pytest.raises(UsageError, match="missing.txt does not exist"):
         read_text(tmp_path / "missing.txt")
