@@ -304,7 +304,7 @@ def test_the_builtin_splits_are_distinct_documents_with_their_own_references():
         train, valid, corpus.tokenizer.vocab_size)
     assert corpus.name == BUILTIN_NAME
     # each split draws its factors from its own stream: valid's topics are not train's first
-    assert not np.array_equal(corpus.factors["train"][:32], corpus.factors["valid"])
+    assert not np.array_equal(corpus.factors["train"][:32, 0], corpus.factors["valid"][:, 0])
 
 
 def test_the_unigram_reference_smooths_over_the_whole_vocabulary():
