@@ -386,3 +386,48 @@ def test_resume_restores_each_random_stream(tmp_path, stream):
                                       fresh.generator)
     assert resumed.generator is fresh.trainer.generator
     assert draw(resumed.generator) == expected
+
+
+def test_word_vocabulary_is_ordered_by_frequency_then_spelling():
+    from ltm_pyro.tokenizers import WordTokenizer
+
+    tokenizer = WordTokenizer.fit("b a c a\nb a d\n")
+    assert tokenizer.vocab[2:] == ["a", "b", "c", "d"]  # a 3 times, b twice, then c, d by name
+
+
+def test_char_text_bytes_count_each_characters_utf8_bytes_and_one_per_unknown():
+    """bits per byte divides by these: a two-byte first character, a three-byte last one and
+    an unseen character (one byte, as <unk> stands for at least one)."""
+    from ltm_pyro.tokenizers import CharTokenizer
+
+    tokenizer = CharTokenizer(["é", "a", "€"])  # ids 1, 2, 3
+    ids = tokenizer.encode("éa€x")
+    assert ids == [1, 2, 3, 0]
+    assert tokenizer.text_bytes(ids) == len("éa€".encode()) + 1
+
+
+def test_bpe_learns_line_ends_as_the_corpus_has_them():
+    """Catches: lines fed to the BPE trainer without their newlines, so a line end that
+    follows a space (every line of WikiText ends ' \\n') never merges."""
+    from ltm_pyro.tokenizers import BPETokenizer
+
+    tokenizer = BPETokenizer.fit("the cat sat \n" * 200, vocab_size=300)
+    assert len(tokenizer.encode(" \n")) == 1
+
+
+def test_unknown_tokenizers_are_refused_naming_the_choices():
+    from ltm_pyro.tokenizers import fit_tokenizer, tokenizer_from_dict
+
+    with pytest.raises(ValueError, match="unknown tokenizer 'nope'; choose one of word, char, bpe"):
+        fit_tokenizer("nope", "a b\n", 300)
+    with pytest.raises(ValueError, match="unknown tokenizer kind 'nope' in the checkpoint"):
+        tokenizer_from_dict({"kind": "nope"})
+
+
+def test_unk_rate_is_zero_without_an_unk_id_or_ids():
+    from ltm_pyro.tokenizers import BPETokenizer, WordTokenizer, unk_rate
+
+    bpe = BPETokenizer.fit("a b c\n" * 20, vocab_size=260)
+    assert bpe.unk_id is None and unk_rate(bpe, torch.tensor([0, 1, 2])) == 0.0
+    assert unk_rate(WordTokenizer.fit("a b\n"), torch.tensor([], dtype=torch.long)) == 0.0
+    assert unk_rate(WordTokenizer.fit("a b\n"), torch.tensor([0])) == 1.0
