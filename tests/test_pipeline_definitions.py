@@ -391,8 +391,18 @@ def test_resume_restores_each_random_stream(tmp_path, stream):
 def test_word_vocabulary_is_ordered_by_frequency_then_spelling():
     from ltm_pyro.tokenizers import WordTokenizer
 
-    tokenizer = WordTokenizer.fit("b a c a\nb a d\n")
-    assert tokenizer.vocab[2:] == ["a", "b", "c", "d"]  # a 3 times, b twice, then c, d by name
+    tokenizer = WordTokenizer.fit("z y z\nx z y w\n")
+    assert tokenizer.vocab[2:] == ["z", "y", "w", "x"]  # z 3 times, y twice, then w, x by name
+
+
+def test_a_word_tokenizer_skips_blank_lines_unless_told():
+    """Tokenizers built directly (the built-in corpus') and old checkpoints skip blank lines;
+    fitted ones count each as an <eos>, as WikiText-2's published token counts do."""
+    from ltm_pyro.tokenizers import WordTokenizer
+
+    vocab = ["<unk>", "<eos>", "a"]
+    assert WordTokenizer(vocab).encode("a\n\na\n") == [2, 1, 2, 1]
+    assert WordTokenizer(vocab, eos_on_blank_lines=True).encode("a\n\na\n") == [2, 1, 1, 2, 1]
 
 
 def test_char_text_bytes_count_each_characters_utf8_bytes_and_one_per_unknown():
