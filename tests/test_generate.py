@@ -112,3 +112,83 @@ def test_decoding_benchmark_runs_at_ci_size(tmp_path):
     rows = json.loads((tmp_path / "d.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["ltm", "ar"] and all(r["identical"] for r in rows)
     assert (tmp_path / "d.md").is_file()
+
+
+@pytest.mark.parametrize("settings, says", [
+    ({"temperature": 0.0}, "temperature must be above 0"),
+    ({"top_k": 0}, "top_k must be at least 1"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"), ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+])
+def test_sampling_settings_out_of_range_are_refused(settings, says):
+    from ltm_pyro.generate import Sampling
+
+    with pytest.raises(ValueError, match=says):
+        Sampling(**settings)
+
+
+def test_the_edges_of_the_sampling_ranges_are_allowed():
+    from ltm_pyro.generate import Sampling
+
+    Sampling(top_k=1)
+    Sampling(top_p=1.0)
+
+
+def test_filtering_keeps_the_top_k_and_the_nucleus_per_row():
+    """Rows are filtered independently: top-k of the vocabulary's own size keeps all, top-p
+    keeps the smallest set of leading tokens reaching p (a set reaching p exactly stops)."""
+    from ltm_pyro.generate import filter_logits
+
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.1, 0.2, 0.3, 0.4]])
+    logits = probs.log()
+    kept = lambda out: torch.isfinite(out).tolist()  # noqa: E731
+    assert kept(filter_logits(logits, 4, None)) == [[True] * 4] * 2
+    assert kept(filter_logits(logits, 2, None)) == [[True, True, False, False],
+                                                    [False, False, True, True]]
+    assert kept(filter_logits(logits, None, 0.75)) == [[True, True, False, False],
+                                                       [False, True, True, True]]
+    assert kept(filter_logits(logits, None, 0.8)) == [[True, True, True, False],
+                                                      [False, True, True, True]]
+    assert torch.equal(filter_logits(logits, None, 1.0), logits)
+
+
+def test_greedy_and_sampled_tokens_come_from_each_rows_own_logits():
+    from ltm_pyro.generate import Sampling, next_tokens
+
+    logits = torch.tensor([[0.0, 9.0, 0.0], [9.0, 0.0, 0.0]])
+    assert next_tokens(logits, Sampling(greedy=True), None).tolist() == [[1], [0]]
+    drawn = next_tokens(logits.repeat(200, 1) * 5, Sampling(), _generator(1))
+    assert drawn.view(200, 2).tolist() == [[1, 0]] * 200
+
+
+def test_prior_latents_are_scaled_draws_repeatable_by_generator():
+    from ltm_pyro.generate import prior_latents
+
+    ltm = _model()
+    base = prior_latents(ltm, 3, generator=_generator(4))
+    assert torch.equal(base, torch.randn(3, *ltm.latent_shape, generator=_generator(4)))
+    assert torch.allclose(prior_latents(ltm, 3, scale=0.5, generator=_generator(4)), 0.5 * base)
+
+
+def test_posterior_latents_are_the_mean_or_a_repeatable_draw_from_q():
+    """Catches: the draw's noise not from the generator, a draw that is not loc + sigma *
+    noise, the steps or generator dropped on the way to the fit, and a one-token prompt
+    fitted at all (it has nothing to predict: q stays at its start)."""
+    from ltm_pyro.generate import posterior_latents, prompt_posterior
+
+    ltm = _model()
+    fit = InferenceConfig(steps=3, init_log_var=0.0, noise="fresh")
+    prompt = torch.randint(0, 23, (2, 6), generator=_generator(2))
+    q = prompt_posterior(ltm, prompt, fit, steps=3, generator=_generator(5))
+    mean = posterior_latents(ltm, prompt, fit, steps=3, generator=_generator(5))
+    assert torch.equal(mean, q.loc)
+    assert not torch.equal(q.loc, prompt_posterior(ltm, prompt, fit, steps=1,
+                                                   generator=_generator(5)).loc)
+    assert not torch.equal(q.loc, prompt_posterior(ltm, prompt, fit, steps=3,
+                                                   generator=_generator(6)).loc)
+    drawn = posterior_latents(ltm, prompt, fit, steps=3, generator=_generator(5), sample=True)
+    replay = _generator(5)
+    prompt_posterior(ltm, prompt, fit, steps=3, generator=replay)  # the fit's own draws
+    noise = torch.randn(q.loc.shape, generator=replay)
+    assert torch.allclose(drawn, q.loc + q.scale * noise)
+    start = prompt_posterior(ltm, prompt[:, :1], fit, steps=3, generator=_generator(5))
+    assert torch.equal(start.log_var, torch.zeros_like(start.log_var))
