@@ -192,3 +192,13 @@ def test_posterior_latents_are_the_mean_or_a_repeatable_draw_from_q():
     assert torch.allclose(drawn, q.loc + q.scale * noise)
     start = prompt_posterior(ltm, prompt[:, :1], fit, steps=3, generator=_generator(5))
     assert torch.equal(start.log_var, torch.zeros_like(start.log_var))
+
+
+def test_filtering_treats_every_leading_dimension_as_rows():
+    """[B, 1, V] logits (a batch of single positions) are filtered along V, as [B, V] are."""
+    from ltm_pyro.generate import filter_logits
+
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.1, 0.2, 0.3, 0.4]]).log()
+    for top_k, top_p in ((2, None), (None, 0.75), (3, 0.8)):
+        flat = filter_logits(logits, top_k, top_p)
+        assert torch.equal(filter_logits(logits[:, None], top_k, top_p), flat[:, None])
