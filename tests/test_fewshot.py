@@ -9,6 +9,7 @@ import pytest
 from ltm_pyro.data import read_splits
 from ltm_pyro.errors import UsageError
 from ltm_pyro.fewshot import (
+    SEPARATOR,
     PermutationTask,
     QAExample,
     apply,
@@ -250,3 +251,61 @@ def test_blind_guess_accuracy_counts_strings_that_hide_the_rule():
         0.247, abs=0.02)  # 5/9 distinct (1/6) + 5/12 one repeat (1/3) + 1/36 all same (1)
     big = PermutationTask(alphabet=40, length=2, eval_fraction=0.5, seed=0)
     assert blind_guess_accuracy(big) == pytest.approx(0.5 + 0.5 / 40, abs=0.02)
+
+
+def test_the_task_refuses_empty_splits_and_accepts_the_smallest_ones():
+    """Catches: an eval fraction of 0 or 1 let through, a split of one item refused, and a
+    fraction that leaves no training item accepted (4 items: 0.9 rounds to all 4)."""
+    for fraction in (0.0, 1.0):
+        with pytest.raises(UsageError, match="outside"):
+            PermutationTask(eval_fraction=fraction)
+    smallest = PermutationTask(alphabet=2, length=2, eval_fraction=0.25)
+    assert (len(smallest.train_items), len(smallest.eval_items)) == (3, 1)
+    with pytest.raises(UsageError, match="leaves an empty split"):
+        PermutationTask(alphabet=2, length=2, eval_fraction=0.9)
+
+
+def test_counts_are_checked_at_both_ends_and_the_message_names_the_range():
+    task = PermutationTask(alphabet=2, length=2, eval_fraction=0.25)  # 3 training items
+    assert task.training_text(0, 1, seed=0) == ""
+    assert task.training_text(1, 3, seed=0).count(SEPARATOR) == 2  # every training item once
+    with pytest.raises(UsageError, match=r"examples_per_episode=4 is out of range; use a "
+                                         r"value >= 1 and <= 3"):
+        task.training_text(1, 4, seed=0)
+    assert few_shot_items(task, 3, 0, seed=0) == []
+    with pytest.raises(UsageError, match=r"n_items=-1 is out of range; use a value >= 0$"):
+        few_shot_items(task, 1, -1, seed=0)
+
+
+def test_few_shot_items_and_corpora_repeat_under_their_seed(tmp_path):
+    """Catches: an unseeded generator, a corpus folder whose parents are not made or that
+    cannot be written twice, and splits drawn from one seed."""
+    task = PermutationTask(alphabet=3, length=3)
+    assert few_shot_items(task, 2, 5, seed=4) == few_shot_items(task, 2, 5, seed=4)
+    nested = tmp_path / "a" / "b"
+    first = {k: p.read_text() for k, p in task.write_corpus(nested, 4, 4, 2, seed=1).items()}
+    again = {k: p.read_text() for k, p in task.write_corpus(nested, 4, 4, 2, seed=1).items()}
+    assert first == again and len(set(first.values())) == 3
+
+
+def test_numbers_are_normalised_and_the_final_one_is_the_last_marked():
+    assert normalise_number("12.") == "12" and normalise_number("1.50") == "1.5"
+    assert normalise_number(".5") == "0.5"
+    assert final_number("So #### 3 then #### 4\nQuestion: x #### 9") == "4"
+    assert final_number("It is 7.\nQuestion: #### 8\nQuestion: 9") == "7"
+
+
+def test_a_worked_answer_scores_its_last_marked_number(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "a #### 1 b #### 2"}) + "\n")
+    assert read_qa_jsonl(path)[0].final == "2"
+
+
+def test_the_prompt_shows_each_exemplar_then_the_question():
+    from ltm_pyro.fewshot import QAExample
+
+    shown = [QAExample("1+1?", "2 #### 2", "2"), QAExample("2+2?", "4 #### 4", "4")]
+    assert qa_prompt(shown, "3+3?") == ("Question: 1+1?\nAnswer: 2 #### 2\n\n"
+                                        "Question: 2+2?\nAnswer: 4 #### 4\n\n"
+                                        "Question: 3+3?\nAnswer:")
+    assert draw_exemplars(shown, 0, seed=0) == []
