@@ -286,6 +286,7 @@ def test_few_shot_items_and_corpora_repeat_under_their_seed(tmp_path):
     first = {k: p.read_text() for k, p in task.write_corpus(nested, 4, 4, 2, seed=1).items()}
     again = {k: p.read_text() for k, p in task.write_corpus(nested, 4, 4, 2, seed=1).items()}
     assert first == again and len(set(first.values())) == 3
+    assert len(task.write_corpus(tmp_path / "default", 2, 2, 2)) == 3  # the default seed 0
 
 
 def test_numbers_are_normalised_and_the_final_one_is_the_last_marked():
@@ -309,3 +310,7 @@ def test_the_prompt_shows_each_exemplar_then_the_question():
                                         "Question: 2+2?\nAnswer: 4 #### 4\n\n"
                                         "Question: 3+3?\nAnswer:")
     assert draw_exemplars(shown, 0, seed=0) == []
+
+
+def test_no_examples_score_zero():
+    assert score_predictions([], []) == {"correct": 0, "total": 0, "accuracy": 0.0}
