@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from score import merged_codes, survivors, verdicts  # noqa: E402
+from score import merged_codes, module_row, survivors  # noqa: E402
 
 from ltm_pyro.report import markdown_table, write_results  # noqa: E402
 
@@ -98,12 +98,16 @@ def commit_of(folder: Path) -> str:
                           check=True, capture_output=True, text=True).stdout.strip()
 
 
+def mutmut_run(folder: Path, names: list[str]) -> int:
+    """``mutmut run`` in the module's worktree, one child and one thread (``names``: only
+    those mutants, their verdicts replaced; none: every mutant not yet checked)."""
+    return subprocess.run([str(Path(sys.executable).with_name("mutmut")), "run",
+                           "--max-children", "1", *names], cwd=folder,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+
+
 def run(module: str) -> int:
-    folder = worktree(module)
-    mutmut = Path(sys.executable).with_name("mutmut")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(mutmut), "run", "--max-children", "1"], cwd=folder,
-                          env=env).returncode
+    return mutmut_run(worktree(module), [])
 
 
 def rerun(module: str) -> int:
@@ -117,9 +121,7 @@ def rerun(module: str) -> int:
     shutil.rmtree(folder / "tests")
     shutil.copytree(REPO / "tests", folder / "tests",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    code = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "run",
-                           "--max-children", "1", *names], cwd=folder,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    code = mutmut_run(folder, names)
     (folder / "tests-from").write_text(commit_of(REPO) + "\n")
     return code
 
@@ -131,31 +133,21 @@ def tests_commit(folder: Path) -> str:
 
 
 def module_rows(read: dict) -> list[dict]:
-    """One row per module run so far: mutmut's counts, the hand readings, the score now."""
-    equivalent = read.get("equivalent", {})
-    killed_later = read.get("killed_by_tests_added_after", {})
+    """One row per module run so far: its commits, mutmut's counts, the hand readings and the
+    score now; the goal is met only once every mutant has been checked."""
     rows = []
     for module in MODULE_TESTS:
         folder = WORK / module
         if not (folder / "mutants").is_dir():
             continue
         for path, codes in merged_codes([folder / "mutants"]).items():
-            counts, unkilled = verdicts(codes), survivors(codes)
-            judged = counts["killed"] + counts["survived"] + counts["no_tests"]
-            explained_kill = sum(name in killed_later for name in unkilled)
-            killed = counts["killed"] + explained_kill
-            rows.append({
-                "module": path, "commit": commit_of(folder),
-                "survivors_rerun_with_tests_of": tests_commit(folder),
-                "mutants": sum(counts.values()),
-                **{k: counts[k] for k in ("killed", "survived", "no_tests", "not_checked")},
-                "equivalent": sum(name in equivalent for name in unkilled),
-                "killed_later": explained_kill,
-                "unexplained": sum(name not in equivalent and name not in killed_later
-                                   for name in unkilled),
-                "score_now": killed / judged if judged else None,
-                "meets_goal": judged > 0 and not counts["not_checked"] and killed / judged >= GOAL,
-                "unkilled": unkilled})
+            row = {"commit": commit_of(folder),
+                   "survivors_rerun_with_tests_of": tests_commit(folder),
+                   **module_row(path, codes, read or {"equivalent": {}})}
+            score = row["score_now"]
+            row["meets_goal"] = (score is not None and not row["not_checked"]
+                                 and score >= GOAL)
+            rows.append(row)
     return rows
 
 

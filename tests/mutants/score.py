@@ -66,6 +66,26 @@ def survivors(codes: dict[str, int | None]) -> list[str]:
     return sorted(name for name, code in codes.items() if code in SURVIVED | NO_TESTS)
 
 
+def module_row(module: str, codes: dict[str, int | None], read: dict) -> dict:
+    """A module's mutmut counts and score; with hand readings (``read``: 'equivalent' and
+    'killed_by_tests_added_after', by mutant name) the unkilled mutants each explains, those
+    neither explains, and the score counting the later kills."""
+    counts, unkilled = verdicts(codes), survivors(codes)
+    judged = counts["killed"] + counts["survived"] + counts["no_tests"]
+    row = {"module": module, "mutants": sum(counts.values()),
+           **{k: counts[k] for k in ("killed", "survived", "no_tests", "not_checked")},
+           "score": counts["killed"] / judged if judged else None, "unkilled": unkilled}
+    if read:
+        equivalent = read.get("equivalent", {})
+        killed_later = read.get("killed_by_tests_added_after", {})
+        row["equivalent"] = sum(name in equivalent for name in unkilled)
+        row["killed_later"] = sum(name in killed_later for name in unkilled)
+        row["unexplained"] = sum(name not in equivalent and name not in killed_later
+                                 for name in unkilled)
+        row["score_now"] = (counts["killed"] + row["killed_later"]) / judged if judged else None
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mutants", type=Path, action="append",
@@ -83,24 +103,11 @@ def main() -> int:
         for key, value in json.loads(path.read_text()).items():
             read[key] = {**read[key], **value} if isinstance(value, dict) and key in read \
                 else value
-    equivalent = read.get("equivalent", {})
-    killed_later = read.get("killed_by_tests_added_after", {})
     rows = []
     for module, codes in merged_codes(args.mutants or [Path("mutants")]).items():
-        counts = verdicts(codes)
-        judged = counts["killed"] + counts["survived"] + counts["no_tests"]
-        unkilled = survivors(codes)
-        row = {"module": module,
-               "mutants": sum(counts.values()), **counts,
-               "score": counts["killed"] / judged if judged else None, "unkilled": unkilled}
-        killed = counts["killed"]
-        if read:
-            row["equivalent"] = sum(name in equivalent for name in unkilled)
-            row["killed_later"] = sum(name in killed_later for name in unkilled)
-            row["unexplained"] = len(unkilled) - row["equivalent"] - row["killed_later"]
-            killed += row["killed_later"]
-            row["score_now"] = killed / judged if judged else None
-        row["meets_goal"] = judged > 0 and killed / judged >= GOAL
+        row = module_row(module, codes, read)
+        score = row.get("score_now", row["score"])
+        row["meets_goal"] = score is not None and score >= GOAL
         rows.append(row)
     columns = ["module", "mutants", "killed", "survived", "no_tests", "not_checked", "score",
                *(["equivalent", "killed_later", "unexplained", "score_now"] if read else []),
