@@ -278,6 +278,8 @@ class LatentThoughtModel:
         the per-sequence NLL and KL [B] it is made of, unweighted, from one draw's traces: the
         step differentiates the same objective as the fast loop and reports the plain terms."""
         traces = self._traces(tokens, mask, local, noise, kl_weight)
+        # The token log-likelihood once (both walks read it from the trace), not once a walk.
+        traces[0].compute_log_prob(site_filter=lambda _, site: site["is_observed"])
         log_lik, kl = sequence_terms(*traces, analytic_kl)
         return negative_elbo(*traces), -log_lik, kl
 
