@@ -107,6 +107,7 @@ def write_report(study: Study, args: argparse.Namespace) -> None:
     points = tuning_points(study)
     chosen = chosen_learning_rates(points)
     rows, parts = report.comparison_rows(scores), report.decomposition_rows(scores)
+    sources = [report.gain_source(part) for part in parts]
     curves = {}  # each scored run's validations, from its score file (so from this checkout)
     for family in FAMILY_FLAGS:
         runs = [s["curve"] for s in scores if s["family"] == family]
@@ -120,12 +121,12 @@ def write_report(study: Study, args: argparse.Namespace) -> None:
         "## Where the gain comes from (test split; last column: valid subset)\n",
         report.decomposition_table(parts),
         "Each latent run in one sentence (intervals over test windows):\n",
-        "\n".join(f"- {report.gain_source(part)}" for part in parts)])
+        "\n".join(f"- {source}" for source in sources)])
     write_results(study.results / "main.json", "The main comparison: PTB, LTM against "
                   "size-matched ARs and its no-inference ablation", "cpu",
                   {"study": {k: str(v) for k, v in vars(study).items()}, "tuning": points,
                    "chosen_lr": chosen, "comparison": rows, "decomposition": parts,
-                   "gain_sources": [report.gain_source(part) for part in parts],
+                   "gain_sources": sources,
                    "curves": curves}, page)
 
 
